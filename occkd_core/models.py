@@ -1,0 +1,412 @@
+"""The three networks of spec §4 (VGG-f, VGG-face, ResNet-50) with a task head, and loading pre-trained weights.
+
+Every network is a :class:`FaceNet`: conv features -> global pool -> embedding ``[B, D]`` -> head ``[B, K]``.
+The embedding is whatever enters the final layer (spec §4.1, J's "penultimate layer"), so the KD
+losses, mining and fusion all read it from ``forward``, which returns ``(logits, embedding)`` in one pass.
+
+``width_mult`` scales every conv width so that small CPU runs are possible; 1.0 is the paper's network.
+"""
+
+from __future__ import annotations
+
+import abc
+import pickle
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet50
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from occkd_core.tasks import check_name
+
+#: Smallest input side every architecture handles: VGG-f's conv1 (11x11/4) and two 3x3/2 pools need 31 px
+#: to keep a non-empty map; 32 is the round number we promise for all three.
+MIN_INPUT_SIZE = 32
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which network to build: architecture, head width and conv width multiplier."""
+
+    arch: str  # "vggf" | "vggface" | "resnet50"
+    num_outputs: int  # 8 (fer), 2 (gender), 1 (age regression)
+    width_mult: float = 1.0  # scales every conv width; 1.0 = the paper's network
+    dropout: bool = True  # spec §4.1/§4.2 dropout; False removes the layers (tests, ablations)
+
+    def __post_init__(self) -> None:
+        check_name("architecture", self.arch)
+        if isinstance(self.num_outputs, bool) or not isinstance(self.num_outputs, int) or self.num_outputs < 1:
+            raise ValueError(f"num_outputs must be an int >= 1 (8 fer, 2 gender, 1 age), got {self.num_outputs!r}")
+        if isinstance(self.width_mult, bool) or not isinstance(self.width_mult, (int, float)) \
+                or not 0 < self.width_mult <= 4:
+            raise ValueError(f"width_mult must be a number in (0, 4] (1.0 = the paper's network), "
+                             f"got {self.width_mult!r}")
+        object.__setattr__(self, "width_mult", float(self.width_mult))
+        if not isinstance(self.dropout, bool):
+            raise ValueError(f"dropout must be True or False, got {self.dropout!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ModelSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelSpec keys {unknown}; valid keys: {', '.join(sorted(known))}")
+        return cls(**raw)
+
+
+def _scaled(channels: int, width_mult: float) -> int:
+    """A conv width scaled by ``width_mult``, never below 4 channels."""
+    return max(4, round(channels * width_mult))
+
+
+class FaceNet(nn.Module, abc.ABC):
+    """Conv features -> global pool -> embedding ``[B, D]`` -> task head ``[B, K]`` (spec §4)."""
+
+    spec: ModelSpec
+    embedding_dim: int
+    head: nn.Linear
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    @property
+    def arch(self) -> str:
+        return self.spec.arch
+
+    @property
+    def num_outputs(self) -> int:
+        return self.spec.num_outputs
+
+    @abc.abstractmethod
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` images -> the last conv block's map ``[B, C, h, w]`` (the Grad-CAM layer's output)."""
+
+    @abc.abstractmethod
+    def forward_embedding(self, features: Tensor) -> Tensor:
+        """``[B, C, h, w]`` -> globally pooled embedding ``[B, D]``."""
+
+    @abc.abstractmethod
+    def gradcam_layer(self) -> nn.Module:
+        """The module whose output is ``forward_features``' output (spec §13, §15 #31: last conv block)."""
+
+    def forward_head(self, embedding: Tensor) -> Tensor:
+        """``[B, D]`` -> logits ``[B, K]`` (for age, the regressed value ``[B, 1]``)."""
+        return self.head(embedding)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, 3, H, W]`` -> (logits ``[B, K]``, embedding ``[B, D]``) in one pass."""
+        embedding = self.forward_embedding(self.forward_features(x))
+        return self.forward_head(embedding), embedding
+
+    def dsd_sparsities(self) -> dict[str, float]:
+        """Parameter name -> DSD sparsity rate (spec §9); empty where DSD is not used."""
+        return {}
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"{self.arch} expects images [B, 3, H, W], got shape {tuple(x.shape)}")
+        if min(x.shape[-2:]) < MIN_INPUT_SIZE:
+            raise ValueError(f"{self.arch} needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} px, got "
+                             f"{tuple(x.shape[-2:])}; raise the input size")
+
+
+def _init_vgg(model: nn.Module) -> None:
+    """torchvision's VGG init for the convs (used only without pre-trained weights); head N(0, 0.1²), bias 0.
+
+    The head init is the paper's (spec §4.1 for VGG-face; §15 #9 carries it to VGG-f).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    nn.init.normal_(model.head.weight, mean=0.0, std=0.1)
+    nn.init.zeros_(model.head.bias)
+
+
+class _VGGBase(FaceNet):
+    """A flat ``features`` stack named after the paper's layers, then a global spatial max-pool (spec §15 #8)."""
+
+    features: nn.Sequential
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return self.features(x)
+
+    def forward_embedding(self, features: Tensor) -> Tensor:
+        # The single max-pool that replaces pool5 + fc6-8: a max over conv5's map equals a max over pool5's.
+        return torch.amax(features, dim=(2, 3))
+
+    def gradcam_layer(self) -> nn.Module:
+        # Last layer of the stack: conv5 after its ReLU (and dropout, the identity in eval mode).
+        return self.features[-1]
+
+
+#: VGG-face conv widths per block (Parkhi et al. 2015; spec §4.1).
+VGGFACE_BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+#: Dropout after the ReLU of conv4_1 ... conv5_3, rising by 0.05 (spec §4.1, [I]).
+VGGFACE_DROPOUT: tuple[float, ...] = (0.30, 0.35, 0.40, 0.45, 0.50, 0.55)
+
+
+class VGGFace(_VGGBase):
+    """VGG-face's 13 convs, 2x2 max-pools after blocks 1-4, global max-pool -> 512-d embedding (spec §4.1).
+
+    Layers are named ``conv1_1`` ... ``conv5_3`` like the MatConvNet/"dag" ports of VGG-face, so their
+    state dicts load with a ``features.`` prefix (see :func:`load_pretrained`).
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        in_channels, dropout_rates = 3, iter(VGGFACE_DROPOUT)
+        for block, widths in enumerate(VGGFACE_BLOCKS, start=1):
+            for index, width in enumerate(widths, start=1):
+                out_channels = _scaled(width, spec.width_mult)
+                layers[f"conv{block}_{index}"] = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+                layers[f"relu{block}_{index}"] = nn.ReLU(inplace=True)
+                if block >= 4:
+                    rate = next(dropout_rates)
+                    if spec.dropout:
+                        layers[f"drop{block}_{index}"] = nn.Dropout(rate)
+                in_channels = out_channels
+            if block <= 4:
+                # ceil_mode keeps odd maps (e.g. 100 -> 50 -> 25 -> 13 -> 7) instead of dropping a row.
+                layers[f"pool{block}"] = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
+        self.features = nn.Sequential(layers)
+        self.embedding_dim = in_channels
+        self.head = nn.Linear(in_channels, spec.num_outputs)
+        _init_vgg(self)
+
+    def dsd_sparsities(self) -> dict[str, float]:
+        # 0.2 at conv1_2 rising linearly to 0.7 at conv5_3: 12 layers, step 0.5 / 11 ≈ 0.045 (spec §9).
+        names = [f"conv{b}_{i}" for b, widths in enumerate(VGGFACE_BLOCKS, start=1)
+                 for i in range(1, len(widths) + 1)][1:]
+        return {f"features.{name}.weight": 0.2 + 0.5 * k / (len(names) - 1) for k, name in enumerate(names)}
+
+
+class VGGF(_VGGBase):
+    """Chatfield et al.'s CNN-F conv1-conv5, global max-pool instead of pool5 + fc6-8 -> 256-d (spec §4.2).
+
+    LRN uses MatConvNet's CNN-F setting ``[5 1 0.0001/5 0.75]`` (kappa 1, alpha 2e-5 per squared input),
+    which in torch's convention (alpha is divided by the window size) is
+    ``LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1)``. pool5 is dropped: at 48-64 px inputs it would
+    leave no spatial extent, and the global max-pool over conv5 replaces it.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        c1, c = _scaled(64, spec.width_mult), _scaled(256, spec.width_mult)
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        layers["conv1"] = nn.Conv2d(3, c1, kernel_size=11, stride=4)
+        layers["relu1"] = nn.ReLU(inplace=True)
+        layers["norm1"] = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+        layers["pool1"] = nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
+        layers["conv2"] = nn.Conv2d(c1, c, kernel_size=5, padding=2)
+        layers["relu2"] = nn.ReLU(inplace=True)
+        layers["norm2"] = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+        layers["pool2"] = nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
+        for index in (3, 4, 5):
+            layers[f"conv{index}"] = nn.Conv2d(c, c, kernel_size=3, padding=1)
+            layers[f"relu{index}"] = nn.ReLU(inplace=True)
+            if spec.dropout:
+                layers[f"drop{index}"] = nn.Dropout(0.2)  # spec §4.2, [I]
+        self.features = nn.Sequential(layers)
+        self.embedding_dim = c
+        self.head = nn.Linear(c, spec.num_outputs)
+        _init_vgg(self)
+
+    def dsd_sparsities(self) -> dict[str, float]:
+        return {"features.conv2.weight": 0.2, "features.conv3.weight": 0.3,
+                "features.conv4.weight": 0.4, "features.conv5.weight": 0.5}  # spec §9
+
+
+class _ScaledResNet50(ResNet):
+    """torchvision's ResNet-50 with every stage width multiplied by ``width_mult``.
+
+    ``ResNet.__init__`` hard-codes the widths 64/128/256/512, so this sets the same attributes it sets
+    and reuses torchvision's ``Bottleneck``, ``_make_layer`` and init; a test checks that width 1.0 gives
+    exactly torchvision's keys and shapes.
+    """
+
+    def __init__(self, width_mult: float) -> None:
+        nn.Module.__init__(self)  # skip ResNet.__init__: it would first build the full-width network
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = _scaled(64, width_mult), 1, 1, 64
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(Bottleneck, _scaled(64, width_mult), 3)
+        self.layer2 = self._make_layer(Bottleneck, _scaled(128, width_mult), 4, stride=2)
+        self.layer3 = self._make_layer(Bottleneck, _scaled(256, width_mult), 6, stride=2)
+        self.layer4 = self._make_layer(Bottleneck, _scaled(512, width_mult), 3, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(self.inplanes, 1000)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+
+_RESNET_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+class ResNet50(FaceNet):
+    """torchvision's ResNet-50 trunk, global average pool -> 2048-d embedding, task head (spec §4.3).
+
+    The trunk's modules sit at the top level, so the state-dict keys are torchvision's except ``fc.*``,
+    which is ``head.*`` here. The head keeps torch's default ``nn.Linear`` init: the paper gives no init
+    for ResNet-50, and N(0, 0.1²) on 2048 inputs would start the logits at std ≈ 4.5·rms(embedding),
+    saturating the softmax. No dropout (spec §4.3), so ``spec.dropout`` has no effect.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        trunk = resnet50(weights=None) if spec.width_mult == 1.0 else _ScaledResNet50(spec.width_mult)
+        for name in _RESNET_TRUNK:
+            self.add_module(name, getattr(trunk, name))
+        self.embedding_dim = trunk.fc.in_features
+        self.head = nn.Linear(self.embedding_dim, spec.num_outputs)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_embedding(self, features: Tensor) -> Tensor:
+        return features.mean(dim=(2, 3))
+
+    def gradcam_layer(self) -> nn.Module:
+        return self.layer4
+
+
+#: Architecture name -> FaceNet class; read only by :func:`build_model`.
+MODELS: dict[str, type[FaceNet]] = {"vggf": VGGF, "vggface": VGGFace, "resnet50": ResNet50}
+
+
+def build_model(spec: ModelSpec) -> FaceNet:
+    """A freshly initialised network for ``spec`` (load pre-trained weights with :func:`load_pretrained`)."""
+    return MODELS[check_name("architecture", spec.arch)](spec)
+
+
+# -- pre-trained weights ---------------------------------------------------------------------------------
+
+#: Layers of the original VGG networks that spec §4.1/§4.2 delete; skipped when found in a file.
+_VGG_DELETED_LAYERS = ("fc6.", "fc7.", "fc8.")
+_MAX_LISTED = 10
+
+
+def load_pretrained(model: FaceNet, path: str | Path, *, skip_head: bool = True) -> list[str]:
+    """Load a state dict from ``path`` into ``model``; returns the model keys that were loaded. Never downloads.
+
+    Accepts a plain state dict, or one under ``"state_dict"`` / ``"model"`` (our checkpoints), with or
+    without a DDP ``module.`` prefix. Keys are matched as: our own keys; the MatConvNet "dag" ports of
+    VGG-face / VGG-f (``conv1_1.weight`` -> ``features.conv1_1.weight``; their fc6-fc8 are skipped, the
+    spec deletes them); torchvision's ResNet (``fc.*`` -> ``head.*``). With ``skip_head`` the head is
+    not loaded (a new task head). Any missing, unexpected or wrongly shaped entry raises a ValueError
+    that lists them and names the architecture the file seems to hold.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pre-trained weights {str(path)!r} not found; load_pretrained never downloads, "
+                                f"so fetch the file first (e.g. torchvision's ResNet50_Weights.IMAGENET1K_V1 url)")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # foreign pickle, truncated or corrupt file
+        raise ValueError(f"cannot read {str(path)!r} as a state dict ({type(err).__name__}: {err}); save weights "
+                         f"with torch.save(model.state_dict(), path)") from None
+    file_state = _unwrap_state_dict(raw, path)
+    model_state = model.state_dict()
+    is_vgg = isinstance(model, _VGGBase)
+
+    mapped: dict[str, Tensor] = {}
+    unexpected: list[str] = []
+    for key, value in file_state.items():
+        if is_vgg and key.startswith(_VGG_DELETED_LAYERS):
+            continue
+        name = _model_key(key, model_state, is_resnet=isinstance(model, ResNet50))
+        if name is None:
+            unexpected.append(key)
+        elif not (skip_head and name.startswith("head.")):
+            mapped[name] = value
+    # BatchNorm fills a missing counter itself (older torchvision files lack it).
+    missing = [name for name in model_state if name not in mapped and not name.endswith("num_batches_tracked")
+               and not (skip_head and name.startswith("head."))]
+    mismatched = [f"{name}: file {tuple(value.shape)} vs model {tuple(model_state[name].shape)}"
+                  for name, value in mapped.items() if value.shape != model_state[name].shape]
+    if missing or unexpected or mismatched:
+        width = model.spec.width_mult
+        problems = [f"cannot load {str(path)!r} into {model.arch} (width_mult {width:g}, "
+                    f"{model.num_outputs} outputs)"]
+        guess = _guess_architecture(file_state)
+        if guess is not None:
+            problems.append(f"the file looks like {guess}")
+        if missing:
+            problems.append(f"missing from the file ({len(missing)}): {_listed(missing)}")
+        if unexpected:
+            problems.append(f"in the file but not in the model ({len(unexpected)}): {_listed(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatch ({len(mismatched)}): " + "; ".join(mismatched))
+        raise ValueError("\n  ".join(problems))
+    model.load_state_dict(mapped, strict=False)
+    return [name for name in model_state if name in mapped]
+
+
+def _unwrap_state_dict(raw: object, path: Path) -> dict[str, Tensor]:
+    if isinstance(raw, Mapping):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(raw.get(wrapper), Mapping):
+                raw = raw[wrapper]
+                break
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{str(path)!r} holds a {type(raw).__name__}, not a state dict")
+    not_tensors = [str(key) for key, value in raw.items() if not isinstance(value, Tensor)]
+    if not_tensors:
+        raise ValueError(f"{str(path)!r} is not a state dict: entries {_listed(not_tensors)} are not tensors")
+    return {str(key).removeprefix("module."): value for key, value in raw.items()}
+
+
+def _model_key(key: str, model_state: Mapping[str, Tensor], *, is_resnet: bool) -> str | None:
+    """The model key a file key belongs to, or None."""
+    candidates = [key, f"features.{key}"]
+    if is_resnet and key.startswith("fc."):
+        candidates.append("head." + key.removeprefix("fc."))
+    return next((name for name in candidates if name in model_state), None)
+
+
+def _guess_architecture(state: Mapping[str, Tensor]) -> str | None:
+    """A human description of which network a state dict is for, when recognisable."""
+
+    def first(*names: str) -> Tensor | None:
+        return next((state[n] for name in names for n in (name, f"features.{name}") if n in state), None)
+
+    if first("conv5_3.weight") is not None:
+        arch, stem = "vggface", first("conv1_1.weight")
+    elif first("conv5.weight") is not None and first("conv1.weight") is not None:
+        arch, stem = "vggf", first("conv1.weight")
+    elif "layer4.2.conv3.weight" in state and "layer3.5.conv3.weight" in state \
+            and "layer3.6.conv3.weight" not in state:
+        arch, stem = "resnet50", state.get("conv1.weight")
+    elif any(key.startswith("layer1.") for key in state):
+        return "a torchvision ResNet other than ResNet-50"
+    elif "features.0.weight" in state:
+        return "a torchvision VGG/AlexNet (numbered features.N layers), which none of our models use"
+    else:
+        return None
+    if stem is None or stem.dim() != 4:
+        return arch
+    return f"{arch} (width_mult ≈ {stem.shape[0] / 64:g})"
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown if len(names) <= _MAX_LISTED else f"{shown}, ... ({len(names) - _MAX_LISTED} more)"

@@ -1,0 +1,156 @@
+"""Fusion of the two distilled students: an SVM / ε-SVR on their concatenated embeddings (spec §8, §15 #27-29).
+
+The features are the embeddings of the standard-KD student and of the triplet-KD student (same
+architecture), extracted from the occluded training images; C is chosen on the validation split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, mean_absolute_error
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, SVR, LinearSVC
+
+from occkd_core.tasks import TaskKind
+
+#: J's grid for C: 10^-1 … 10^3, going up by a factor of 10 (spec §8).
+FUSION_C_GRID: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+_KERNELS: tuple[str, ...] = ("linear", "rbf", "poly", "sigmoid")
+_DEFAULT_KERNEL: dict[str, str] = {"classification": "linear", "regression": "rbf"}
+
+# LinearSVC's default of 1000 iterations is too few for thousands of 1024-4096-d embeddings at
+# large C; it only stops early when it has converged, so a generous cap costs nothing otherwise.
+_LINEAR_SVC_MAX_ITER = 20_000
+
+
+@dataclass(frozen=True)
+class FusionResult:
+    """The fusion model fitted at the C with the best validation score, and the score of every C."""
+
+    model: Pipeline  # StandardScaler + LinearSVC / SVC (classification) or SVR (regression)
+    C: float
+    val_score: float  # accuracy (classification) or -MAE (regression) at the chosen C
+    val_scores: dict[float, float] = field(default_factory=dict)  # C -> validation score
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Class ids or ages for features [N, D1 + D2]."""
+        features = np.asarray(features)
+        _check_features("features", features)
+        return self.model.predict(features)
+
+
+def _check_features(name: str, features: np.ndarray) -> None:
+    if features.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {features.shape}")
+    if not np.issubdtype(features.dtype, np.number):
+        raise ValueError(f"{name} must be numeric, got dtype {features.dtype}")
+    bad_rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if bad_rows.size:
+        raise ValueError(
+            f"{name} contain NaN or inf in {bad_rows.size} of {features.shape[0]} rows (first: row {bad_rows[0]}); "
+            "the embedding pass produced non-finite values, check the student checkpoints"
+        )
+
+
+def _check_targets(name: str, targets: np.ndarray, num_rows: int, kind: TaskKind) -> None:
+    if targets.shape != (num_rows,):
+        raise ValueError(f"{name} must be 1-D with {num_rows} entries (one per feature row), got shape {targets.shape}")
+    if not np.all(np.isfinite(targets.astype(float))):
+        raise ValueError(f"{name} contain NaN or inf")
+    if kind == "classification" and not np.array_equal(targets, np.round(targets)):
+        raise ValueError(f"{name} must be integer class ids for classification; for age use kind='regression'")
+
+
+def concat_embeddings(*embeddings: np.ndarray) -> np.ndarray:
+    """Concatenate per-image embeddings [N, D1], [N, D2], … into fusion features [N, D1 + D2 + …]."""
+    if not embeddings:
+        raise ValueError("concat_embeddings needs at least one embedding array")
+    arrays = [np.asarray(e) for e in embeddings]
+    for i, array in enumerate(arrays):
+        if array.ndim != 2:
+            raise ValueError(f"embedding {i} must be 2-D [N, D], got shape {array.shape}")
+    counts = [a.shape[0] for a in arrays]
+    if len(set(counts)) > 1:
+        raise ValueError(
+            f"embeddings have different numbers of images {counts}; they must come from the same images in the same order"
+        )
+    return np.concatenate(arrays, axis=1)
+
+
+def _build_model(kind: TaskKind, kernel: str, C: float) -> Pipeline:
+    # Standardise on the training embeddings: the two students' embeddings can differ in scale,
+    # and an SVM's C only means something on comparable features (spec §15 #27).
+    if kind == "classification":
+        if kernel == "linear":
+            # One-vs-rest (spec §15 #27); liblinear picks primal or dual by the data's shape.
+            estimator = LinearSVC(C=C, dual="auto", max_iter=_LINEAR_SVC_MAX_ITER, random_state=0)
+        else:
+            estimator = SVC(C=C, kernel=kernel, gamma="scale")
+    else:
+        # ε-SVR with scikit-learn's defaults (spec §15 #28): the PDF's "ε = 0" is read as the default 0.1.
+        estimator = SVR(C=C, kernel=kernel, gamma="scale", epsilon=0.1)
+    return make_pipeline(StandardScaler(), estimator)
+
+
+def _score(kind: TaskKind, targets: np.ndarray, predictions: np.ndarray) -> float:
+    if kind == "classification":
+        return float(accuracy_score(targets, predictions))
+    return -float(mean_absolute_error(targets, predictions))
+
+
+def fit_fusion(
+    train_features: np.ndarray,
+    train_targets: np.ndarray,
+    val_features: np.ndarray,
+    val_targets: np.ndarray,
+    *,
+    kind: TaskKind,
+    Cs: Sequence[float] = FUSION_C_GRID,
+    kernel: str | None = None,
+) -> FusionResult:
+    """Fit an SVM (classification) or ε-SVR (regression) for every C on the training features, keep the one with the best validation score.
+
+    ``kernel`` defaults to ``"linear"`` (LinearSVC) for classification and ``"rbf"`` for regression.
+    Ties in validation score go to the smaller C (the simpler model). The kept model is the one
+    fitted on the training features at that C; it is not refitted on training + validation.
+    """
+    if kind not in _DEFAULT_KERNEL:
+        raise ValueError(f"unknown task kind {kind!r}; valid kinds: {', '.join(_DEFAULT_KERNEL)}")
+    kernel = _DEFAULT_KERNEL[kind] if kernel is None else kernel
+    if kernel not in _KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; valid kernels: {', '.join(_KERNELS)}")
+    grid = sorted({float(c) for c in Cs})
+    if not grid or not all(c > 0 and math.isfinite(c) for c in grid):
+        raise ValueError(f"Cs must be a non-empty sequence of finite numbers > 0, got {list(Cs)}")
+
+    train_features, val_features = np.asarray(train_features), np.asarray(val_features)
+    train_targets, val_targets = np.asarray(train_targets), np.asarray(val_targets)
+    _check_features("train_features", train_features)
+    _check_features("val_features", val_features)
+    if val_features.shape[1] != train_features.shape[1]:
+        raise ValueError(
+            f"val_features have {val_features.shape[1]} dims but train_features have {train_features.shape[1]}; "
+            "build both with the same students, concatenated in the same order"
+        )
+    _check_targets("train_targets", train_targets, train_features.shape[0], kind)
+    _check_targets("val_targets", val_targets, val_features.shape[0], kind)
+    if kind == "classification" and np.unique(train_targets).size < 2:
+        raise ValueError(f"train_targets hold a single class {np.unique(train_targets).tolist()}; an SVM needs two or more")
+
+    best: Pipeline | None = None
+    best_C, best_score = grid[0], -math.inf
+    val_scores: dict[float, float] = {}
+    for C in grid:
+        model = _build_model(kind, kernel, C).fit(train_features, train_targets)
+        score = _score(kind, val_targets, model.predict(val_features))
+        val_scores[C] = score
+        if score > best_score:  # strict: a tie keeps the smaller C seen first
+            best, best_C, best_score = model, C, score
+    assert best is not None  # the grid is non-empty and every score is finite
+    return FusionResult(model=best, C=best_C, val_score=best_score, val_scores=val_scores)

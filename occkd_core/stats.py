@@ -1,0 +1,138 @@
+"""Paired significance tests against the undistilled student (spec §12, §15 #30).
+
+* McNemar (Dietterich 1998) on per-sample correctness, for expressions and gender: the daggers.
+* Holm's correction when one baseline is tested against several models at once.
+* Wilcoxon signed-rank on per-sample absolute errors, for age, where the papers report no test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy.stats import wilcoxon
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+
+#: Below this many discordant pairs (b + c) the chi-square approximation is poor: use the exact
+#: binomial test (spec §15 #30).
+MCNEMAR_EXACT_BELOW = 25
+
+
+def _check_alpha(alpha: float) -> None:
+    if not (0.0 < alpha < 1.0):
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+
+
+def _check_paired(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
+    if a.ndim != 1 or b.ndim != 1:
+        raise ValueError(f"{name_a} and {name_b} must be 1-D (one value per test sample), got shapes {a.shape} and {b.shape}")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} has {a.shape[0]} samples but {name_b} has {b.shape[0]}; "
+            "both must be per-sample results on the same test set, in the same order"
+        )
+    if a.shape[0] == 0:
+        raise ValueError(f"{name_a} and {name_b} are empty; a paired test needs at least one sample")
+
+
+@dataclass(frozen=True)
+class McNemarResult:
+    """Outcome of a paired McNemar test of a model against a baseline."""
+
+    b: int  # samples the model gets right and the baseline wrong
+    c: int  # samples the baseline gets right and the model wrong
+    statistic: float  # exact: min(b, c) (statsmodels' convention); else (|b - c| - 1)² / (b + c)
+    pvalue: float
+    exact: bool  # exact binomial test (b + c < 25) rather than chi-square
+    alpha: float
+
+    @property
+    def significant(self) -> bool:
+        """The two-sided test rejects equal error rates at level ``alpha``."""
+        return self.pvalue < self.alpha
+
+    @property
+    def improved(self) -> bool:
+        """The model wins more of the discordant pairs than the baseline."""
+        return self.b > self.c
+
+    @property
+    def significant_improvement(self) -> bool:
+        """What a dagger (†) in the papers' tables marks."""
+        return self.significant and self.improved
+
+
+def mcnemar_test(correct_model: np.ndarray, correct_baseline: np.ndarray, *, alpha: float = 0.05) -> McNemarResult:
+    """Paired McNemar test (Dietterich 1998, spec §12) on per-sample correctness, bool [N] each."""
+    _check_alpha(alpha)
+    correct_model = np.asarray(correct_model)
+    correct_baseline = np.asarray(correct_baseline)
+    for name, array in (("correct_model", correct_model), ("correct_baseline", correct_baseline)):
+        if array.dtype != np.bool_:
+            raise ValueError(
+                f"{name} must be a bool array (is each test sample classified correctly?), got dtype {array.dtype}; "
+                "pass predictions == labels"
+            )
+    _check_paired("correct_model", correct_model, "correct_baseline", correct_baseline)
+    b = int(np.sum(correct_model & ~correct_baseline))
+    c = int(np.sum(~correct_model & correct_baseline))
+    both_right = int(np.sum(correct_model & correct_baseline))
+    both_wrong = int(np.sum(~correct_model & ~correct_baseline))
+    exact = b + c < MCNEMAR_EXACT_BELOW
+    # Row = model right / wrong, column = baseline right / wrong: b and c are the off-diagonal cells.
+    table = np.array([[both_right, b], [c, both_wrong]])
+    result = mcnemar(table, exact=exact, correction=True)
+    return McNemarResult(
+        b=b, c=c, statistic=float(result.statistic), pvalue=float(result.pvalue), exact=exact, alpha=alpha
+    )
+
+
+def holm_correction(pvalues: Sequence[float], alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Holm-Bonferroni step-down correction: (reject bool [m], adjusted p-values [m]) in the input order."""
+    _check_alpha(alpha)
+    p = np.asarray(pvalues, dtype=float)
+    if p.ndim != 1 or p.size == 0:
+        raise ValueError(f"pvalues must be a non-empty 1-D sequence, got shape {p.shape}")
+    if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise ValueError(f"pvalues must lie in [0, 1], got {p.tolist()}")
+    reject, adjusted, _, _ = multipletests(p, alpha=alpha, method="holm")
+    return reject.astype(bool), adjusted
+
+
+@dataclass(frozen=True)
+class WilcoxonResult:
+    """Outcome of a two-sided Wilcoxon signed-rank test on paired absolute errors."""
+
+    statistic: float  # scipy's two-sided statistic: the smaller of the signed-rank sums
+    pvalue: float
+    median_difference: float  # median of (model error − baseline error): negative = the model is better
+    num_pairs: int  # all pairs, including those with zero difference (which the test drops)
+
+
+def wilcoxon_test(abs_errors_model: np.ndarray, abs_errors_baseline: np.ndarray) -> WilcoxonResult:
+    """Two-sided Wilcoxon signed-rank test (scipy, zero differences dropped) on paired absolute errors [N], e.g. |age error| in years."""
+    model = np.asarray(abs_errors_model, dtype=float)
+    baseline = np.asarray(abs_errors_baseline, dtype=float)
+    _check_paired("abs_errors_model", model, "abs_errors_baseline", baseline)
+    for name, array in (("abs_errors_model", model), ("abs_errors_baseline", baseline)):
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{name} contains NaN or inf")
+        if np.any(array < 0):
+            raise ValueError(
+                f"{name} has negative values (min {array.min()}); pass absolute errors |prediction - target|"
+            )
+    differences = model - baseline
+    median_difference = float(np.median(differences))
+    if not np.any(differences):
+        # scipy has no ranks to work with here (and warns or raises, by version): identical errors
+        # on every sample are no evidence of a difference.
+        return WilcoxonResult(statistic=0.0, pvalue=1.0, median_difference=median_difference, num_pairs=model.size)
+    result = wilcoxon(differences, zero_method="wilcox", alternative="two-sided")
+    return WilcoxonResult(
+        statistic=float(result.statistic),
+        pvalue=float(result.pvalue),
+        median_difference=median_difference,
+        num_pairs=model.size,
+    )

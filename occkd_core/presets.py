@@ -1,0 +1,236 @@
+"""Presets: every hyperparameter of a run, as validated data (YAML files beside this module).
+
+A preset names its data, each architecture's input size and width, the fusion C grid, and one
+:class:`TrainSpec` per task × architecture × strategy. A list value in a stage entry is a grid
+(e.g. ``margin: [0.0, 0.1, ...]``); :meth:`Preset.grid` expands it. ``paper`` is spec §10 row by row;
+``smoke`` runs every stage in minutes on 2 CPU cores. Users add their own by passing a YAML path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from occkd_core.tasks import ARCHITECTURES, STRATEGIES, TASKS, check_name, get_task
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+#: Stage fields that may be given as a list to make a hyperparameter grid.
+GRID_FIELDS = ("lr", "lam", "temperature", "margin")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Hyperparameters of one training stage (spec §10; defaults from spec §15)."""
+
+    optimizer: Literal["sgd", "adam"]
+    batch_size: int
+    epochs: int
+    lr: float
+    schedule: Literal["plateau", "constant"] = "constant"
+    weight_decay: float | None = None  # None -> 5e-4 for SGD, 0 for Adam (spec §15 #3)
+    momentum: float = 0.9
+    plateau_patience: int = 10  # ÷10 after this many epochs without a better validation score
+    plateau_factor: float = 0.1
+    dsd: bool = False  # Dense-Sparse-Dense (spec §9)
+    lam: float | None = None  # KD weight λ on the distillation term (spec §6)
+    temperature: float | None = None  # Hinton KD τ
+    tau_squared: bool = False  # multiply the soft term by τ² (spec §15 #2)
+    margin: float | None = None  # triplet margin α
+    pool_fraction: float | None = None  # mining pool ρ (spec §7)
+    triplet_squared: bool = True  # J: squared Euclidean; False = C's plain Euclidean
+    triplet_normalize: bool = True  # L2-normalise embeddings before distances (spec §15 #20)
+    icpr_form: bool = False  # C Eq. 4: CE + λ·triplet instead of (1−λ)·L + λ·triplet
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "momentum", "plateau_factor", "lam", "temperature", "margin",
+                     "pool_fraction", "batch_size", "epochs", "plateau_patience"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.schedule not in ("plateau", "constant"):
+            raise ValueError(f"schedule must be 'plateau' or 'constant', got {self.schedule!r}")
+        for name in ("batch_size", "epochs", "plateau_patience"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.weight_decay is None:
+            object.__setattr__(self, "weight_decay", 5e-4 if self.optimizer == "sgd" else 0.0)
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.lam is not None and not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lam (λ) must lie in [0, 1], got {self.lam!r}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.margin is not None and self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin!r}")
+        if self.pool_fraction is not None and not 0.0 < self.pool_fraction <= 1.0:
+            raise ValueError(f"pool_fraction must lie in (0, 1], got {self.pool_fraction!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown stage setting(s) {unknown}; valid: {sorted(known)}")
+        return cls(**values)
+
+    def require(self, strategy: str) -> "TrainSpec":
+        """Check that the settings ``strategy`` needs are present."""
+        needed = {"standard_kd": ("lam",), "triplet_kd": ("lam", "margin", "pool_fraction")}
+        missing = [n for n in needed.get(strategy, ()) if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"strategy {strategy!r} needs {missing} in its preset entry")
+        return self
+
+
+@dataclass(frozen=True)
+class ArchSettings:
+    input_size: int
+    width_mult: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.input_size < 32:
+            raise ValueError(f"input_size must be >= 32 px, got {self.input_size}")
+        if not 0 < self.width_mult <= 4:
+            raise ValueError(f"width_mult must lie in (0, 4], got {self.width_mult}")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    source: Literal["synthetic", "real"]
+    num_faces: int = 0  # synthetic only
+    image_size: int = 64  # synthetic only: side of the generated faces
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in ("synthetic", "real"):
+            raise ValueError(f"data.source must be 'synthetic' or 'real', got {self.source!r}")
+        if self.source == "synthetic" and self.num_faces < 10:
+            raise ValueError(f"synthetic data needs num_faces >= 10, got {self.num_faces}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    data: DataSettings
+    models: Mapping[str, ArchSettings]
+    fusion_Cs: tuple[float, ...]
+    # (task, arch, strategy) -> raw entry (scalars, or lists for grid fields)
+    stages: Mapping[tuple[str, str, str], Mapping[str, Any]] = field(repr=False)
+    # What a grid node of each architecture (and "fusion", "significance") asks the cluster for:
+    # {"cpus": 4, "gpus": 1, "workers": 1}. Read by the grid only; the method ignores it.
+    resources: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def arch(self, arch: str) -> ArchSettings:
+        check_name("architecture", arch)
+        return self.models[arch]
+
+    def grid(self, task: str, arch: str, strategy: str) -> list[TrainSpec]:
+        """Every TrainSpec of the grid for one stage, in a stable order (one item if no grid)."""
+        get_task(task), check_name("architecture", arch), check_name("strategy", strategy)
+        entry = dict(self.stages[(task, arch, strategy)])
+        axes = [(k, v) for k, v in entry.items() if isinstance(v, list)]
+        combos = itertools.product(*(v for _, v in axes)) if axes else [()]
+        return [
+            TrainSpec.from_dict({**entry, **dict(zip((k for k, _ in axes), values))}).require(strategy)
+            for values in combos
+        ]
+
+    def train_spec(self, task: str, arch: str, strategy: str) -> TrainSpec:
+        """The single TrainSpec of a stage; an error if the stage is a grid."""
+        specs = self.grid(task, arch, strategy)
+        if len(specs) != 1:
+            raise ValueError(f"{task}/{arch}/{strategy} is a grid of {len(specs)} settings in preset {self.name!r}")
+        return specs[0]
+
+    def with_stage_overrides(self, **overrides: Any) -> "Preset":
+        """A copy with the given settings applied to every stage (e.g. epochs=1 for a quick check)."""
+        stages = {key: {**entry, **overrides} for key, entry in self.stages.items()}
+        return replace(self, stages=stages)
+
+
+def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
+    try:
+        models = {arch: ArchSettings(**raw["models"][arch]) for arch in ARCHITECTURES}
+        defaults = raw.get("stage_defaults", {})
+        stages: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+        for task in TASKS:
+            for arch in ARCHITECTURES:
+                given = (raw["stages"].get(task) or {}).get(arch) or {}
+                for strategy in STRATEGIES:
+                    entry = {**defaults.get(strategy, {}), **(given.get(strategy) or {})}
+                    if not entry:
+                        raise ValueError(f"no settings for stage {task}/{arch}/{strategy}")
+                    for key, value in entry.items():
+                        if isinstance(value, list) and key not in GRID_FIELDS:
+                            raise ValueError(f"{task}/{arch}/{strategy}: {key} cannot be a grid (only {GRID_FIELDS})")
+                        if isinstance(value, list) and not value:
+                            raise ValueError(f"{task}/{arch}/{strategy}: grid {key} is empty")
+                    stages[(task, arch, strategy)] = entry
+        preset = Preset(
+            name=str(raw["name"]),
+            description=str(raw.get("description", "")),
+            data=DataSettings(**raw["data"]),
+            models=models,
+            fusion_Cs=tuple(float(c) for c in raw["fusion"]["Cs"]),
+            stages=stages,
+            resources=_parse_resources(raw.get("resources", {})),
+        )
+        for task, arch, strategy in stages:  # validate every grid point now, not mid-run
+            preset.grid(task, arch, strategy)
+    except KeyError as err:
+        raise ValueError(f"preset {origin}: missing key {err}") from None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"preset {origin}: {err}") from None
+    if any(c <= 0 for c in preset.fusion_Cs):
+        raise ValueError(f"preset {origin}: fusion Cs must be > 0, got {preset.fusion_Cs}")
+    return preset
+
+
+RESOURCE_KEYS = ("cpus", "gpus", "workers")
+
+
+def _parse_resources(raw: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    valid_owners = (*ARCHITECTURES, "fusion", "significance")
+    out = {}
+    for owner, values in raw.items():
+        if owner not in valid_owners:
+            raise ValueError(f"resources: unknown entry {owner!r}; valid: {', '.join(valid_owners)}")
+        unknown = sorted(set(values) - set(RESOURCE_KEYS))
+        if unknown:
+            raise ValueError(f"resources.{owner}: unknown key(s) {unknown}; valid: {', '.join(RESOURCE_KEYS)}")
+        if any(not isinstance(v, (int, float)) or v < 0 for v in values.values()):
+            raise ValueError(f"resources.{owner}: values must be numbers >= 0, got {values}")
+        if values.get("workers", 1) < 1:
+            raise ValueError(f"resources.{owner}: workers must be >= 1")
+        out[owner] = dict(values)
+    return out
+
+
+def builtin_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str | Path) -> Preset:
+    """A built-in preset by name (``paper``, ``smoke``, ...) or a preset YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ValueError(f"unknown preset {str(name_or_path)!r}; valid names: {', '.join(builtin_presets())} (or a path to a .yaml file)")
+    elif not path.exists():
+        raise ValueError(f"preset file {str(path)!r} does not exist")
+    return _parse_preset(yaml.safe_load(path.read_text()), str(path))

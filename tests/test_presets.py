@@ -1,0 +1,109 @@
+"""The `paper` preset matches spec §10 row by row; presets validate their input."""
+
+from pathlib import Path
+
+import pytest
+
+from occkd_core.presets import TrainSpec, builtin_presets, load_preset
+from occkd_core.tasks import ARCHITECTURES, STRATEGIES, TASKS
+
+MARGINS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+
+# Spec §10, typed from the tables (not from the YAML): (task, arch, strategy) ->
+# (optimizer, batch, epochs, lr, schedule, lam, temperature, pool_fraction, dsd)
+SPEC_10 = {
+    ("fer", "vggf", "teacher"): ("sgd", 512, 800, 1e-3, "plateau", None, None, None, True),
+    ("fer", "vggface", "teacher"): ("sgd", 64, 50, 1e-4, "plateau", None, None, None, True),
+    ("fer", "resnet50", "teacher"): ("adam", 16, 75, 1e-4, "constant", None, None, None, False),
+    ("fer", "vggf", "student"): ("sgd", 512, 80, 1e-3, "constant", None, None, None, True),
+    ("fer", "vggface", "student"): ("sgd", 64, 40, 1e-3, "plateau", None, None, None, True),
+    ("fer", "resnet50", "student"): ("adam", 16, 75, 1e-4, "constant", None, None, None, False),
+    ("fer", "vggf", "standard_kd"): ("sgd", 512, 200, 1e-3, "plateau", 0.7, 20.0, None, False),
+    ("fer", "vggface", "standard_kd"): ("sgd", 64, 50, 1e-4, "plateau", 0.7, 20.0, None, False),
+    ("fer", "resnet50", "standard_kd"): ("adam", 16, 10, 1e-5, "constant", 0.9, 20.0, None, False),
+    ("fer", "vggf", "triplet_kd"): ("sgd", 512, 10, 1e-5, "constant", 0.5, None, 0.1, False),
+    ("fer", "vggface", "triplet_kd"): ("sgd", 64, 10, 1e-6, "constant", 0.5, None, 0.1, False),
+    ("fer", "resnet50", "triplet_kd"): ("adam", 16, 10, 1e-5, "constant", 0.1, None, 0.1, False),
+}
+for _task, _lams in (("gender", {"vggf": (0.3, 0.7), "vggface": (0.3, 0.7), "resnet50": (0.1, 0.4)}),
+                     ("age", {"vggf": (0.5, 0.7), "vggface": (0.3, 0.7), "resnet50": (0.1, 0.7)})):
+    SPEC_10.update({
+        (_task, "vggf", "teacher"): ("sgd", 512, 200, 1e-4, "plateau", None, None, None, False),
+        (_task, "vggf", "student"): ("sgd", 512, 200, 1e-4, "plateau", None, None, None, False),
+        (_task, "vggface", "teacher"): ("sgd", 64, 250, 1e-4, "constant", None, None, None, False),
+        (_task, "vggface", "student"): ("sgd", 64, 250, 1e-4, "constant", None, None, None, False),
+        (_task, "resnet50", "teacher"): ("adam", 16, 100, 1e-4, "constant", None, None, None, False),
+        (_task, "resnet50", "student"): ("adam", 16, 100, 1e-4, "constant", None, None, None, False),
+        (_task, "vggf", "standard_kd"): ("sgd", 512, 20, 1e-6, "plateau", _lams["vggf"][0], None, None, False),
+        (_task, "vggface", "standard_kd"): ("sgd", 64, 40, 1e-6 if _task == "gender" else 1e-5, "constant",
+                                            _lams["vggface"][0], None, None, False),
+        (_task, "resnet50", "standard_kd"): ("adam", 16, 40, 1e-5, "plateau", _lams["resnet50"][0], None, None, False),
+        (_task, "vggf", "triplet_kd"): ("sgd", 512, 30 if _task == "gender" else 40, 1e-5 if _task == "gender" else 1e-6,
+                                        "plateau" if _task == "gender" else "constant", _lams["vggf"][1], None, 0.2, False),
+        (_task, "vggface", "triplet_kd"): ("sgd", 64, 40, 1e-6, "constant", _lams["vggface"][1], None, 0.2, False),
+        (_task, "resnet50", "triplet_kd"): ("adam", 16, 40, 1e-5, "constant", _lams["resnet50"][1], None, 0.2, False),
+    })
+
+
+@pytest.mark.parametrize("key", sorted(SPEC_10), ids=lambda k: "/".join(k))
+def test_paper_preset_matches_spec_section_10(key):
+    preset = load_preset("paper")
+    grid = preset.grid(*key)
+    optimizer, batch, epochs, lr, schedule, lam, temperature, pool, dsd = SPEC_10[key]
+    expected_margins = MARGINS if key[2] == "triplet_kd" else [None]
+    assert [spec.margin for spec in grid] == expected_margins
+    for spec in grid:
+        assert (spec.optimizer, spec.batch_size, spec.epochs, spec.schedule, spec.dsd) == (optimizer, batch, epochs, schedule, dsd)
+        assert spec.lr == pytest.approx(lr)
+        assert spec.lam == lam and spec.temperature == temperature and spec.pool_fraction == pool
+        assert spec.weight_decay == (5e-4 if optimizer == "sgd" else 0.0)  # spec §15 #3
+        assert spec.momentum == 0.9 and not spec.tau_squared  # formula as printed (§15 #2)
+        assert spec.plateau_factor == 0.1 and spec.plateau_patience == 10
+
+
+def test_paper_preset_covers_every_stage_at_full_size():
+    preset = load_preset("paper")
+    assert set(SPEC_10) == {(t, a, s) for t in TASKS for a in ARCHITECTURES for s in STRATEGIES}
+    assert all(preset.arch(a).input_size == 224 and preset.arch(a).width_mult == 1.0 for a in ARCHITECTURES)
+    assert preset.fusion_Cs == (0.1, 1.0, 10.0, 100.0, 1000.0)
+    assert preset.data.source == "real"
+
+
+@pytest.mark.parametrize("name", builtin_presets())
+def test_every_builtin_preset_resolves_every_stage(name):
+    preset = load_preset(name)
+    for task in TASKS:
+        for arch in ARCHITECTURES:
+            for strategy in STRATEGIES:
+                assert preset.grid(task, arch, strategy)
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(ValueError, match="valid names: .*paper.*smoke"):
+        load_preset("papr")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lr": -0.1}, "lr must be a positive"),
+    ({"lam": 1.5}, r"lam \(λ\) must lie in \[0, 1\]"),
+    ({"optimizer": "rmsprop"}, "optimizer must be"),
+    ({"margin": ["x"]}, "margin must be a number"),
+    ({"batch_size": [16, 32]}, "cannot be a grid"),
+])
+def test_bad_preset_file_is_rejected_before_training(tmp_path: Path, change, message):
+    text = (Path(load_preset.__code__.co_filename).parent / "presets" / "smoke.yaml").read_text()
+    import yaml
+
+    raw = yaml.safe_load(text)
+    raw["stage_defaults"]["triplet_kd"].update(change)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=message):
+        load_preset(path)
+
+
+def test_train_spec_round_trips_and_rejects_unknown_keys():
+    spec = TrainSpec(optimizer="adam", batch_size=8, epochs=1, lr=1e-3, lam=0.5, margin=0.1, pool_fraction=0.2)
+    assert TrainSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="unknown stage setting"):
+        TrainSpec.from_dict({**spec.to_dict(), "lambda": 0.3})

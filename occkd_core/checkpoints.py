@@ -1,0 +1,73 @@
+"""Checkpoint files: written atomically, read with ``weights_only=True``.
+
+A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) so that ``torch.load(...,
+weights_only=True)`` can read it without unpickling code: the model spec travels as a dict and the
+model is rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from occkd_core.models import FaceNet, ModelSpec, build_model
+
+CHECKPOINT_FORMAT = 1
+
+
+def atomic_torch_save(obj: Any, path: Path) -> Path:
+    """Save to ``path`` so that it is either complete or absent: write a temp file, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def unwrap(model: torch.nn.Module) -> FaceNet:
+    """The FaceNet inside a DistributedDataParallel (or the model itself)."""
+    return getattr(model, "module", model)  # type: ignore[return-value]
+
+
+def save_model_checkpoint(path: Path, model: torch.nn.Module, model_spec: ModelSpec, **extra: Any) -> Path:
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    return atomic_torch_save(
+        {"format": CHECKPOINT_FORMAT, "model_spec": model_spec.to_dict(), "state_dict": state, **extra}, path
+    )
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign file: say which, not a pickle traceback
+        raise ValueError(f"checkpoint {str(path)!r} is unreadable or corrupt ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not an occkd checkpoint (format {CHECKPOINT_FORMAT})")
+    return payload
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[FaceNet, dict[str, Any]]:
+    """Rebuild the model a checkpoint was saved from; returns (model in eval mode, the checkpoint dict)."""
+    payload = read_checkpoint(path)
+    model = build_model(ModelSpec.from_dict(payload["model_spec"]))
+    model.load_state_dict(payload["state_dict"])
+    return model.to(device).eval(), payload
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,148 @@
+"""Training strategies: what each curriculum stage computes per batch (spec §5-§7).
+
+A strategy decides which training rows an epoch visits (``epoch_order``) and turns a batch of rows
+into named loss terms (``loss_terms``); the training loop sums and logs the terms. Nothing else
+differs between stages, so there is one loop (:mod:`occkd_core.training`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from occkd_core.data import FaceSplit
+from occkd_core.losses import hint_kd_loss, hinton_kd_loss, supervised_loss, triplet_kd_loss
+from occkd_core.mining import MinedTriplets, draw_pool, mine_hard_triplets
+from occkd_core.models import FaceNet
+from occkd_core.preprocess import InputSpec, prepare_batch, prepare_views
+from occkd_core.presets import TrainSpec
+from occkd_core.tasks import TaskInfo, Visibility
+
+
+@dataclass
+class BatchContext:
+    """Everything a strategy needs, fixed for the whole stage."""
+
+    task: TaskInfo
+    train: TrainSpec
+    split: FaceSplit
+    targets: Tensor  # [N] on the device: long classes or float ages
+    visible: Visibility  # what the trained model sees
+    input_spec: InputSpec
+    device: torch.device
+    channels_last: bool
+    teacher: FaceNet | None = None  # frozen, eval mode (spec §15 #34)
+
+    def images(self, rows: np.ndarray) -> Tensor:
+        """uint8 [B,H,W,C] of the given training rows, on the device."""
+        return torch.from_numpy(self.split.images[rows]).to(self.device, non_blocking=True)
+
+
+LossTerms = dict[str, Tensor]
+
+
+class SupervisedStrategy:
+    """Teacher (full faces) and student (one half) stages: the task loss alone (spec §5 steps 1-2)."""
+
+    def __init__(self, ctx: BatchContext) -> None:
+        self.ctx = ctx
+
+    def epoch_order(self, epoch: int, model: FaceNet, generator: torch.Generator) -> np.ndarray:
+        return torch.randperm(len(self.ctx.split), generator=generator).numpy()
+
+    def loss_terms(self, model: torch.nn.Module, rows: np.ndarray, flip: Tensor) -> tuple[LossTerms, Tensor]:
+        ctx = self.ctx
+        x = prepare_batch(ctx.images(rows), ctx.visible, ctx.input_spec, flip, ctx.channels_last)
+        outputs, _ = model(x)
+        return {"supervised": supervised_loss(outputs, ctx.targets[rows], ctx.task.kind)}, outputs
+
+    def describe_epoch(self) -> dict[str, float]:
+        return {}
+
+
+class StandardKDStrategy(SupervisedStrategy):
+    """Standard teacher-student training: Hinton KD (FER, J Eq. 2) or the L1 embedding hint (gender/age,
+    J Eq. 3). The teacher sees the full image, the student the occluded one, both flipped alike."""
+
+    def loss_terms(self, model: torch.nn.Module, rows: np.ndarray, flip: Tensor) -> tuple[LossTerms, Tensor]:
+        ctx, spec = self.ctx, self.ctx.train
+        assert ctx.teacher is not None
+        full, occluded = prepare_views(ctx.images(rows), ("full", ctx.visible), ctx.input_spec, flip, ctx.channels_last)
+        with torch.no_grad():
+            teacher_logits, teacher_embedding = ctx.teacher(full)
+        outputs, embedding = model(occluded)
+        targets = ctx.targets[rows]
+        if ctx.task.standard_kd == "hinton":
+            terms = hinton_kd_loss(outputs, teacher_logits.float(), targets, lam=spec.lam,
+                                   temperature=spec.temperature, tau_squared=spec.tau_squared)
+        else:
+            terms = hint_kd_loss(outputs, embedding, teacher_embedding.float(), targets, lam=spec.lam, kind=ctx.task.kind)
+        return terms, outputs
+
+
+class TripletKDStrategy(SupervisedStrategy):
+    """Triplet-loss teacher-student training with offline hard mining (J Eq. 4-5, spec §7).
+
+    At each epoch start the student embeds every occluded training image (eval mode, spec §15 #24), a
+    pool of ρ·N rows is drawn, and each anchor gets its farthest same-class teacher embedding and its
+    closest other-class student embedding. Batches are anchors; negatives are re-embedded with gradient,
+    positives come from the teacher cache.
+    """
+
+    def __init__(self, ctx: BatchContext, teacher_embeddings: Tensor,
+                 embed_student: Callable[[FaceNet], Tensor]) -> None:
+        super().__init__(ctx)
+        self.teacher_embeddings = teacher_embeddings  # [N, D] on the device, full faces, cached once
+        self.embed_student = embed_student
+        self.mined: MinedTriplets | None = None
+        self.negative_of = np.zeros(0, dtype=np.int64)
+        self.positive_of = np.zeros(0, dtype=np.int64)
+        self.mining_seconds = 0.0
+
+    def epoch_order(self, epoch: int, model: FaceNet, generator: torch.Generator) -> np.ndarray:
+        ctx = self.ctx
+        start = time.perf_counter()
+        student_embeddings = self.embed_student(model)
+        teacher_embeddings = self.teacher_embeddings
+        if ctx.train.triplet_normalize:  # mine in the space the loss measures
+            student_embeddings = torch.nn.functional.normalize(student_embeddings, dim=1)
+            teacher_embeddings = torch.nn.functional.normalize(teacher_embeddings, dim=1)
+        pool = draw_pool(len(ctx.split), ctx.train.pool_fraction, generator).to(ctx.device)
+        self.mined = mine_hard_triplets(student_embeddings, teacher_embeddings, ctx.targets, pool,
+                                        age_threshold=ctx.task.age_threshold)
+        num = len(ctx.split)
+        self.positive_of = np.full(num, -1, dtype=np.int64)
+        self.negative_of = np.full(num, -1, dtype=np.int64)
+        anchors = self.mined.anchors.cpu().numpy()
+        self.positive_of[anchors] = self.mined.positives.cpu().numpy()
+        self.negative_of[anchors] = self.mined.negatives.cpu().numpy()
+        self.mining_seconds = time.perf_counter() - start
+        order = torch.randperm(len(anchors), generator=generator).numpy()
+        return anchors[order]
+
+    def loss_terms(self, model: torch.nn.Module, rows: np.ndarray, flip: Tensor) -> tuple[LossTerms, Tensor]:
+        ctx, spec = self.ctx, self.ctx.train
+        negatives = self.negative_of[rows]
+        # One forward over anchors and negatives: both are occluded student inputs.
+        images = torch.cat([ctx.images(rows), ctx.images(negatives)])
+        x = prepare_batch(images, ctx.visible, ctx.input_spec, torch.cat([flip, flip]), ctx.channels_last)
+        outputs, embedding = model(x)
+        size = len(rows)
+        positives = self.teacher_embeddings[torch.from_numpy(self.positive_of[rows]).to(ctx.device)]
+        terms = triplet_kd_loss(
+            outputs[:size], ctx.targets[rows], embedding[:size], positives, embedding[size:],
+            lam=spec.lam, margin=spec.margin, kind=ctx.task.kind, squared=spec.triplet_squared,
+            normalize=spec.triplet_normalize, icpr_form=spec.icpr_form,
+        )
+        return terms, outputs[:size]
+
+    def describe_epoch(self) -> dict[str, float]:
+        if self.mined is None:
+            return {}
+        return {"mining_seconds": self.mining_seconds, "num_triplets": float(len(self.mined.anchors)),
+                "mining_dropped": float(self.mined.num_dropped)}

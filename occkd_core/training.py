@@ -1,0 +1,346 @@
+"""One training loop for every curriculum stage (spec §5, §9, §10).
+
+``train_stage`` reads top to bottom: build the model (from pretrained weights, or from the parent
+stage's checkpoint), pick the strategy, then per epoch: the strategy's order of rows, batches of loss
+terms, optimiser step (with DSD masks in the sparse phase), validation on the stage's faces, plateau
+decay, best and last checkpoints, and a callback with the epoch's record. An interrupted stage resumes
+from its last checkpoint. Runs single-process or under an initialised ``torch.distributed`` group
+(DDP; rows sharded by rank, rank 0 writes files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from occkd_core.checkpoints import atomic_torch_save, load_model, read_checkpoint, save_model_checkpoint, unwrap
+from occkd_core.data import FaceData, FaceSplit
+from occkd_core.dsd import DSDPruner, DSDSchedule
+from occkd_core.evaluation import Predictions, predict, task_metrics, validation_score
+from occkd_core.models import FaceNet, ModelSpec, build_model, load_pretrained
+from occkd_core.preprocess import InputSpec, input_spec_for, prepare_batch, random_flips
+from occkd_core.presets import TrainSpec
+from occkd_core.strategies import BatchContext, StandardKDStrategy, SupervisedStrategy, TripletKDStrategy
+from occkd_core.tasks import TaskInfo, Visibility, check_name, get_task
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the message names the epoch, batch and terms."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything that determines one training run (with its data and parent checkpoints)."""
+
+    task: str
+    arch: str
+    strategy: str  # teacher | student | standard_kd | triplet_kd
+    train_visible: Visibility  # faces the trained model sees: full for the teacher, a half otherwise
+    input_size: int
+    width_mult: float
+    train: TrainSpec
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_task(self.task)
+        check_name("architecture", self.arch)
+        check_name("strategy", self.strategy)
+        check_name("visibility", self.train_visible)
+        if (self.strategy == "teacher") != (self.train_visible == "full"):
+            raise ValueError(f"a {self.strategy} trains on {'full' if self.strategy == 'teacher' else 'half'}"
+                             f" faces, got train_visible={self.train_visible!r}")
+        self.train.require(self.strategy)
+
+    @property
+    def task_info(self) -> TaskInfo:
+        return get_task(self.task)
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(arch=self.arch, num_outputs=self.task_info.num_outputs, width_mult=self.width_mult)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "StageSpec":
+        return cls(**{**values, "train": TrainSpec.from_dict(values["train"])})
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int  # 1-based
+    lr: float
+    train_loss: float
+    loss_terms: dict[str, float]
+    train_metrics: dict[str, float]
+    val_metrics: dict[str, float]
+    val_score: float  # accuracy, or −MAE: higher is better
+    is_best: bool
+    seconds: float
+    extra: dict[str, float] = field(default_factory=dict)  # DSD phase sparsity, mining time, ...
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_epoch: int
+    best_val_score: float
+    history: list[EpochRecord]
+
+
+EpochCallback = Callable[[EpochRecord], None]
+
+
+def train_stage(
+    spec: StageSpec,
+    data: FaceData,
+    out_dir: Path,
+    *,
+    init_checkpoint: Path | None = None,
+    teacher_checkpoint: Path | None = None,
+    pretrained_weights: Path | None = None,
+    device: torch.device | str = "cpu",
+    on_epoch: EpochCallback | None = None,
+    cache_dir: Path | None = None,
+) -> TrainResult:
+    """Train one stage; resumes from ``out_dir/last.pt`` if an earlier attempt left one.
+
+    ``init_checkpoint``: the parent stage's best checkpoint (student from teacher, KD from student).
+    ``teacher_checkpoint``: the frozen teacher of a KD stage. ``pretrained_weights``: a local weights
+    file for a teacher trained from pre-trained weights (spec §5 step 1).
+    """
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    task, train = spec.task_info, spec.train
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    torch.manual_seed(spec.seed)
+    order_generator = torch.Generator().manual_seed(spec.seed)  # row order, mining pools: same on every rank
+    flip_generator = torch.Generator().manual_seed(spec.seed * 7919 + 1 + rank)
+    train_split, val_split = data.split("train"), data.split("val")
+    train_targets = torch.as_tensor(train_split.labels(task.name)).to(device)  # validates labels before training
+    val_split.labels(task.name)
+    input_spec = input_spec_for(spec.arch, spec.input_size)
+    on_gpu = device.type == "cuda"
+
+    # -- model and its starting point -------------------------------------------------------------
+    model = build_model(spec.model_spec)
+    if init_checkpoint is not None:
+        model.load_state_dict(read_checkpoint(init_checkpoint)["state_dict"])
+    elif pretrained_weights is not None:
+        load_pretrained(model, pretrained_weights)
+    if init_checkpoint is None and not task.is_classification:
+        # Raw years with an L1 loss (spec §15 #14): start the regressor at the median training age so
+        # that early epochs learn faces, not the offset (a head at 0 needs thousands of steps to reach 40).
+        with torch.no_grad():
+            model.head.bias.fill_(float(np.median(train_targets.cpu().numpy())))
+    model = model.to(device, memory_format=torch.channels_last if on_gpu else torch.contiguous_format)
+    teacher = None
+    if spec.strategy in ("standard_kd", "triplet_kd"):
+        if teacher_checkpoint is None:
+            raise ValueError(f"{spec.strategy} needs the teacher's checkpoint")
+        teacher, _ = load_model(teacher_checkpoint, device)
+        teacher.requires_grad_(False)
+    optimizer = _make_optimizer(model, train)
+    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=train.plateau_factor,
+                                                             patience=train.plateau_patience)
+                 if train.schedule == "plateau" else None)
+    dsd = DSDPruner(model) if train.dsd else None
+    dsd_schedule = DSDSchedule(train.epochs) if train.dsd else None
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
+
+    # -- resume ---------------------------------------------------------------------------------------
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    history: list[EpochRecord] = []
+    best_score, best_epoch, start_epoch = -math.inf, 0, 1
+    state = _read_resume_state(last_path, best_path)
+    if state is not None:
+        unwrap(model).load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        order_generator.set_state(state["order_generator"])
+        flip_generator.set_state(state["flip_generator"])
+        history = [EpochRecord(**record) for record in json.loads(state["history"])]
+        best_score, best_epoch, start_epoch = state["best_score"], state["best_epoch"], state["epoch"] + 1
+
+    # -- strategy ---------------------------------------------------------------------------------------
+    ctx = BatchContext(task=task, train=train, split=train_split, targets=train_targets, visible=spec.train_visible,
+                       input_spec=input_spec, device=device, channels_last=on_gpu, teacher=teacher)
+    if spec.strategy == "triplet_kd":
+        assert teacher is not None
+        teacher_embeddings = _teacher_embeddings(teacher, teacher_checkpoint, train_split, task, input_spec, device,
+                                                 cache_dir)
+        strategy: SupervisedStrategy = TripletKDStrategy(
+            ctx, teacher_embeddings,
+            lambda m: _embed(unwrap(m), train_split, task, spec.train_visible, input_spec, device))
+    elif spec.strategy == "standard_kd":
+        strategy = StandardKDStrategy(ctx)
+    else:
+        strategy = SupervisedStrategy(ctx)
+
+    # -- epochs -----------------------------------------------------------------------------------------
+    for epoch in range(start_epoch, train.epochs + 1):
+        started = time.perf_counter()
+        phase = dsd_schedule.phase(epoch - 1) if dsd_schedule else "dense"
+        if dsd is not None:
+            if phase == "sparse":
+                dsd.prune()  # at the sparse phase's start, and refreshed each sparse epoch (spec §15 #7)
+            else:
+                dsd.release()
+        model.train()
+        rows = strategy.epoch_order(epoch, unwrap(model), order_generator)[rank::world]
+        sums, train_outputs, train_rows = _run_epoch(model, strategy, rows, optimizer, train.batch_size, flip_generator,
+                                                     epoch, dsd if phase == "sparse" else None, on_gpu)
+        num_batches = max(1, math.ceil(len(rows) / train.batch_size))
+        loss_terms = {name: value / num_batches for name, value in sums.items()}
+        train_preds = _as_predictions(train_outputs, train_split.labels(task.name)[train_rows], spec.train_visible)
+        val_preds = predict(unwrap(model), val_split, task, spec.train_visible, input_spec, device=device)
+        val_metrics = task_metrics(task, val_preds)
+        score = validation_score(task, val_metrics)
+        if scheduler is not None:
+            scheduler.step(score)
+        is_best = score > best_score
+        if is_best:
+            best_score, best_epoch = score, epoch
+        extra = {**strategy.describe_epoch(), "dsd_sparse": float(phase == "sparse")}
+        record = EpochRecord(epoch=epoch, lr=optimizer.param_groups[0]["lr"], train_loss=sum(loss_terms.values()),
+                             loss_terms=loss_terms, train_metrics=task_metrics(task, train_preds),
+                             val_metrics=val_metrics, val_score=score, is_best=is_best,
+                             seconds=time.perf_counter() - started, extra=extra)
+        history.append(record)
+        if rank == 0:
+            if is_best:
+                save_model_checkpoint(best_path, model, spec.model_spec, stage_spec=spec.to_dict(), epoch=epoch,
+                                      val_score=score)
+            save_model_checkpoint(
+                last_path, model, spec.model_spec, stage_spec=spec.to_dict(), epoch=epoch,
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else {},
+                order_generator=order_generator.get_state(), flip_generator=flip_generator.get_state(),
+                history=json.dumps([asdict(r) for r in history]), best_score=best_score, best_epoch=best_epoch)
+        if on_epoch is not None:
+            on_epoch(record)
+    if world > 1:
+        dist.barrier()
+    return TrainResult(best_checkpoint=best_path, last_checkpoint=last_path, best_epoch=best_epoch,
+                       best_val_score=best_score, history=history)
+
+
+def _read_resume_state(last_path: Path, best_path: Path) -> dict[str, Any] | None:
+    """The last checkpoint of an interrupted attempt, or None to start fresh (also when it is unreadable:
+    files are written atomically, so that means outside damage, and a fresh start is the safe answer)."""
+    if not (last_path.exists() and best_path.exists()):
+        return None
+    try:
+        read_checkpoint(best_path)
+        return read_checkpoint(last_path)
+    except ValueError as err:
+        warnings.warn(f"starting {last_path.parent} afresh: {err}", stacklevel=3)
+        last_path.unlink(missing_ok=True)
+        best_path.unlink(missing_ok=True)
+        return None
+
+
+def _make_optimizer(model: FaceNet, train: TrainSpec) -> torch.optim.Optimizer:
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                               weight_decay=train.weight_decay)
+    # Adam β and ε: PyTorch defaults (0.9, 0.999), 1e-8 (spec §15 #4).
+    return torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+
+
+def _run_epoch(
+    model: torch.nn.Module,
+    strategy: SupervisedStrategy,
+    rows: np.ndarray,
+    optimizer: torch.optim.Optimizer,
+    batch_size: int,
+    flip_generator: torch.Generator,
+    epoch: int,
+    dsd: DSDPruner | None,
+    on_gpu: bool,
+) -> tuple[dict[str, float], torch.Tensor, np.ndarray]:
+    """One pass over ``rows``; returns summed loss terms, the batches' outputs and their rows."""
+    device = strategy.ctx.device
+    window: list[tuple[int, dict[str, torch.Tensor]]] = []
+    sums: dict[str, torch.Tensor] = {}
+    outputs: list[torch.Tensor] = []
+    for batch_index, start in enumerate(range(0, len(rows), batch_size)):
+        batch_rows = rows[start : start + batch_size]
+        flip = random_flips(len(batch_rows), flip_generator, device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            terms, batch_outputs = strategy.loss_terms(model, batch_rows, flip)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if dsd is not None:
+            dsd.apply_masks()
+        detached = {name: value.detach().float() for name, value in terms.items()}
+        for name, value in detached.items():
+            sums[name] = sums.get(name, 0.0) + value
+        outputs.append(batch_outputs.detach().float())
+        # Check finiteness every few batches, not every batch: a per-batch .item() stalls the GPU.
+        window.append((batch_index + 1, detached))
+        if len(window) == 16 or start + batch_size >= len(rows):
+            _check_finite(window, epoch)
+            window.clear()
+    totals = {name: float(value) for name, value in sums.items()}
+    all_outputs = torch.cat(outputs).cpu() if outputs else torch.zeros(0, 1)
+    return totals, all_outputs, rows
+
+
+def _check_finite(window: list[tuple[int, dict[str, torch.Tensor]]], epoch: int) -> None:
+    stacked = torch.stack([torch.stack(list(terms.values())) for _, terms in window])
+    if bool(torch.isfinite(stacked).all()):
+        return
+    for batch, terms in window:
+        values = {name: float(value) for name, value in terms.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            shown = ", ".join(f"{name}={value:.4g}" for name, value in values.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch}, batch {batch}: {shown}. Lower the learning rate, check the "
+                f"data for NaN, or resume from the last checkpoint with a smaller lr")
+
+
+def _as_predictions(outputs: torch.Tensor, targets: np.ndarray, visible: Visibility) -> Predictions:
+    return Predictions(visible=visible, outputs=outputs.numpy(), targets=targets)
+
+
+def _embed(model: FaceNet, split: FaceSplit, task: TaskInfo, visible: Visibility, input_spec: InputSpec,
+           device: torch.device) -> torch.Tensor:
+    """Embeddings [N, D] of a split's faces, model in eval mode (restored after), on the device."""
+    preds = predict(model, split, task, visible, input_spec, device=device, with_embeddings=True)
+    return torch.from_numpy(preds.embeddings).to(device)
+
+
+def _teacher_embeddings(teacher: FaceNet, teacher_checkpoint: Path, split: FaceSplit, task: TaskInfo,
+                        input_spec: InputSpec, device: torch.device, cache_dir: Path | None) -> torch.Tensor:
+    """Teacher embeddings of the FULL training faces, computed once per node and cached on disk."""
+    if cache_dir is None:
+        return _embed(teacher, split, task, "full", input_spec, device)
+    key = hashlib.sha256()
+    key.update(Path(teacher_checkpoint).read_bytes())
+    key.update(f"{len(split)}:{split.images.shape}:{input_spec}".encode())
+    key.update(np.ascontiguousarray(split.images[:: max(1, len(split) // 64)]).tobytes())
+    path = Path(cache_dir) / f"teacher-embeddings-{key.hexdigest()[:20]}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, map_location=device, weights_only=True)
+        except Exception:  # partial or corrupt cache file: recompute below
+            path.unlink(missing_ok=True)
+    embeddings = _embed(teacher, split, task, "full", input_spec, device)
+    atomic_torch_save(embeddings.cpu(), path)
+    return embeddings

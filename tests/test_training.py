@@ -1,0 +1,115 @@
+"""The one training loop: every stage runs, resumes, keeps the teacher frozen, stops on NaN."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from occkd_core.checkpoints import load_model, read_checkpoint
+from occkd_core.evaluation import Predictions, evaluate_conditions, task_metrics
+from occkd_core.preprocess import input_spec_for
+from occkd_core.presets import TrainSpec
+from occkd_core.tasks import get_task
+from occkd_core.training import NonFiniteLossError, StageSpec, train_stage
+
+ADAM = TrainSpec(optimizer="adam", batch_size=32, epochs=2, lr=1e-3)
+
+
+def stage(task: str, strategy: str, visible: str, arch: str = "vggf", **train) -> StageSpec:
+    spec = replace(ADAM, **train)
+    if strategy == "standard_kd":
+        spec = replace(spec, lam=0.5, temperature=4.0)
+    if strategy == "triplet_kd":
+        spec = replace(spec, lam=0.5, margin=0.2, pool_fraction=0.3)
+    return StageSpec(task=task, arch=arch, strategy=strategy, train_visible=visible, input_size=32,
+                     width_mult=0.125, train=spec)
+
+
+@pytest.mark.parametrize("task", ["fer", "age"])
+def test_curriculum_teacher_student_and_both_distillations(tiny_faces, tmp_path: Path, task: str):
+    info = get_task(task)
+    teacher = train_stage(stage(task, "teacher", "full"), tiny_faces, tmp_path / "teacher")
+    assert teacher.best_checkpoint.exists() and len(teacher.history) == 2
+    student = train_stage(stage(task, "student", info.main_visible), tiny_faces, tmp_path / "student",
+                          init_checkpoint=teacher.best_checkpoint)
+    teacher_state = read_checkpoint(teacher.best_checkpoint)["state_dict"]
+    for strategy, terms in (("standard_kd", {"soft", "hard"} if task == "fer" else {"hint", "supervised"}),
+                            ("triplet_kd", {"supervised", "triplet"})):
+        result = train_stage(stage(task, strategy, info.main_visible), tiny_faces, tmp_path / strategy,
+                             init_checkpoint=student.best_checkpoint, teacher_checkpoint=teacher.best_checkpoint,
+                             cache_dir=tmp_path / "cache")
+        assert set(result.history[-1].loss_terms) == terms
+        assert all(np.isfinite(r.train_loss) for r in result.history)
+    if task == "fer":
+        assert result.history[-1].extra["num_triplets"] > 0
+    # The teacher's file is untouched by distillation (it is only read, frozen).
+    after = read_checkpoint(teacher.best_checkpoint)["state_dict"]
+    assert all(torch.equal(teacher_state[k], after[k]) for k in teacher_state)
+    assert list((tmp_path / "cache").glob("teacher-embeddings-*.pt"))
+
+
+def test_student_starts_from_its_teacher(tiny_faces, tmp_path: Path):
+    teacher = train_stage(stage("gender", "teacher", "full", epochs=1), tiny_faces, tmp_path / "t")
+    seen = []
+    # lr so small the weights barely move: the student's first validation equals the teacher's on upper faces.
+    train_stage(stage("gender", "student", "upper", epochs=1, lr=1e-12), tiny_faces, tmp_path / "s",
+                init_checkpoint=teacher.best_checkpoint, on_epoch=seen.append)
+    model, _ = load_model(teacher.best_checkpoint)
+    info = get_task("gender")
+    _, metrics = evaluate_conditions(model, tiny_faces.split("val"), info, input_spec_for("vggf", 32),
+                                     visibles=("upper",))["upper"]
+    assert seen[0].val_metrics["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_interrupted_stage_resumes_from_last_checkpoint(tiny_faces, tmp_path: Path):
+    first = train_stage(stage("fer", "teacher", "full", epochs=1), tiny_faces, tmp_path)
+    epochs_seen = []
+    resumed = train_stage(stage("fer", "teacher", "full", epochs=3), tiny_faces, tmp_path,
+                          on_epoch=lambda r: epochs_seen.append(r.epoch))
+    assert epochs_seen == [2, 3]  # epoch 1 is not trained again
+    assert [r.epoch for r in resumed.history] == [1, 2, 3]
+    assert resumed.history[0] == first.history[0]
+
+
+def test_same_seed_gives_the_same_training(tiny_faces, tmp_path: Path):
+    a = train_stage(stage("fer", "teacher", "full", epochs=1), tiny_faces, tmp_path / "a")
+    b = train_stage(stage("fer", "teacher", "full", epochs=1), tiny_faces, tmp_path / "b")
+    assert a.history[0].train_loss == b.history[0].train_loss
+
+
+def test_non_finite_loss_names_epoch_batch_and_terms(tiny_faces, tmp_path: Path):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch \d+: supervised=(nan|inf)"):
+        train_stage(stage("age", "teacher", "full", epochs=1, lr=1e30, optimizer="sgd"), tiny_faces, tmp_path)
+
+
+def test_dsd_stage_runs_dense_sparse_dense(tiny_faces, tmp_path: Path):
+    result = train_stage(stage("fer", "teacher", "full", epochs=3, dsd=True, optimizer="sgd", lr=1e-2),
+                         tiny_faces, tmp_path)
+    assert [r.extra["dsd_sparse"] for r in result.history] == [0.0, 1.0, 0.0]
+
+
+def test_kd_without_teacher_is_an_error(tiny_faces, tmp_path: Path):
+    with pytest.raises(ValueError, match="needs the teacher"):
+        train_stage(stage("fer", "standard_kd", "lower"), tiny_faces, tmp_path)
+
+
+def test_stage_spec_rejects_a_teacher_on_half_faces():
+    with pytest.raises(ValueError, match="teacher trains on full"):
+        stage("fer", "teacher", "lower")
+    spec = stage("fer", "triplet_kd", "lower")
+    assert StageSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_metrics_known_values():
+    # targets 0,0,0,1 ; predictions 0,0,1,1 -> accuracy 3/4; recalls: class0 2/3, class1 1/1 -> mean 5/6
+    outputs = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
+    preds = Predictions(visible="full", outputs=outputs, targets=np.array([0, 0, 0, 1]))
+    metrics = task_metrics(get_task("gender"), preds)
+    assert metrics["accuracy"] == pytest.approx(75.0)
+    assert metrics["weighted_accuracy"] == pytest.approx(100 * 5 / 6)
+    # ages 10, 20 predicted 13, 15 -> MAE (3 + 5) / 2 = 4
+    ages = Predictions(visible="upper", outputs=np.array([[13.0], [15.0]], dtype=np.float32),
+                       targets=np.array([10.0, 20.0], dtype=np.float32))
+    assert task_metrics(get_task("age"), ages) == {"mae": pytest.approx(4.0)}

@@ -1,0 +1,120 @@
+"""Where a node's outputs live, and how a node is known to be complete.
+
+Layout under the storage path (a shared filesystem on a multi-node cluster: every node reads its
+parents' files from here):
+
+    <storage>/data/<fingerprint>.arrow      prepared data sets (memory-mapped by the workers)
+    <storage>/nodes/<hash>/train/           best.pt, last.pt (an interrupted node resumes from last.pt)
+    <storage>/nodes/<hash>/*.parquet|*.npy  per-sample predictions, embeddings, plots
+    <storage>/nodes/<hash>/result.json      written last, atomically: metrics + SHA-256 of every file
+
+A node is complete when its result.json exists and every file it lists still has its checksum; a
+partial or corrupted file makes the node incomplete, so the next invocation runs it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from occkd_core.checkpoints import file_sha256
+from occkd_core.evaluation import Predictions
+
+RESULT_FILE = "result.json"
+#: Files of a sealed node that MLflow receives as artifacts, per node kind.
+ARTIFACTS = {"train": ["train/best.pt", "predictions.parquet", "test_plot.png"],
+             "fusion": ["predictions.parquet", "test_plot.png"], "significance": ["comparisons.json"]}
+
+
+def node_dir(storage: Path, node_hash: str) -> Path:
+    return Path(storage) / "nodes" / node_hash
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_result(directory: Path, result: dict[str, Any], files: list[str]) -> Path:
+    """Seal a node: record the checksums of ``files`` (relative paths) with its result, atomically."""
+    payload = {**result, "files": {name: file_sha256(directory / name) for name in files}}
+    return atomic_write_bytes(directory / RESULT_FILE, json.dumps(payload, indent=1, default=float).encode())
+
+
+def read_result(directory: Path, verify: bool = True) -> dict[str, Any] | None:
+    """The node's result if it is complete (and, with ``verify``, every file matches), else None."""
+    path = Path(directory) / RESULT_FILE
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if verify:
+        for name, digest in result.get("files", {}).items():
+            file = Path(directory) / name
+            if not file.exists() or file_sha256(file) != digest:
+                return None
+    return result
+
+
+def save_numpy(path: Path, array: np.ndarray) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+    return path
+
+
+def write_predictions(path: Path, rows: list[tuple[str, str, Predictions]]) -> Path:
+    """Per-sample predictions as Parquet: one row per (test set, visibility, sample).
+
+    Columns: test_set, visible, row, target, prediction, correct (classification) or abs_error (age),
+    outputs (the logits, for re-analysis)."""
+    tables = []
+    for test_set, model_name, preds in rows:
+        n = len(preds.targets)
+        columns: dict[str, Any] = {
+            "test_set": pa.array([test_set] * n, pa.string()),
+            "model": pa.array([model_name] * n, pa.string()),
+            "visible": pa.array([preds.visible] * n, pa.string()),
+            "row": pa.array(np.arange(n, dtype=np.int32)),
+            "target": pa.array(preds.targets.astype(np.float64)),
+            "prediction": pa.array(np.asarray(preds.predicted, dtype=np.float64)),
+        }
+        if preds.outputs.shape[1] > 1:
+            columns["correct"] = pa.array(preds.correct)
+            columns["abs_error"] = pa.nulls(n, pa.float64())
+        else:
+            columns["correct"] = pa.nulls(n, pa.bool_())
+            columns["abs_error"] = pa.array(preds.abs_error.astype(np.float64))
+        columns["outputs"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(preds.outputs.astype(np.float32).ravel()), preds.outputs.shape[1])
+        tables.append(pa.table(columns))
+    table = pa.concat_tables(tables) if tables else pa.table({})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_predictions(path: Path, *, test_set: str, visible: str, model: str | None = None) -> pa.Table:
+    """The rows of one test set and visibility (and model, for files holding several), in sample order."""
+    table = pq.read_table(path)
+    mask = np.asarray(table["test_set"].to_numpy(zero_copy_only=False) == test_set) & np.asarray(
+        table["visible"].to_numpy(zero_copy_only=False) == visible)
+    if model is not None:
+        mask &= np.asarray(table["model"].to_numpy(zero_copy_only=False) == model)
+    selected = table.filter(pa.array(mask))
+    if selected.num_rows == 0:
+        raise ValueError(f"{path}: no predictions for test_set={test_set!r}, visible={visible!r}, model={model!r}")
+    return selected.sort_by("row")

@@ -1,0 +1,66 @@
+"""Driver-side Tune callback: MLflow records and the progress view follow the trials."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from grid.artifacts import ARTIFACTS, node_dir, read_result
+from grid.graph import Node, StageGraph
+from grid.progress import Progress
+from grid.tracking import Tracker
+
+
+class GridCallback(tune.Callback):
+    def __init__(self, graph: StageGraph, tracker: Tracker, progress: Progress, storage: Path,
+                 results: dict[str, dict[str, Any]], failed: dict[str, str]) -> None:
+        self.graph, self.tracker, self.progress = graph, tracker, progress
+        self.storage, self.results, self.failed = storage, results, failed
+
+    def _node(self, trial) -> Node:
+        return self.graph.nodes[trial.config["node"]["key"]]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        node = self._node(trial)
+        self.tracker.start_node(node)
+        self.progress.set_state(node.key, "running")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("event") == "epoch":
+            node = self._node(trial)
+            self.tracker.log_epoch(node, result)
+            self.progress.epoch(node.key, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        node = self._node(trial)
+        directory = node_dir(self.storage, node.hash)
+        result = read_result(directory)
+        if result is None:
+            self.failed[node.key] = "the node finished without sealing its outputs"
+            self.tracker.fail_node(node, self.failed[node.key])
+            self.progress.set_state(node.key, "failed")
+            return
+        self.results[node.key] = result
+        self.tracker.finish_node(node, result, directory, ARTIFACTS[node.kind])
+        self.progress.set_state(node.key, "done")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        node = self._node(trial)
+        reason = error_text(trial)
+        self.failed[node.key] = reason
+        self.tracker.fail_node(node, reason)
+        self.progress.set_state(node.key, "failed")
+        for child in self.graph.descendants(node.key):
+            self.progress.set_state(child, "blocked")
+
+
+def error_text(trial) -> str:
+    """The last line of the trial's error (the exception), not Ray's whole traceback."""
+    try:
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError:
+        text = ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "the node's trial errored"

@@ -1,0 +1,208 @@
+"""The stage graph: tasks × architectures × strategies × hyperparameters × seeds, with dependency edges.
+
+Per task × architecture × seed (spec §5): teacher (full faces) → main student and ablation student →
+standard KD and triplet KD, each from the main student, one node per point of the preset's grid →
+fusion (picks the best KD node of each kind by validation). Per task × seed: the significance job,
+whose parents are every fusion node of the task. Every node carries a content hash of its resolved
+spec and its parents' hashes: the key under which its outputs are stored, so a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from occkd_core.presets import Preset, TrainSpec
+from occkd_core.tasks import get_task
+from occkd_core.training import StageSpec
+
+#: Bump when a change to the code makes old outputs invalid (it is part of every node hash).
+GRAPH_VERSION = 1
+
+#: Relative cost of one training image at 224 px and full width (NOTES.md: bare-loop throughput).
+ARCH_COST = {"vggf": 1.0, "vggface": 35.0, "resnet50": 18.0}
+#: Extra work per strategy: KD runs the frozen teacher too; triplet KD also forwards the negatives
+#: and re-embeds the training set for mining each epoch.
+STRATEGY_COST = {"teacher": 1.0, "student": 1.0, "student_ablation": 1.0, "standard_kd": 1.35, "triplet_kd": 2.4}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one node asks Ray for."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    workers: int = 1  # >1: a Ray Train worker group with DDP, each worker with `gpus` GPUs
+
+    def as_dict(self) -> dict[str, float]:
+        return {"cpus": self.cpus, "gpus": self.gpus, "workers": self.workers}
+
+
+@dataclass(frozen=True)
+class Node:
+    key: str  # readable and unique, e.g. "fer/vggface/triplet_kd[margin=0.1]"
+    kind: str  # "train" | "fusion" | "significance"
+    task: str
+    arch: str | None
+    strategy: str  # teacher | student | student_ablation | standard_kd | triplet_kd | fusion | significance
+    train_faces: str  # full | lower | upper | full+lower | full+upper (spec §0 codes)
+    seed: int
+    params: Mapping[str, Any]  # the resolved spec: a StageSpec dict for training nodes
+    parents: tuple[str, ...]
+    resources: Resources
+    cost: float  # estimated relative work, for scheduling priority and the benchmark's cost model
+    hash: str = ""
+    grid_point: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"margin": 0.1}
+
+    @property
+    def run_name(self) -> str:
+        return self.key
+
+
+@dataclass(frozen=True)
+class StageGraph:
+    nodes: Mapping[str, Node]  # key -> node, in topological order
+
+    def children(self, key: str) -> list[str]:
+        return [k for k, n in self.nodes.items() if key in n.parents]
+
+    def descendants(self, key: str) -> set[str]:
+        found: set[str] = set()
+        stack = [key]
+        while stack:
+            for child in self.children(stack.pop()):
+                if child not in found:
+                    found.add(child)
+                    stack.append(child)
+        return found
+
+    def critical_path(self) -> dict[str, float]:
+        """For each node, its cost plus the costliest chain of descendants below it."""
+        below: dict[str, float] = {}
+        for key in reversed(list(self.nodes)):
+            node = self.nodes[key]
+            below[key] = node.cost + max((below[c] for c in self.children(key)), default=0.0)
+        return below
+
+
+def _hash(payload: Mapping[str, Any]) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _grid_suffix(point: Mapping[str, Any]) -> str:
+    return "[" + ",".join(f"{k}={v}" for k, v in point.items()) + "]" if point else ""
+
+
+def _grid_points(specs: list[TrainSpec]) -> list[dict[str, Any]]:
+    """The fields that vary across a stage's grid, per point (empty dicts when there is no grid)."""
+    dicts = [s.to_dict() for s in specs]
+    varying = [k for k in dicts[0] if len({json.dumps(d[k]) for d in dicts}) > 1]
+    return [{k: d[k] for k in varying} for d in dicts]
+
+
+def expand_graph(
+    preset: Preset,
+    tasks: Iterable[str],
+    archs: Iterable[str],
+    *,
+    seeds: int = 1,
+    train_sizes: Mapping[str, int],
+    data_fingerprints: Mapping[str, str],
+    resources: Mapping[str, Resources] | None = None,
+) -> StageGraph:
+    """Expand the grid into nodes in topological order.
+
+    ``train_sizes`` / ``data_fingerprints``: per task, the number of training images (cost model) and
+    a fingerprint of the prepared data (part of every hash). ``resources``: per architecture and for
+    "fusion" / "significance"; defaults come from :func:`default_resources`.
+    """
+    tasks, archs = list(tasks), list(archs)
+    resources = {**default_resources(preset, archs), **(resources or {})}
+    nodes: dict[str, Node] = {}
+
+    def add(node: Node) -> Node:
+        parent_hashes = [nodes[p].hash for p in node.parents]
+        digest = _hash({"version": GRAPH_VERSION, "kind": node.kind, "strategy": node.strategy,
+                        "params": node.params, "parents": parent_hashes, "data": data_fingerprints[node.task]})
+        node = Node(**{**node.__dict__, "hash": digest})
+        if node.key in nodes:
+            raise ValueError(f"duplicate node key {node.key}")
+        nodes[node.key] = node
+        return node
+
+    for seed in range(seeds):
+        seed_suffix = f"/seed{seed}" if seeds > 1 else ""
+        for task in tasks:
+            info = get_task(task)
+            fusion_keys, student_keys = [], []
+            for arch in archs:
+                settings = preset.arch(arch)
+                base = f"{task}/{arch}"
+                per_image = ARCH_COST[arch] * (settings.input_size / 224) ** 2 * settings.width_mult ** 2
+
+                def train_node(strategy: str, stage: str, visible: str, faces: str, parents: tuple[str, ...],
+                               spec: TrainSpec, point: Mapping[str, Any]) -> Node:
+                    stage_spec = StageSpec(task=task, arch=arch, strategy=stage, train_visible=visible,
+                                           input_size=settings.input_size, width_mult=settings.width_mult,
+                                           train=spec, seed=seed)
+                    cost = spec.epochs * train_sizes[task] * per_image * STRATEGY_COST[strategy]
+                    return add(Node(key=f"{base}/{strategy}{_grid_suffix(point)}{seed_suffix}", kind="train",
+                                    task=task, arch=arch, strategy=strategy, train_faces=faces, seed=seed,
+                                    params=stage_spec.to_dict(), parents=parents, resources=resources[arch],
+                                    cost=cost, grid_point=dict(point)))
+
+                teacher = train_node("teacher", "teacher", "full", "full", (), preset.train_spec(task, arch, "teacher"), {})
+                student_spec = preset.train_spec(task, arch, "student")
+                main = train_node("student", "student", info.main_visible, info.main_visible, (teacher.key,),
+                                  student_spec, {})
+                # The ablation student sees the other half and is never distilled (spec §1, §15 #33).
+                train_node("student_ablation", "student", info.ablation_visible, info.ablation_visible,
+                           (teacher.key,), student_spec, {})
+                distilled: list[str] = []
+                for strategy in ("standard_kd", "triplet_kd"):
+                    specs = preset.grid(task, arch, strategy)
+                    for spec, point in zip(specs, _grid_points(specs)):
+                        node = train_node(strategy, strategy, info.main_visible, f"full+{info.main_visible}",
+                                          (teacher.key, main.key), spec, point)
+                        distilled.append(node.key)
+                fusion = add(Node(key=f"{base}/fusion{seed_suffix}", kind="fusion", task=task, arch=arch,
+                                  strategy="fusion", train_faces=f"full+{info.main_visible}", seed=seed,
+                                  params={"Cs": list(preset.fusion_Cs), "visible": info.main_visible,
+                                          "kind": info.kind},
+                                  parents=(main.key, *distilled), resources=resources["fusion"],
+                                  cost=train_sizes[task] * 1e-3))
+                fusion_keys.append(fusion.key)
+                student_keys.append(main.key)
+            add(Node(key=f"{task}/significance{seed_suffix}", kind="significance", task=task, arch=None,
+                     strategy="significance", train_faces="-", seed=seed,
+                     params={"alpha": 0.05, "visible": info.main_visible},
+                     parents=tuple(student_keys + fusion_keys),
+                     resources=resources["significance"], cost=1.0))
+    return StageGraph(nodes=nodes)
+
+
+def default_resources(preset: Preset, archs: Iterable[str]) -> dict[str, Resources]:
+    """Per-architecture resources from the preset's ``resources`` section (CPU-only defaults)."""
+    table = dict(preset.resources)
+    out = {arch: Resources(**table.get(arch, {})) for arch in archs}
+    out["fusion"] = Resources(**table.get("fusion", {}))
+    out["significance"] = Resources(**table.get("significance", {}))
+    return out
+
+
+def describe_graph(graph: StageGraph) -> str:
+    """A readable listing of the graph for ``--dry-run``."""
+    lines = []
+    counts: dict[str, int] = {}
+    for node in graph.nodes.values():
+        counts[node.strategy] = counts.get(node.strategy, 0) + 1
+        res = node.resources
+        gpu = f" gpu={res.gpus:g}" if res.gpus else ""
+        workers = f" workers={res.workers}" if res.workers > 1 else ""
+        parents = ", ".join(node.parents) if node.parents else "-"
+        lines.append(f"{node.key:<52} {node.hash}  cpu={res.cpus:g}{gpu}{workers}  <- {parents}")
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    return "\n".join(lines + [f"{len(graph.nodes)} nodes: {summary}"])

@@ -1,0 +1,165 @@
+"""The grid's report: paper-style tables (Markdown + CSV) with the papers' numbers beside ours.
+
+Per task, one row per model (architecture × teacher / students / distilled students / fusion / the
+single-embedding SVMs of Table 4) and test faces, the mean (± std over seeds) of our metric, the
+journal's number for the same architecture, strategy, training faces and test faces
+(``paper_results.json``, copied from the spec's results file), and the significance verdict against
+the main student. The papers' numbers come from full-size networks on the real data sets: beside a
+reduced run (synthetic faces, small inputs, few epochs) they are a reference, not a target.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from grid.graph import StageGraph
+from occkd_core.tasks import get_task
+
+PAPER_RESULTS = Path(__file__).parent / "paper_results.json"
+PAPER_ARCH = {"vggf": "VGG-f", "vggface": "VGG-face", "resnet50": "ResNet-50"}
+PAPER_STRATEGY = {"teacher": "teacher", "student": "student", "student_ablation": "student",
+                  "standard_kd": "standard_ts", "triplet_kd": "triplet_ts", "fusion": "fusion",
+                  "standard_kd_svm": "standard_ts_svm", "triplet_kd_svm": "triplet_ts_svm"}
+PAPER_DATASET = {("fer", "test"): "FER+", ("fer", "test_affectnet"): "AffectNet",
+                 ("gender", "test"): "UTKFace", ("age", "test"): "UTKFace"}
+ROW_ORDER = ("teacher", "student", "student_ablation", "standard_kd", "triplet_kd", "standard_kd_svm",
+             "triplet_kd_svm", "fusion")
+CSV_COLUMNS = ("task", "arch", "model", "train_faces", "test_set", "test_faces", "metric", "value", "std",
+               "num_seeds", "paper_value", "paper_significant", "pvalue_holm", "verdict")
+
+
+def load_paper_results(path: Path = PAPER_RESULTS) -> dict[tuple, dict[str, Any]]:
+    """Journal records keyed by (dataset, model, strategy, train_faces, test_faces, metric)."""
+    records = json.loads(path.read_text())["records"]
+    out = {}
+    for r in records:
+        if r["source"] == "journal" and (r["table"] != "journal_table4" or r["strategy"].endswith("_svm")):
+            out[(r["dataset"], r["model"], r["strategy"], r["train_faces"], r["test_faces"], r["metric"])] = r
+    return out
+
+
+def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One CSV row per (task, arch, model, test set, test faces, metric), averaged over seeds."""
+    paper = load_paper_results()
+    values: dict[tuple, list[float]] = defaultdict(list)
+    verdicts: dict[tuple, dict[str, Any]] = {}
+    for key, node in graph.nodes.items():
+        result = results.get(key)
+        if result is None:
+            continue
+        if node.kind == "significance":
+            for row in result.get("comparisons", []):
+                verdicts[(node.task, row["arch"], row["model"], row["test_set"], node.seed)] = row
+            continue
+        selected = _selected_keys(graph, results, node.task, node.arch, node.seed)
+        if node.strategy in ("standard_kd", "triplet_kd") and key not in selected:
+            continue  # only the grid point chosen on validation enters the table
+        for metric_key, value in result["metrics"].items():
+            parsed = _parse_metric(metric_key, node.strategy)
+            if parsed is None:
+                continue
+            model, test_set, visible, metric = parsed
+            if metric == "weighted_accuracy" and node.task != "fer":
+                continue  # the papers report weighted accuracy for FER+ only (spec §11)
+            values[(node.task, node.arch, model, node.train_faces, test_set, visible, metric)].append(float(value))
+    rows = []
+    for (task, arch, model, train_faces, test_set, visible, metric), vals in values.items():
+        dataset = PAPER_DATASET.get((task, test_set))
+        record = paper.get((dataset, PAPER_ARCH[arch], PAPER_STRATEGY[model], train_faces, visible, metric))
+        verdict_rows = [v for (t, a, m, ts, _), v in verdicts.items() if (t, a, m, ts) == (task, arch, model, test_set)
+                        and v["visible"] == visible and v["metric"] == ("accuracy" if metric != "mae" else "mae")]
+        rows.append({
+            "task": task, "arch": arch, "model": model, "train_faces": train_faces, "test_set": test_set,
+            "test_faces": visible, "metric": metric, "value": statistics.fmean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else "", "num_seeds": len(vals),
+            "paper_value": record["value"] if record else "",
+            "paper_significant": record.get("significant") if record else "",
+            "pvalue_holm": ";".join(f"{v['pvalue_holm']:.3g}" for v in verdict_rows),
+            "verdict": ";".join(v["verdict"] for v in verdict_rows),
+        })
+    order = {name: i for i, name in enumerate(ROW_ORDER)}
+    rows.sort(key=lambda r: (r["task"], r["test_set"], r["arch"], order.get(r["model"], 99), r["test_faces"], r["metric"]))
+    return rows
+
+
+def _selected_keys(graph: StageGraph, results: Mapping[str, Mapping[str, Any]], task: str, arch: str | None,
+                   seed: int) -> set[str]:
+    for key, node in graph.nodes.items():
+        if node.strategy == "fusion" and (node.task, node.arch, node.seed) == (task, arch, seed) and key in results:
+            return {info["key"] for info in results[key].get("selected", {}).values()}
+    return set()
+
+
+def _parse_metric(name: str, strategy: str) -> tuple[str, str, str, str] | None:
+    """'test_lower_accuracy' -> (strategy, 'test', 'lower', 'accuracy'); fusion files also hold
+    'standard_kd_svm_test_affectnet_lower_accuracy'."""
+    model = strategy
+    for prefix in ("standard_kd_svm_", "triplet_kd_svm_"):
+        if name.startswith(prefix):
+            model, name = prefix[:-1], name[len(prefix):]
+    if not name.startswith("test"):
+        return None
+    for visible in ("full", "lower", "upper"):
+        marker = f"_{visible}_"
+        if marker in name:
+            test_set, metric = name.split(marker, 1)
+            return model, test_set, visible, metric
+    return None
+
+
+def write_report(rows: list[dict[str, Any]], out_dir: Path, *, title: str, setting: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / "report.csv", out_dir / "report.md"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path.write_text(buffer.getvalue())
+    md_path.write_text(render_markdown(rows, title=title, setting=setting))
+    return [md_path, csv_path]
+
+
+def _fmt(value: Any, std: Any = "") -> str:
+    if value == "" or value is None:
+        return "–"
+    text = f"{float(value):.2f}"
+    return text + (f" ± {float(std):.2f}" if std not in ("", None) else "")
+
+
+def render_markdown(rows: Iterable[dict[str, Any]], *, title: str, setting: str) -> str:
+    """One table per task × test set × metric, laid out like the papers' tables: a row per model and
+    training faces, a column per test faces, each cell "ours (paper)"."""
+    rows = list(rows)
+    lines = [f"# {title}", "", setting, "",
+             "Each cell: ours (paper). Paper: the journal's number for the same network, strategy, training "
+             "faces and test faces (full-size networks on the real data sets; † = significant there). "
+             "Verdict: Holm-corrected McNemar (accuracy) or Wilcoxon (age MAE) of the model against the main "
+             "student of its architecture on the students' half, α = 0.05.", ""]
+    tables: dict[tuple[str, str, str], dict[tuple[str, str, str], dict[str, dict[str, Any]]]] = defaultdict(dict)
+    for row in rows:
+        table = tables[(row["task"], row["test_set"], row["metric"])]
+        table.setdefault((row["arch"], row["model"], row["train_faces"]), {})[row["test_faces"]] = row
+    for (task, test_set, metric), table in tables.items():
+        info = get_task(task)
+        lines += [f"## {task} · {test_set} · {metric} (students see the {info.main_visible} half)", "",
+                  "| arch | model | train faces | full | lower | upper | verdict vs student |",
+                  "|---|---|---|---|---|---|---|"]
+        for (arch, model, train_faces), cells in table.items():
+            rendered = []
+            for visible in ("full", "lower", "upper"):
+                cell = cells.get(visible)
+                if cell is None:
+                    rendered.append("")
+                    continue
+                paper = _fmt(cell["paper_value"]) + ("†" if cell["paper_significant"] is True else "")
+                rendered.append(f"{_fmt(cell['value'], cell['std'])} ({paper})")
+            verdict = cells.get(info.main_visible, {}).get("verdict") or "–"
+            lines.append(f"| {arch} | {model} | {train_faces} | " + " | ".join(rendered) + f" | {verdict} |")
+        lines.append("")
+    return "\n".join(lines)

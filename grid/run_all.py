@@ -1,0 +1,196 @@
+"""Run the whole occkd experiment grid: python grid/run_all.py --tasks fer,gender,age
+
+Expands tasks × architectures × strategies × the preset's hyperparameter grid into a stage graph
+(teacher → students → standard/triplet KD → fusion → significance), runs it on Ray (a node starts as
+soon as its parents are done), records every node in MLflow and writes a paper-style report. Rerunning
+the same command skips finished nodes and resumes interrupted ones from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):  # run as a script: make `grid` and `occkd_core` importable from a clone
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from grid.progress import quiet_ray_environment  # noqa: E402
+
+quiet_ray_environment()  # before Ray is imported
+
+from grid.artifacts import ARTIFACTS, node_dir, read_result  # noqa: E402
+from grid.data import prepare_data  # noqa: E402
+from grid.graph import Node, StageGraph, default_resources, describe_graph, expand_graph  # noqa: E402
+from grid.progress import Progress  # noqa: E402
+from grid.report import collect_rows, write_report  # noqa: E402
+from occkd_core.presets import builtin_presets, load_preset  # noqa: E402
+from occkd_core.tasks import ARCHITECTURES, TASKS, check_name, get_task  # noqa: E402
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tasks", required=True,
+                        help=f"comma-separated tasks: {','.join(TASKS)}")
+    parser.add_argument("--archs", default=",".join(ARCHITECTURES),
+                        help="comma-separated architectures")
+    parser.add_argument("--preset", default="smoke",
+                        help=f"built-in preset ({', '.join(builtin_presets())}) or a preset YAML path. "
+                             "smoke runs on the built-in synthetic faces in minutes on a laptop; paper is spec §10")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="directory of prepared data (fer.arrow, utkface.arrow); default: synthetic faces")
+    parser.add_argument("--storage", type=Path, default=Path("occkd_runs"),
+                        help="where nodes write checkpoints, predictions and reports; on a multi-node cluster "
+                             "a shared filesystem path that every node mounts at the same place")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory, "
+                             "so `mlflow ui` opens it; on a cluster the MLflow server, e.g. http://127.0.0.1:5000)")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment name (default: occkd-<preset>)")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join ('auto' on a cluster head); default: start a local Ray")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat every node with seeds 0..N-1")
+    parser.add_argument("--weights", action="append", default=[], metavar="ARCH=PATH",
+                        help="local pre-trained weights a teacher starts from (e.g. vggface=vgg_face.pt); repeatable")
+    parser.add_argument("--max-failures", type=int, default=2,
+                        help="times Tune retries a failed node (it resumes from its last checkpoint)")
+    parser.add_argument("--ray-train", choices=("multi", "always"), default="multi",
+                        help="run training in Ray Train worker groups for multi-worker nodes only, or always")
+    parser.add_argument("--dry-run", action="store_true", help="print the stage graph with resources and exit")
+    args = parser.parse_args(argv)
+    try:
+        args.tasks = [get_task(t.strip()).name for t in args.tasks.split(",") if t.strip()]
+        args.archs = [check_name("architecture", a.strip()) for a in args.archs.split(",") if a.strip()]
+        args.preset_obj = load_preset(args.preset)
+        args.weights = dict(_parse_weight(w) for w in args.weights)
+    except ValueError as err:
+        parser.error(str(err))
+    if not args.tasks or not args.archs:
+        parser.error("--tasks and --archs need at least one name each")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    return args
+
+
+def _parse_weight(text: str) -> tuple[str, str]:
+    arch, _, path = text.partition("=")
+    check_name("architecture", arch)
+    if not Path(path).is_file():
+        raise ValueError(f"--weights {text!r}: no such file {path!r}")
+    return arch, str(Path(path).resolve())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    preset, storage = args.preset_obj, args.storage.resolve()
+    try:
+        prepared = prepare_data(preset, args.tasks, storage, args.data_root, write=not args.dry_run)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    graph = expand_graph(preset, args.tasks, args.archs, seeds=args.seeds,
+                         train_sizes={t: p.num_train for t, p in prepared.items()},
+                         data_fingerprints={t: p.fingerprint for t, p in prepared.items()})
+    if args.dry_run:
+        print(describe_graph(graph))
+        return 0
+    return run_graph(args, graph, prepared, storage)
+
+
+def run_graph(args: argparse.Namespace, graph: StageGraph, prepared: dict, storage: Path) -> int:
+    import ray
+    from ray import tune
+
+    from grid.callbacks import GridCallback
+    from grid.scheduler import (
+        DependencySearcher, RunSettings, fit_resources, max_concurrency, run_node_trial, trial_resources,
+    )
+    from grid.tracking import Tracker, default_tracking_uri
+
+    preset = args.preset_obj
+    started = time.monotonic()
+    tracking_uri = args.tracking_uri or default_tracking_uri(Path.cwd())
+    try:
+        tracker = Tracker(tracking_uri, args.experiment or f"occkd-{preset.name}",
+                          run_name=f"grid {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                          params={"tasks": ",".join(args.tasks), "archs": ",".join(args.archs), "preset": preset.name,
+                                  "seeds": args.seeds, "data_root": str(args.data_root or "synthetic"),
+                                  "storage": str(storage)})
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if tracker.closed_stale:
+        print(f"closed {tracker.closed_stale} MLflow run(s) left RUNNING by an interrupted invocation as FAILED")
+
+    # -- what is already done ----------------------------------------------------------------------
+    results: dict[str, dict[str, Any]] = {}
+    recorded = tracker.finished_hashes()
+    for key, node in graph.nodes.items():
+        result = read_result(node_dir(storage, node.hash))
+        if result is not None:
+            results[key] = result
+            if node.hash not in recorded:  # finished on disk but never recorded (driver killed at the end)
+                tracker.finish_node(node, result, node_dir(storage, node.hash), ARTIFACTS[node.kind])
+    to_run = [k for k in graph.nodes if k not in results]
+    progress = Progress(graph, skipped=set(results))
+    print(f"{len(graph.nodes)} nodes: {len(results)} already complete, {len(to_run)} to run "
+          f"(storage {storage}, MLflow {tracking_uri})")
+
+    failed: dict[str, str] = {}
+    blocked: dict[str, str] = {}
+    if to_run:
+        ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", configure_logging=True)
+        cluster = ray.cluster_resources()
+        largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+        wanted = default_resources(preset, args.archs)
+        resources = {k: fit_resources(wanted[n.arch] if n.kind == "train" else wanted[n.kind], cluster, largest)
+                     for k, n in graph.nodes.items()}
+        graph = StageGraph(nodes={k: Node(**{**n.__dict__, "resources": resources[k]}) for k, n in graph.nodes.items()})
+        concurrency = max_concurrency([resources[k] for k in to_run], cluster)
+        settings = RunSettings(storage=str(storage), data_paths={t: str(p.path) for t, p in prepared.items()},
+                               weights=args.weights, ray_train=args.ray_train,
+                               fault_injection=getattr(args, "fault_injection", None))
+        searcher = DependencySearcher(graph, to_run, set(results), settings, resources)
+        callback = GridCallback(graph, tracker, progress, storage, results, failed)
+        tuner = tune.Tuner(
+            tune.with_resources(run_node_trial, resources=trial_resources),
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(to_run),
+                                        max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=f"grid-{int(time.time())}", storage_path=str(storage / "ray_results"),
+                                      failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                      callbacks=[callback], verbose=0),
+        )
+        print(f"running on Ray: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs, "
+              f"up to {concurrency} nodes at once")
+        logging.getLogger("ray").setLevel(logging.CRITICAL)  # failures are summarised below, once
+        tuner.fit()
+        blocked = dict(searcher.blocked)
+        for key, reason in searcher.failed.items():
+            failed.setdefault(key, reason)
+        ray.shutdown()
+
+    # -- report -------------------------------------------------------------------------------------------
+    rows = collect_rows(graph, results)
+    report_dir = storage / "reports" / (args.experiment or f"occkd-{preset.name}")
+    setting = (f"Preset `{preset.name}`: {preset.description} Data: "
+               f"{args.data_root or 'built-in synthetic faces'}. Seeds: {args.seeds}.")
+    paths = write_report(rows, report_dir, title="occkd report", setting=setting)
+    status = "FAILED" if failed or blocked else "FINISHED"
+    tracker.finish(status, artifacts=paths)
+    print(progress.summary_line())
+    print(f"report: {paths[0]}  (CSV: {paths[1]}); {time.monotonic() - started:.0f} s")
+    if failed or blocked:
+        print(f"\n{len(failed)} node(s) failed, {len(blocked)} blocked:", file=sys.stderr)
+        for key, reason in failed.items():
+            print(f"  FAILED  {key}: {reason}", file=sys.stderr)
+        for key, parent in blocked.items():
+            print(f"  BLOCKED {key}: parent {parent} failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Running the stage graph on Ray: one Tune experiment whose searcher releases a node when its parents
+are done, so there is no barrier between stages.
+
+- :class:`DependencySearcher` suggests the ready node with the longest remaining chain of work below
+  it (critical-path priority), returns ``None`` while nothing is ready, and blocks the descendants of
+  a node that failed for good.
+- :func:`run_node_trial` is the Tune trainable. A one-worker node trains inside the trial process,
+  which already holds the node's CPUs/GPU; a node asking for several workers (or every training node
+  with ``ray_train="always"``) runs its loop in a Ray Train ``TorchTrainer`` worker group with DDP.
+  (On a small machine a Train worker group costs 18-30 s to start, more than a smoke node trains.)
+- :func:`max_concurrency` sizes concurrency from the cluster so trial drivers never starve workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from ray import tune
+from ray.tune.search import Searcher
+
+from grid.artifacts import node_dir
+from grid.graph import Resources, StageGraph
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every trial needs besides its node (travels in the trial config)."""
+
+    storage: str  # absolute path visible from every Ray node
+    data_paths: Mapping[str, str]  # task -> prepared Arrow store
+    weights: Mapping[str, str]  # arch -> local pretrained weights file (teachers start from them)
+    ray_train: str = "multi"  # "multi": Train worker groups only for multi-worker nodes; "always"
+    fault_injection: Mapping[str, Any] | None = None  # tests only: {"node": key, "times": n}
+
+
+class DependencySearcher(Searcher):
+    """Suggests nodes whose parents are all done; a node that errors blocks its descendants."""
+
+    def __init__(self, graph: StageGraph, to_run: list[str], done: set[str], settings: RunSettings,
+                 resources: Mapping[str, Resources]) -> None:
+        super().__init__(metric=None, mode=None)
+        self.graph, self.settings, self.resources = graph, settings, resources
+        self.pending = list(to_run)
+        self.done = set(done)
+        self.running: dict[str, str] = {}  # trial_id -> node key
+        self.failed: dict[str, str] = {}  # node key -> reason
+        self.blocked: dict[str, str] = {}  # node key -> failed ancestor
+        priority = graph.critical_path()
+        self.pending.sort(key=lambda k: -priority[k])
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        for key in self.pending:
+            if all(p in self.done for p in self.graph.nodes[key].parents):
+                self.pending.remove(key)
+                self.running[trial_id] = key
+                return self._config(key)
+        if not self.pending or (not self.running and self.pending):
+            return Searcher.FINISHED
+        return None  # something is running; its completion may release more nodes
+
+    def _config(self, key: str) -> dict[str, Any]:
+        node = self.graph.nodes[key]
+        return {
+            "node": {**node.__dict__, "resources": self.resources[key].as_dict(), "params": dict(node.params)},
+            "parent_dirs": {p: str(node_dir(Path(self.settings.storage), self.graph.nodes[p].hash))
+                            for p in node.parents},
+            "settings": self.settings.__dict__,
+        }
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        key = self.running.pop(trial_id, None)
+        if key is None:
+            return
+        if error:
+            self.failed[key] = "trial errored"
+            for child in self.graph.descendants(key):
+                if child in self.pending:
+                    self.pending.remove(child)
+                    self.blocked[child] = key
+        else:
+            self.done.add(key)
+
+
+def trial_resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
+    """A one-worker node holds its CPUs/GPU in the trial itself; a Train node's trial holds a sliver of
+    CPU and its TorchTrainer asks for the workers (NOTES.md: give trial drivers a tiny share)."""
+    res = config["node"]["resources"]
+    if _uses_train(config):
+        return tune.PlacementGroupFactory([{"CPU": 0.01}])
+    bundle = {"CPU": float(res["cpus"])}
+    if res["gpus"]:
+        bundle["GPU"] = float(res["gpus"])
+    return tune.PlacementGroupFactory([bundle])
+
+
+def _uses_train(config: dict[str, Any]) -> bool:
+    node = config["node"]
+    return node["kind"] == "train" and (node["resources"]["workers"] > 1 or config["settings"]["ray_train"] == "always")
+
+
+def fit_resources(wanted: Resources, cluster: Mapping[str, float], largest_node_cpus: float) -> Resources:
+    """Clamp a request to what the cluster has: no GPUs -> CPU training; never more CPUs than one node."""
+    gpus = wanted.gpus if cluster.get("GPU", 0) > 0 else 0.0
+    cpus = max(0.5, min(wanted.cpus, largest_node_cpus))
+    return Resources(cpus=cpus, gpus=gpus, workers=wanted.workers)
+
+
+def max_concurrency(resources: list[Resources], cluster: Mapping[str, float]) -> int:
+    """How many nodes can hold their resources at once, counted with the smallest request, so trial
+    drivers never wait on workers that cannot be placed."""
+    total_cpu, total_gpu = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
+    limits = [math.floor(total_cpu / max(min(r.cpus * r.workers for r in resources), 1e-9))]
+    gpu_requests = [r.gpus * r.workers for r in resources if r.gpus > 0]
+    if gpu_requests and total_gpu > 0:
+        # GPU nodes and CPU-only nodes (fusion, statistics) run side by side.
+        limits = [limits[0] + math.floor(total_gpu / min(gpu_requests))]
+    return max(1, min(limits[0], len(resources)))
+
+
+def run_node_trial(config: dict[str, Any]) -> None:
+    """Tune trainable: run one node and report its epochs; the sealed result stays on storage."""
+    import torch
+
+    from grid import nodes
+
+    node, settings = config["node"], config["settings"]
+    storage = Path(settings["storage"])
+    parent_dirs = {k: Path(v) for k, v in config["parent_dirs"].items()}
+    data_path = Path(settings["data_paths"][node["task"]])
+    _maybe_inject_fault(node, settings, storage)
+    if node["kind"] == "train" and _uses_train(config):
+        _run_with_torch_trainer(config)
+    elif node["kind"] == "train":
+        torch.set_num_threads(max(1, int(node["resources"]["cpus"])))
+        import ray
+
+        device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+        weights = settings["weights"].get(node["arch"]) if node["strategy"] == "teacher" else None
+        nodes.run_train_node(node, storage, data_path, parent_dirs, device=device, report=tune.report,
+                             pretrained=Path(weights) if weights else None)
+    elif node["kind"] == "fusion":
+        torch.set_num_threads(max(1, int(node["resources"]["cpus"])))
+        nodes.run_fusion_node(node, storage, data_path, parent_dirs)
+    else:
+        nodes.run_significance_node(node, storage, data_path, parent_dirs)
+    tune.report({"event": "done"})
+
+
+def _train_worker_loop(config: dict[str, Any]) -> None:
+    """Body of each Ray Train worker: the same node code, DDP set up by TorchTrainer."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from grid import nodes
+
+    node, settings = config["node"], config["settings"]
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, int(node["resources"]["cpus"])))
+    weights = settings["weights"].get(node["arch"]) if node["strategy"] == "teacher" else None
+    nodes.run_train_node(node, Path(settings["storage"]), Path(settings["data_paths"][node["task"]]),
+                         {k: Path(v) for k, v in config["parent_dirs"].items()},
+                         device=ray.train.torch.get_device(), report=ray.train.report,
+                         pretrained=Path(weights) if weights else None,
+                         is_writer=context.get_world_rank() == 0)
+
+
+def _run_with_torch_trainer(config: dict[str, Any]) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    res = config["node"]["resources"]
+    per_worker = {"CPU": float(res["cpus"])}
+    if res["gpus"]:
+        per_worker["GPU"] = float(res["gpus"])
+    trainer = TorchTrainer(
+        _train_worker_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=int(res["workers"]), use_gpu=bool(res["gpus"]),
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(name=f"train-{config['node']['hash']}",
+                             storage_path=str(Path(config["settings"]["storage"]) / "ray_train"),
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def _maybe_inject_fault(node: Mapping[str, Any], settings: Mapping[str, Any], storage: Path) -> None:
+    """Tests only: fail this node's first ``times`` attempts, counted in a file on storage."""
+    fault = settings.get("fault_injection")
+    if not fault or fault.get("node") != node["key"]:
+        return
+    counter = storage / "fault_injection" / f"{node['hash']}.json"
+    counter.parent.mkdir(parents=True, exist_ok=True)
+    attempts = json.loads(counter.read_text())["attempts"] if counter.exists() else 0
+    counter.write_text(json.dumps({"attempts": attempts + 1}))
+    if attempts < int(fault.get("times", 1)):
+        raise RuntimeError(f"injected fault in {node['key']} (attempt {attempts + 1})")

@@ -1,0 +1,155 @@
+"""MLflow records of a grid invocation. Only the driver talks to MLflow (NOTES.md: concurrent trials
+logging the same params collide).
+
+One experiment per grid; one parent run per invocation; one child run per node, named like
+``fer/vggface/triplet_kd``, tagged ``occkd.task/arch/strategy/train_faces/node`` (the node's content
+hash) and the git SHA, with the resolved spec as params, per-epoch metrics, final metrics per test
+condition and the node's files as artifacts. A node already recorded as FINISHED is never recorded
+again, and runs that a killed invocation left RUNNING are closed as FAILED on the next start.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from grid.graph import Node
+
+PARENT_TAG = "mlflow.parentRunId"
+#: Keys Tune adds to every reported result; they are bookkeeping, not the node's metrics.
+TUNE_KEYS = {"timestamp", "pid", "time_this_iter_s", "time_total_s", "time_since_restore", "iterations_since_restore",
+             "training_iteration", "done", "date", "hostname", "node_ip", "trial_id", "experiment_tag",
+             "checkpoint_dir_name", "config", "event", "epoch"}
+MAX_PARAM_LENGTH = 6000
+
+
+def git_sha(repo: Path | None = None) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).parent, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return out
+    return {prefix: value}
+
+
+class Tracker:
+    """Wraps an MlflowClient for one grid invocation."""
+
+    def __init__(self, tracking_uri: str, experiment: str, *, run_name: str, params: Mapping[str, Any]) -> None:
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        except Exception as err:  # unreachable server, unwritable store: say which URI
+            raise RuntimeError(f"cannot reach the MLflow tracking store {tracking_uri!r}: {err}") from None
+        self.sha = git_sha()
+        self.closed_stale = self._close_stale_runs()
+        self.parent = self.client.create_run(self.experiment_id, run_name=run_name,
+                                             tags={"occkd.kind": "grid", "mlflow.source.git.commit": self.sha})
+        self._log_params(self.parent.info.run_id, params)
+        self.node_runs: dict[str, str] = {}  # node key -> run id of this invocation
+
+    def _close_stale_runs(self) -> int:
+        """Runs left RUNNING by a killed invocation end as FAILED (their nodes re-run or resume)."""
+        stale = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                        max_results=5000)
+        for run in stale:
+            self.client.set_tag(run.info.run_id, "occkd.closed_reason", "driver stopped before the node finished")
+            self.client.set_terminated(run.info.run_id, status="FAILED")
+        return len(stale)
+
+    def finished_hashes(self) -> set[str]:
+        runs = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                       max_results=50000)
+        return {r.data.tags["occkd.node"] for r in runs if "occkd.node" in r.data.tags}
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        flat = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten("", params).items()]
+        for start in range(0, len(flat), 100):
+            self.client.log_batch(run_id, params=flat[start : start + 100])
+
+    def start_node(self, node: Node) -> str:
+        """The node's run in this invocation: created once, reused when Tune retries the node."""
+        if node.key in self.node_runs:
+            return self.node_runs[node.key]
+        tags = {PARENT_TAG: self.parent.info.run_id, "occkd.task": node.task, "occkd.arch": node.arch or "-",
+                "occkd.strategy": node.strategy, "occkd.train_faces": node.train_faces, "occkd.node": node.hash,
+                "occkd.seed": str(node.seed), "mlflow.source.git.commit": self.sha}
+        run = self.client.create_run(self.experiment_id, run_name=node.run_name, tags=tags)
+        self._supersede(node, run.info.run_id)
+        self._log_params(run.info.run_id, {"spec": node.params, "grid_point": node.grid_point,
+                                           "resources": node.resources.as_dict(), "parents": ",".join(node.parents)})
+        self.node_runs[node.key] = run.info.run_id
+        return run.info.run_id
+
+    def _supersede(self, node: Node, new_run_id: str) -> None:
+        """A node that runs again (its stored outputs were damaged) keeps one FINISHED run: the older
+        ones end as KILLED, pointing at the new run."""
+        older = self.client.search_runs([self.experiment_id], max_results=100,
+                                        filter_string=f"tags.`occkd.node` = '{node.hash}' and attributes.status = 'FINISHED'")
+        for run in older:
+            self.client.set_tag(run.info.run_id, "occkd.superseded_by", new_run_id)
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+
+    def log_epoch(self, node: Node, metrics: Mapping[str, Any]) -> None:
+        run_id = self.node_runs.get(node.key)
+        if run_id is None:
+            return
+        step = int(metrics.get("epoch", 0))
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in TUNE_KEYS]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def finish_node(self, node: Node, result: Mapping[str, Any], directory: Path, artifacts: Iterable[str]) -> None:
+        run_id = self.node_runs.get(node.key) or self.start_node(node)
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in result.get("metrics", {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for start in range(0, len(metrics), 500):
+            self.client.log_batch(run_id, metrics=metrics[start : start + 500])
+        for comparison in result.get("comparisons", []):
+            self._log_comparison(run_id, comparison)
+        for name in artifacts:
+            path = directory / name
+            if path.exists():
+                self.client.log_artifact(run_id, str(path), artifact_path=str(Path(name).parent) if "/" in name else None)
+        self.client.log_artifact(run_id, str(directory / "result.json"))
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def _log_comparison(self, run_id: str, row: Mapping[str, Any]) -> None:
+        name = f"{row['arch']}.{row['model']}.{row['test_set']}"
+        self.client.log_metric(run_id, f"pvalue.{name}", float(row["pvalue"]))
+        self.client.log_metric(run_id, f"pvalue_holm.{name}", float(row["pvalue_holm"]))
+        self.client.set_tag(run_id, f"verdict.{name}", row["verdict"])
+
+    def fail_node(self, node: Node, reason: str) -> None:
+        run_id = self.node_runs.get(node.key) or self.start_node(node)
+        self.client.set_tag(run_id, "occkd.error", reason[:5000])
+        self.client.set_terminated(run_id, status="FAILED")
+
+    def finish(self, status: str, artifacts: Iterable[Path] = ()) -> None:
+        for path in artifacts:
+            self.client.log_artifact(self.parent.info.run_id, str(path))
+        self.client.set_terminated(self.parent.info.run_id, status=status)
+
+
+def default_tracking_uri(workdir: Path) -> str:
+    """A SQLite store in the working directory, so ``mlflow ui`` opens it (NOTES.md: the default since 3.7)."""
+    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+

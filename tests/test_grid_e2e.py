@@ -1,0 +1,130 @@
+"""The grid end to end on a real local Ray and a real MLflow SQLite store (no mocks of either)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+# The smoke preset cut down further so that one task × one architecture runs in well under a minute.
+TINY = {
+    "name": "tiny", "description": "test preset: 240 synthetic faces, one epoch per stage",
+    "data": {"source": "synthetic", "num_faces": 240, "image_size": 32, "seed": 1},
+    "models": {a: {"input_size": 32, "width_mult": 0.125} for a in ("vggf", "vggface", "resnet50")},
+    "fusion": {"Cs": [0.1, 1.0]},
+    "stage_defaults": {
+        "teacher": {"optimizer": "adam", "batch_size": 32, "epochs": 2, "lr": 3e-3},
+        "student": {"optimizer": "adam", "batch_size": 32, "epochs": 1, "lr": 1e-3},
+        "standard_kd": {"optimizer": "adam", "batch_size": 32, "epochs": 1, "lr": 1e-3, "lam": 0.5},
+        "triplet_kd": {"optimizer": "adam", "batch_size": 32, "epochs": 1, "lr": 1e-3, "lam": 0.5,
+                       "margin": [0.1, 0.3], "pool_fraction": 0.3},
+    },
+    "stages": {t: {a: {} for a in ("vggf", "vggface", "resnet50")} for t in ("fer", "gender", "age")},
+    "resources": {a: {"cpus": 1} for a in ("vggf", "vggface", "resnet50", "fusion", "significance")},
+}
+
+
+def run_grid(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "gender", "--archs", "vggf",
+         "--preset", str(workdir / "tiny.yaml"), *extra],
+        cwd=workdir, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("grid")
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    first = run_grid(workdir)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return workdir, first
+
+
+def finished_runs(workdir: Path):
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("occkd-tiny")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return client, [r for r in runs if r.info.status == "FINISHED"], runs
+
+
+def test_mlflow_holds_a_finished_run_per_node_with_tags_metrics_and_artifacts(grid_run):
+    workdir, _ = grid_run
+    client, finished, runs = finished_runs(workdir)
+    nodes = {r.info.run_name: r for r in finished if "occkd.node" in r.data.tags}
+    assert set(nodes) == {"gender/vggf/teacher", "gender/vggf/student", "gender/vggf/student_ablation",
+                          "gender/vggf/standard_kd", "gender/vggf/triplet_kd[margin=0.1]",
+                          "gender/vggf/triplet_kd[margin=0.3]", "gender/vggf/fusion", "gender/significance"}
+    assert all(r.info.status != "RUNNING" for r in runs)
+    parents = [r for r in finished if r.data.tags.get("occkd.kind") == "grid"]
+    assert len(parents) == 1
+    triplet = nodes["gender/vggf/triplet_kd[margin=0.3]"]
+    tags = triplet.data.tags
+    assert (tags["occkd.task"], tags["occkd.arch"], tags["occkd.strategy"], tags["occkd.train_faces"]) == \
+        ("gender", "vggf", "triplet_kd", "full+upper")
+    assert tags["mlflow.parentRunId"] == parents[0].info.run_id and len(tags["mlflow.source.git.commit"]) >= 7
+    assert triplet.data.params["spec.train.margin"] == "0.3"
+    for name in ("test_full_accuracy", "test_lower_accuracy", "test_upper_accuracy", "val_score"):
+        assert name in triplet.data.metrics
+    assert [m.step for m in client.get_metric_history(triplet.info.run_id, "train_loss")] == [1]
+    assert {"predictions.parquet", "test_plot.png", "result.json", "train"} <= \
+        {a.path for a in client.list_artifacts(triplet.info.run_id)}
+    assert "test_upper_accuracy" in nodes["gender/vggf/fusion"].data.metrics
+    significance = nodes["gender/significance"]
+    assert any(k.startswith("pvalue_holm.vggf.fusion") for k in significance.data.metrics)
+    assert significance.data.tags["verdict.vggf.fusion.test"] in ("better", "worse", "no significant difference")
+
+
+def test_outputs_on_storage_and_the_report(grid_run):
+    workdir, first = grid_run
+    storage = workdir / "occkd_runs"
+    predictions = [pq.read_table(p) for p in storage.glob("nodes/*/predictions.parquet")]
+    assert len(predictions) == 7  # six training nodes and the fusion node
+    teacher = next(t for t in predictions if "teacher" in set(t["model"].to_pylist()))
+    assert set(teacher["visible"].to_pylist()) == {"full", "lower", "upper"}
+    assert teacher.num_rows == 3 * 48  # 20 % of 240 faces, under three visibilities
+    report = (storage / "reports" / "occkd-tiny" / "report.md").read_text()
+    assert "| vggf | fusion | full+upper |" in report and "(89.82†)" in report  # the journal's number beside ours
+    comparisons = json.loads(next(storage.glob("nodes/*/comparisons.json")).read_text())
+    assert {c["model"] for c in comparisons} == {"standard_kd", "triplet_kd", "fusion"}
+    assert all(0.0 <= c["pvalue_holm"] <= 1.0 and c["test"] == "mcnemar" for c in comparisons)
+    assert "teacher 1/1" in first.stdout and "report:" in first.stdout
+
+
+def test_second_invocation_trains_nothing(grid_run):
+    workdir, _ = grid_run
+    _, before, _ = finished_runs(workdir)
+    again = run_grid(workdir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "8 nodes: 8 already complete, 0 to run" in again.stdout
+    _, after, _ = finished_runs(workdir)
+    node_runs = lambda runs: sorted(r.info.run_id for r in runs if "occkd.node" in r.data.tags)  # noqa: E731
+    assert node_runs(after) == node_runs(before)  # no node recorded twice
+
+
+def test_a_node_with_a_corrupted_file_reruns_in_a_ray_train_worker_group(grid_run):
+    """A damaged checkpoint fails its checksum: the node (only it) runs again, here through TorchTrainer."""
+    workdir, _ = grid_run
+    storage = workdir / "occkd_runs"
+    teacher_dir = next(d for d in storage.glob("nodes/*") if json.loads((d / "result.json").read_text())
+                       .get("strategy") == "teacher")
+    best = teacher_dir / "train" / "best.pt"
+    best.write_bytes(best.read_bytes()[:100])  # truncated: the checksum in result.json no longer matches
+    rerun = run_grid(workdir, "--ray-train", "always")
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "7 already complete, 1 to run" in rerun.stdout
+    assert (storage / "ray_train").exists()  # the Train run's own storage: it went through a worker group
+    result = json.loads((teacher_dir / "result.json").read_text())
+    assert result["epochs_run"] == 2  # retrained from scratch, not resumed from damaged files
+    client, finished, runs = finished_runs(workdir)
+    teachers = [r for r in runs if r.info.run_name == "gender/vggf/teacher"]
+    assert sorted(r.info.status for r in teachers) == ["FINISHED", "KILLED"]  # one FINISHED run per node
+    old = next(r for r in teachers if r.info.status == "KILLED")
+    assert old.data.tags["occkd.superseded_by"] == next(r for r in teachers if r.info.status == "FINISHED").info.run_id

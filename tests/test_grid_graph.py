@@ -1,0 +1,133 @@
+"""The stage graph, resource sizing, --dry-run and cluster.yaml, without starting Ray."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grid.graph import Resources, expand_graph
+from grid.scheduler import fit_resources, max_concurrency
+from occkd_core.presets import load_preset
+from occkd_core.tasks import ARCHITECTURES, TASKS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def full_graph(preset_name: str):
+    preset = load_preset(preset_name)
+    return expand_graph(preset, TASKS, ARCHITECTURES, train_sizes={t: 1000 for t in TASKS},
+                        data_fingerprints={t: "data" for t in TASKS})
+
+
+@pytest.mark.parametrize("preset_name, margins", [("smoke", 2), ("paper", 6)])
+def test_node_counts_for_all_tasks_and_architectures(preset_name, margins):
+    graph = full_graph(preset_name)
+    counts = {}
+    for node in graph.nodes.values():
+        counts[node.strategy] = counts.get(node.strategy, 0) + 1
+    cells = len(TASKS) * len(ARCHITECTURES)  # 9 task × architecture cells
+    assert counts == {"teacher": cells, "student": cells, "student_ablation": cells, "standard_kd": cells,
+                      "triplet_kd": cells * margins, "fusion": cells, "significance": len(TASKS)}
+
+
+def test_edges_follow_the_curriculum():
+    graph = full_graph("paper")
+    n = graph.nodes
+    assert n["fer/vggf/teacher"].parents == ()
+    assert n["fer/vggf/student"].parents == ("fer/vggf/teacher",)
+    assert n["fer/vggf/student"].train_faces == "lower" and n["gender/vggf/student"].train_faces == "upper"
+    assert n["fer/vggf/student_ablation"].train_faces == "upper"
+    assert n["fer/vggf/standard_kd"].parents == ("fer/vggf/teacher", "fer/vggf/student")
+    assert n["fer/vggf/triplet_kd[margin=0.3]"].params["train"]["margin"] == 0.3
+    fusion = n["age/resnet50/fusion"]
+    assert set(fusion.parents) == {"age/resnet50/student", "age/resnet50/standard_kd",
+                                   *(f"age/resnet50/triplet_kd[margin={m}]" for m in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5))}
+    assert set(n["gender/significance"].parents) == {f"gender/{a}/{s}" for a in ARCHITECTURES
+                                                     for s in ("student", "fusion")}
+    # Topological order: every parent comes before its child.
+    order = list(n)
+    assert all(order.index(p) < order.index(k) for k, node in n.items() for p in node.parents)
+
+
+def test_hashes_change_with_a_parent_and_not_otherwise():
+    a, b = full_graph("smoke"), full_graph("smoke")
+    assert {k: v.hash for k, v in a.nodes.items()} == {k: v.hash for k, v in b.nodes.items()}
+    preset = load_preset("smoke")
+    changed = expand_graph(_teacher_epochs(preset, 9),
+                           ["fer"], ["vggf"], train_sizes={"fer": 1000}, data_fingerprints={"fer": "data"})
+    base = expand_graph(preset, ["fer"], ["vggf"], train_sizes={"fer": 1000}, data_fingerprints={"fer": "data"})
+    for key in base.nodes:  # the teacher changed: so does everything below it
+        assert changed.nodes[key].hash != base.nodes[key].hash
+    other_data = expand_graph(preset, ["fer"], ["vggf"], train_sizes={"fer": 1000}, data_fingerprints={"fer": "x"})
+    assert other_data.nodes["fer/vggf/teacher"].hash != base.nodes["fer/vggf/teacher"].hash
+
+
+def _teacher_epochs(preset, epochs):
+    from dataclasses import replace
+
+    stages = dict(preset.stages)
+    for key in [k for k in stages if k[2] == "teacher"]:
+        stages[key] = {**stages[key], "epochs": epochs}
+    return replace(preset, stages=stages)
+
+
+def test_resources_fit_the_cluster_and_size_concurrency():
+    paper = load_preset("paper")
+    assert paper.resources["resnet50"] == {"cpus": 8, "gpus": 1}
+    # A CPU-only 2-core machine: GPU requests dropped, CPUs clamped to the largest node.
+    fitted = fit_resources(Resources(cpus=8, gpus=1), {"CPU": 2.0}, largest_node_cpus=2.0)
+    assert fitted == Resources(cpus=2.0, gpus=0.0)
+    assert max_concurrency([Resources(cpus=1)] * 10, {"CPU": 2.0}) == 2
+    assert max_concurrency([Resources(cpus=2)] * 10, {"CPU": 2.0}) == 1
+    # 4 nodes × 8 GPUs: half-GPU VGG-f nodes pack 64 at once, plus CPU-only nodes beside them.
+    cluster = {"CPU": 4 * 96.0, "GPU": 32.0}
+    assert max_concurrency([Resources(cpus=4, gpus=0.5)] * 200, cluster) == 96 + 64
+
+
+def test_dry_run_prints_the_graph_and_starts_nothing(tmp_path: Path):
+    out = subprocess.run([sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "fer,gender,age",
+                          "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "66 nodes: 9 teacher, 9 student, 9 student_ablation, 9 standard_kd, 18 triplet_kd, 9 fusion, " \
+           "3 significance" in out.stdout
+    assert "fer/vggface/triplet_kd[margin=0.3]" in out.stdout and "cpu=1" in out.stdout
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "occkd_runs").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "fer,emotion"], "unknown task 'emotion'; valid names: age, fer, gender"),
+    (["--tasks", "fer", "--archs", "vgg19"], "unknown architecture 'vgg19'"),
+    (["--tasks", "fer", "--preset", "huge"], "unknown preset 'huge'"),
+    (["--tasks", "fer", "--preset", "paper"], "trains on real data: pass --data-root"),
+    (["--tasks", "fer", "--data-root", "/nonexistent/dir"], "is not a readable directory"),
+])
+def test_bad_command_lines_fail_with_one_clear_line(tmp_path: Path, monkeypatch, capsys, args, message):
+    from grid.run_all import main
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main([*args, "--dry-run"])
+    except SystemExit as stop:  # argparse's usage errors
+        code = stop.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "occkd_runs").exists()
+
+
+def test_cluster_yaml_validates_against_rays_own_schema():
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "mlflow server --host 127.0.0.1" in start
+    assert config["available_node_types"]["gpu_worker"]["max_workers"] >= 1
+    assert "pip install -e ~/occkd" in " ".join(config["setup_commands"])
+    text = (REPO / "cluster.yaml").read_text().lower()
+    assert "aws_secret" not in text and "password" not in text

@@ -83,7 +83,7 @@ def predict(
     use_amp = device.type == "cuda"
     try:
         for start in range(0, len(split), batch_size):
-            images = torch.from_numpy(np.ascontiguousarray(split.images[start : start + batch_size]))
+            images = torch.from_numpy(np.array(split.images[start : start + batch_size]))  # copy: the store is read-only
             x = prepare_batch(images.to(device, non_blocking=True), visible, input_spec, channels_last=use_amp)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits, embedding = model(x)

@@ -28,7 +28,7 @@ from occkd_core.evaluation import Predictions
 
 RESULT_FILE = "result.json"
 #: Files of a sealed node that MLflow receives as artifacts, per node kind.
-ARTIFACTS = {"train": ["train/best.pt", "predictions.parquet", "test_plot.png"],
+ARTIFACTS = {"train": ["train/best.pt", "predictions.parquet", "test_plot.png", "gradcam.png"],
              "fusion": ["predictions.parquet", "test_plot.png"], "significance": ["comparisons.json"]}
 
 

@@ -147,7 +147,7 @@ def expand_graph(
                                spec: TrainSpec, point: Mapping[str, Any]) -> Node:
                     stage_spec = StageSpec(task=task, arch=arch, strategy=stage, train_visible=visible,
                                            input_size=settings.input_size, width_mult=settings.width_mult,
-                                           train=spec, seed=seed)
+                                           train=spec, seed=seed, dropout=settings.dropout)
                     cost = spec.epochs * train_sizes[task] * per_image * STRATEGY_COST[strategy]
                     return add(Node(key=f"{base}/{strategy}{_grid_suffix(point)}{seed_suffix}", kind="train",
                                     task=task, arch=arch, strategy=strategy, train_faces=faces, seed=seed,

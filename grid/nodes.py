@@ -23,6 +23,7 @@ from occkd_core.checkpoints import load_model
 from occkd_core.data import FaceData, open_face_store
 from occkd_core.evaluation import Predictions, evaluate_conditions, predict, task_metrics
 from occkd_core.fusion import concat_embeddings, fit_fusion
+from occkd_core.gradcam import save_split_gradcam
 from occkd_core.preprocess import input_spec_for
 from occkd_core.stats import holm_correction, mcnemar_test, wilcoxon_test
 from occkd_core.tasks import VISIBILITIES, get_task
@@ -103,6 +104,10 @@ def run_train_node(node: Mapping[str, Any], storage: Path, data_path: Path, pare
                             with_embeddings=True)
             save_numpy(out / f"embeddings_{split_name}.npy", preds.embeddings.astype(np.float32))
             files.append(f"embeddings_{split_name}.npy")
+    if distilled:  # where the distilled student looks on its half of the face (spec §13)
+        test = data.split("test")
+        save_split_gradcam(out / "gradcam.png", model, test.images[:6], spec.train_visible, input_spec)
+        files.append("gradcam.png")
     plot_path = out / "test_plot.png"
     main_preds = next(p for (ts, _, p) in rows if ts == "test" and p.visible == spec.train_visible)
     save_test_plot(plot_path, main_preds, task.class_names, title=node["key"])

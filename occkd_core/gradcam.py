@@ -20,6 +20,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 from occkd_core.models import FaceNet
+from occkd_core.preprocess import InputSpec
 
 
 class _LogitsOnly(nn.Module):
@@ -143,3 +144,19 @@ def _as_rgb01(images: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be uint8 or floats in [0, 1] (displayable pixels, not normalised model "
                          f"inputs), got values in [{array.min():.3g}, {array.max():.3g}]")
     return array
+
+
+def save_split_gradcam(path: Path, model: FaceNet, images: np.ndarray, visible: str, input_spec: InputSpec,
+                       titles: Sequence[str] | None = None) -> Path:
+    """The spec §13 figure for a few faces of a split: ``images`` uint8 ``[B, H, W, C]`` as stored; the model
+    sees them resized and occluded (``visible``) exactly as in evaluation."""
+    from occkd_core.preprocess import prepare_batch
+
+    batch = torch.from_numpy(np.ascontiguousarray(images))
+    device = next(model.parameters()).device
+    inputs = prepare_batch(batch.to(device), visible, input_spec)
+    pixels = InputSpec(size=input_spec.size, mean=(0.0, 0.0, 0.0))  # same resize, no normalisation: displayable
+    full = prepare_batch(batch, "full", pixels).clamp(0, 255) / 255.0
+    occluded = prepare_batch(batch, visible, pixels).clamp(0, 255) / 255.0
+    maps = gradcam_maps(model, inputs)
+    return save_gradcam_figure(path, full.numpy(), occluded.numpy(), maps, titles)

@@ -99,6 +99,9 @@ class TrainSpec:
 class ArchSettings:
     input_size: int
     width_mult: float = 1.0
+    # The papers' dropout (VGG-face 0.30-0.55 after each conv of blocks 4-5) is sized for 512 channels;
+    # a network cut to 1/8 width trained from scratch does not learn with it, so small presets switch it off.
+    dropout: bool = True
 
     def __post_init__(self) -> None:
         if self.input_size < 32:
@@ -162,7 +165,14 @@ class Preset:
         return replace(self, stages=stages)
 
 
+TOP_LEVEL_KEYS = ("name", "description", "data", "models", "fusion", "stage_defaults", "stages", "resources")
+
+
 def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
+    # Keys starting with "_" hold YAML anchors shared by several entries.
+    unknown = sorted(k for k in raw if k not in TOP_LEVEL_KEYS and not str(k).startswith("_"))
+    if unknown:
+        raise ValueError(f"preset {origin}: unknown key(s) {unknown}; valid: {', '.join(TOP_LEVEL_KEYS)}")
     try:
         models = {arch: ArchSettings(**raw["models"][arch]) for arch in ARCHITECTURES}
         defaults = raw.get("stage_defaults", {})

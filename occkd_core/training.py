@@ -50,6 +50,7 @@ class StageSpec:
     width_mult: float
     train: TrainSpec
     seed: int = 0
+    dropout: bool = True
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -67,7 +68,8 @@ class StageSpec:
 
     @property
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(arch=self.arch, num_outputs=self.task_info.num_outputs, width_mult=self.width_mult)
+        return ModelSpec(arch=self.arch, num_outputs=self.task_info.num_outputs, width_mult=self.width_mult,
+                         dropout=self.dropout)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -74,7 +74,7 @@ def test_mlflow_holds_a_finished_run_per_node_with_tags_metrics_and_artifacts(gr
     for name in ("test_full_accuracy", "test_lower_accuracy", "test_upper_accuracy", "val_score"):
         assert name in triplet.data.metrics
     assert [m.step for m in client.get_metric_history(triplet.info.run_id, "train_loss")] == [1]
-    assert {"predictions.parquet", "test_plot.png", "result.json", "train"} <= \
+    assert {"predictions.parquet", "test_plot.png", "gradcam.png", "result.json", "train"} <= \
         {a.path for a in client.list_artifacts(triplet.info.run_id)}
     assert "test_upper_accuracy" in nodes["gender/vggf/fusion"].data.metrics
     significance = nodes["gender/significance"]

@@ -113,3 +113,26 @@ def test_metrics_known_values():
     ages = Predictions(visible="upper", outputs=np.array([[13.0], [15.0]], dtype=np.float32),
                        targets=np.array([10.0, 20.0], dtype=np.float32))
     assert task_metrics(get_task("age"), ages) == {"mae": pytest.approx(4.0)}
+
+
+def test_bad_labels_fail_before_any_training(tiny_faces, tmp_path: Path):
+    from occkd_core.data import FaceData
+
+    train = tiny_faces.split("train")
+    broken = train.expression.copy()
+    broken[5] = 11  # no such expression
+    bad = FaceData(name="bad", metadata={}, splits={**tiny_faces.splits, "train": type(train)(
+        images=train.images, expression=broken, gender=train.gender, age=train.age)})
+    with pytest.raises(ValueError, match="expression"):
+        train_stage(stage("fer", "teacher", "full"), bad, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="valid names: age, fer, gender"):
+        stage("emotion", "teacher", "full")
+    with pytest.raises(ValueError, match="valid names: resnet50, vggf, vggface"):
+        stage("fer", "teacher", "full", arch="alexnet")
+    with pytest.raises(ValueError, match="valid names: .*triplet_kd"):
+        StageSpec(task="fer", arch="vggf", strategy="fitnets", train_visible="lower", input_size=32,
+                  width_mult=0.125, train=ADAM)

@@ -1,9 +1,9 @@
 """The data each task trains on, prepared once as memory-mappable Arrow files on the storage path.
 
 With no data root, every task uses the built-in synthetic faces (one store holds labels for all
-three tasks). With ``--data-root DIR``, the grid reads prepared occkd stores from DIR: ``fer.arrow``
-for expressions and ``utkface.arrow`` for gender and age (write them with
-:func:`occkd_core.data.write_face_store`).
+three tasks). With ``--data-root DIR``, the data sets are read in their authors' formats from DIR
+(``ferplus/``, ``affectnet/``, ``utkface/``; see :func:`occkd_core.data.sources.find_sources`) and
+converted once into stores cached on the storage path by the source files' checksums.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from occkd_core.checkpoints import file_sha256
 from occkd_core.data import make_synthetic_faces, open_face_store, write_face_store
+from occkd_core.data.sources import prepare_real_data
 from occkd_core.presets import Preset
 
 #: Bump when the synthetic generator changes what it draws (part of the data fingerprint).
 SYNTHETIC_VERSION = 1
-REAL_STORE_FOR_TASK = {"fer": "fer.arrow", "gender": "utkface.arrow", "age": "utkface.arrow"}
 
 
 @dataclass(frozen=True)
@@ -56,9 +55,6 @@ def prepare_data(preset: Preset, tasks: list[str], storage: Path, data_root: Pat
         raise ValueError(f"data root {str(root)!r} is not a readable directory")
     prepared = {}
     for task in tasks:
-        path = root / REAL_STORE_FOR_TASK[task]
-        if not path.exists():
-            raise ValueError(f"data root {str(root)!r} has no {REAL_STORE_FOR_TASK[task]} for task {task!r}")
-        data = open_face_store(path)
-        prepared[task] = PreparedData(path.resolve(), file_sha256(path)[:16], len(data.split("train")))
+        path = prepare_real_data(task, root, Path(storage) / "data")
+        prepared[task] = PreparedData(path, path.stem, len(open_face_store(path).split("train")))
     return prepared

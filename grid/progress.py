@@ -32,6 +32,8 @@ class Progress:
         self.last_print = 0.0
         self.latest: dict[str, str] = {}  # node key -> short metric text
         self.done_cost = 0.0
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.lines_drawn = 0  # on a terminal the view redraws in place; in a log it appends
         self.total_cost = sum(n.cost for k, n in graph.nodes.items() if k not in skipped)
 
     def set_state(self, key: str, state: str) -> None:
@@ -80,8 +82,11 @@ class Progress:
         for key, text in list(self.latest.items())[:4]:
             if self.state.get(key) == "running":
                 lines.append(f"    {key}: {text}")
+        if self.tty and self.lines_drawn:
+            self.stream.write(f"\x1b[{self.lines_drawn}F\x1b[J")  # back to the view's first line, clear below
         self.stream.write("\n".join(lines) + "\n")
         self.stream.flush()
+        self.lines_drawn = len(lines)
 
 
 def quiet_ray_environment() -> None:

@@ -10,6 +10,7 @@ again, and runs that a killed invocation left RUNNING are closed as FAILED on th
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 from pathlib import Path
@@ -49,6 +50,8 @@ class Tracker:
     """Wraps an MlflowClient for one grid invocation."""
 
     def __init__(self, tracking_uri: str, experiment: str, *, run_name: str, params: Mapping[str, Any]) -> None:
+        for name in ("mlflow", "alembic"):  # schema set-up chatter on a new store, not the user's business
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         try:

@@ -39,8 +39,18 @@ def test_classification_on_separable_features_ties_go_to_smallest_C() -> None:
     assert np.array_equal(result.predict(val_x), val_y)
     scaler, svm = result.model[0], result.model[-1]
     assert isinstance(scaler, StandardScaler)
-    assert isinstance(svm, LinearSVC) and svm.C == 0.1
-    assert svm.coef_.shape == (3, 6)  # one-vs-rest: one hyperplane per class
+    # A small set is fitted by libsvm's linear SVC (liblinear is far slower on weakly separable data).
+    assert isinstance(svm, SVC) and svm.kernel == "linear" and svm.C == 0.1
+
+
+def test_large_sets_use_liblinear_one_vs_rest(monkeypatch) -> None:
+    import occkd_core.fusion as fusion
+
+    monkeypatch.setattr(fusion, "_LIBSVM_BELOW", 10)
+    train_x, train_y, val_x, val_y = blobs()
+    result = fit_fusion(train_x, train_y, val_x, val_y, kind="classification", Cs=(1.0,))
+    svm = result.model[-1]
+    assert isinstance(svm, LinearSVC) and svm.coef_.shape == (3, 6)  # one-vs-rest: one hyperplane per class
 
 
 def test_classification_with_rbf_kernel_uses_svc() -> None:

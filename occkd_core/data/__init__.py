@@ -15,3 +15,11 @@ __all__ = [
     "MAX_AGE", "SCHEMA_VERSION", "FaceData", "FaceParams", "FaceSplit", "draw_faces", "make_synthetic_faces",
     "open_face_store", "sample_face_params", "validate_face_data", "write_face_store",
 ]
+
+# Real data sets, read from their original files (FER+, AffectNet, UTKFace), and their cached conversion.
+from occkd_core.data.affectnet import load_affectnet
+from occkd_core.data.ferplus import load_ferplus
+from occkd_core.data.sources import REAL_TASK_SOURCES, find_sources, prepare_real_data
+from occkd_core.data.utkface import load_utkface
+
+__all__ += ["REAL_TASK_SOURCES", "find_sources", "load_affectnet", "load_ferplus", "load_utkface", "prepare_real_data"]

@@ -203,7 +203,9 @@ def train_stage(
             else:
                 dsd.release()
         model.train()
-        rows = strategy.epoch_order(epoch, unwrap(model), order_generator)[rank::world]
+        order = strategy.epoch_order(epoch, unwrap(model), order_generator)
+        # Every rank must run the same number of batches or DDP's all-reduce waits forever.
+        rows = order[: len(order) - len(order) % world][rank::world]
         sums, train_outputs, train_rows = _run_epoch(model, strategy, rows, optimizer, train.batch_size, flip_generator,
                                                      epoch, dsd if phase == "sparse" else None, on_gpu)
         num_batches = max(1, math.ceil(len(rows) / train.batch_size))

@@ -1,14 +1,10 @@
 """Shared fixtures. Torch uses one thread in tests: on a shared 2-core machine two threads slow tiny
 convolutions down by orders of magnitude whenever another process is busy."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 torch.set_num_threads(1)
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 @pytest.fixture(scope="session")

@@ -136,3 +136,31 @@ def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="valid names: .*triplet_kd"):
         StageSpec(task="fer", arch="vggf", strategy="fitnets", train_visible="lower", input_size=32,
                   width_mult=0.125, train=ADAM)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from occkd_core.data import make_synthetic_faces
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        # 181 training rows: not a multiple of the world size, nor of the batch size.
+        data = make_synthetic_faces(301, image_size=32, seed=3)
+        train_stage(stage("fer", "teacher", "full", epochs=2), data, Path(out_dir))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_trains_and_rank_zero_writes(tmp_path: Path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    state = read_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 2 and (tmp_path / "best.pt").exists()

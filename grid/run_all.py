@@ -9,7 +9,9 @@ the same command skips finished nodes and resumes interrupted ones from their la
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,6 +67,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.archs = [check_name("architecture", a.strip()) for a in args.archs.split(",") if a.strip()]
         args.preset_obj = load_preset(args.preset)
         args.weights = dict(_parse_weight(w) for w in args.weights)
+        for arch, path in args.weights.items():  # a wrong file fails now, not hours into the grid
+            _check_weights(args.preset_obj, arch, path)
     except ValueError as err:
         parser.error(str(err))
     if not args.tasks or not args.archs:
@@ -72,6 +76,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     return args
+
+
+def _fault_injection() -> dict[str, Any] | None:
+    """Tests inject worker crashes through OCCKD_FAULT_INJECTION='{"node": KEY, "times": N}': the node's
+    first N attempts raise, as a crashing worker would."""
+    text = os.environ.get("OCCKD_FAULT_INJECTION")
+    return json.loads(text) if text else None
+
+
+def _check_weights(preset, arch: str, path: str) -> None:
+    from occkd_core.models import ModelSpec, build_model, load_pretrained
+
+    settings = preset.arch(arch)
+    model = build_model(ModelSpec(arch=arch, num_outputs=2, width_mult=settings.width_mult, dropout=settings.dropout))
+    load_pretrained(model, path)
 
 
 def _parse_weight(text: str) -> tuple[str, str]:
@@ -85,6 +104,15 @@ def _parse_weight(text: str) -> tuple[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     preset, storage = args.preset_obj, args.storage.resolve()
+    if not args.dry_run:
+        from grid.tracking import check_tracking_uri, default_tracking_uri
+
+        args.tracking_uri = args.tracking_uri or default_tracking_uri(Path.cwd())
+        try:
+            check_tracking_uri(args.tracking_uri)
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         prepared = prepare_data(preset, args.tasks, storage, args.data_root, write=not args.dry_run)
     except (ValueError, OSError) as err:
@@ -152,7 +180,7 @@ def run_graph(args: argparse.Namespace, graph: StageGraph, prepared: dict, stora
         concurrency = max_concurrency([resources[k] for k in to_run], cluster)
         settings = RunSettings(storage=str(storage), data_paths={t: str(p.path) for t, p in prepared.items()},
                                weights=args.weights, ray_train=args.ray_train,
-                               fault_injection=getattr(args, "fault_injection", None))
+                               fault_injection=_fault_injection())
         searcher = DependencySearcher(graph, to_run, set(results), settings, resources)
         callback = GridCallback(graph, tracker, progress, storage, results, failed)
         tuner = tune.Tuner(

@@ -11,7 +11,10 @@ again, and runs that a killed invocation left RUNNING are closed as FAILED on th
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
+import urllib.error
+import urllib.request
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -150,6 +153,22 @@ class Tracker:
         for path in artifacts:
             self.client.log_artifact(self.parent.info.run_id, str(path))
         self.client.set_terminated(self.parent.info.run_id, status=status)
+
+
+def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, before anything is written, when the tracking store cannot be reached (MLflow's own
+    client retries a dead server for minutes)."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                response.read()
+        except (OSError, urllib.error.URLError) as err:
+            raise RuntimeError(f"cannot reach the MLflow tracking server {uri!r} ({err}); start it, or check "
+                               f"the port-forward, or pass another --tracking-uri") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise RuntimeError(f"cannot create the MLflow store {uri!r}: {folder} is not a writable directory")
 
 
 def default_tracking_uri(workdir: Path) -> str:

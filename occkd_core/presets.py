@@ -175,7 +175,13 @@ def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
         raise ValueError(f"preset {origin}: unknown key(s) {unknown}; valid: {', '.join(TOP_LEVEL_KEYS)}")
     try:
         models = {arch: ArchSettings(**raw["models"][arch]) for arch in ARCHITECTURES}
-        defaults = raw.get("stage_defaults", {})
+        defaults = raw.get("stage_defaults", {}) or {}
+        _check_keys("stage_defaults", defaults, STRATEGIES)
+        _check_keys("stages", raw["stages"], tuple(TASKS))
+        for task, archs in raw["stages"].items():
+            _check_keys(f"stages.{task}", archs or {}, ARCHITECTURES)
+            for arch, entries in (archs or {}).items():
+                _check_keys(f"stages.{task}.{arch}", entries or {}, STRATEGIES)
         stages: dict[tuple[str, str, str], Mapping[str, Any]] = {}
         for task in TASKS:
             for arch in ARCHITECTURES:
@@ -211,6 +217,12 @@ def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
 
 
 RESOURCE_KEYS = ("cpus", "gpus", "workers")
+
+
+def _check_keys(where: str, values: Mapping[str, Any], valid: tuple[str, ...]) -> None:
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}: unknown name(s) {unknown}; valid names: {', '.join(valid)}")
 
 
 def _parse_resources(raw: Mapping[str, Any]) -> dict[str, dict[str, float]]:

@@ -131,3 +131,32 @@ def test_cluster_yaml_validates_against_rays_own_schema():
     assert "pip install -e ~/occkd" in " ".join(config["setup_commands"])
     text = (REPO / "cluster.yaml").read_text().lower()
     assert "aws_secret" not in text and "password" not in text
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("http://127.0.0.1:9", "cannot reach the MLflow tracking server 'http://127.0.0.1:9'"),
+    ("sqlite:////nonexistent/dir/mlflow.db", "is not a writable directory"),
+])
+def test_unreachable_tracking_store_fails_fast_and_writes_nothing(tmp_path: Path, monkeypatch, capsys, uri, message):
+    from grid.run_all import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--tasks", "gender", "--archs", "vggf", "--tracking-uri", uri]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no data prepared, no store, no storage folder
+
+
+def test_weights_of_another_architecture_are_refused_before_anything_runs(tmp_path: Path, monkeypatch, capsys):
+    import torch
+
+    from grid.run_all import main
+    from occkd_core.models import ModelSpec, build_model
+
+    weights = tmp_path / "resnet.pt"
+    torch.save(build_model(ModelSpec("resnet50", 2, 0.125)).state_dict(), weights)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["--tasks", "gender", "--archs", "vggf", "--weights", f"vggf={weights}"])
+    assert stop.value.code == 2
+    assert "looks like resnet50" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet.pt"]

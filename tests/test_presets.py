@@ -102,6 +102,17 @@ def test_bad_preset_file_is_rejected_before_training(tmp_path: Path, change, mes
         load_preset(path)
 
 
+def test_unknown_strategy_in_a_preset_file_lists_the_valid_ones(tmp_path: Path):
+    import yaml
+
+    raw = yaml.safe_load((Path(load_preset.__code__.co_filename).parent / "presets" / "smoke.yaml").read_text())
+    raw["stages"]["fer"]["vggf"] = {"fitnets": {"epochs": 3}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"stages.fer.vggf: unknown name\(s\) \['fitnets'\]; valid names: teacher"):
+        load_preset(path)
+
+
 def test_train_spec_round_trips_and_rejects_unknown_keys():
     spec = TrainSpec(optimizer="adam", batch_size=8, epochs=1, lr=1e-3, lam=0.5, margin=0.1, pool_fraction=0.2)
     assert TrainSpec.from_dict(spec.to_dict()) == spec

@@ -1,0 +1,96 @@
+"""Faults: crashing workers are retried, a node that fails for good blocks only its descendants,
+a killed driver loses nothing and records nothing twice. Real local Ray, real MLflow store."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from test_grid_e2e import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+NODE_KEYS = {"gender/vggf/teacher", "gender/vggf/student", "gender/vggf/student_ablation", "gender/vggf/standard_kd",
+             "gender/vggf/triplet_kd[margin=0.1]", "gender/vggf/triplet_kd[margin=0.3]", "gender/vggf/fusion",
+             "gender/significance"}
+
+
+def command(workdir: Path) -> list[str]:
+    return [sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "gender", "--archs", "vggf",
+            "--preset", str(workdir / "tiny.yaml")]
+
+
+def run_grid(workdir: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command(workdir), cwd=workdir, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+
+
+def node_runs(workdir: Path):
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("occkd-tiny")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return [r for r in runs if "occkd.node" in r.data.tags], runs
+
+
+def make_workdir(tmp_path: Path) -> Path:
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    return tmp_path
+
+
+def test_a_crashing_worker_is_retried_and_recorded_once(tmp_path: Path):
+    workdir = make_workdir(tmp_path)
+    fault = json.dumps({"node": "gender/vggf/student", "times": 1})
+    result = run_grid(workdir, OCCKD_FAULT_INJECTION=fault)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    runs, _ = node_runs(workdir)
+    student = [r for r in runs if r.info.run_name == "gender/vggf/student"]
+    assert [r.info.status for r in student] == ["FINISHED"]  # the retry reused the node's run
+    assert {r.info.run_name for r in runs if r.info.status == "FINISHED"} == NODE_KEYS
+
+
+def test_a_node_failing_for_good_blocks_its_descendants_and_the_rest_completes(tmp_path: Path):
+    workdir = make_workdir(tmp_path)
+    fault = json.dumps({"node": "gender/vggf/triplet_kd[margin=0.1]", "times": 99})
+    result = run_grid(workdir, OCCKD_FAULT_INJECTION=fault)
+    assert result.returncode == 1
+    assert "FAILED  gender/vggf/triplet_kd[margin=0.1]: RuntimeError: injected fault" in result.stderr
+    assert "BLOCKED gender/vggf/fusion: parent gender/vggf/triplet_kd[margin=0.1] failed" in result.stderr
+    assert "BLOCKED gender/significance" in result.stderr
+    runs, all_runs = node_runs(workdir)
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status["gender/vggf/triplet_kd[margin=0.1]"] == "FAILED"
+    for done in ("gender/vggf/teacher", "gender/vggf/student", "gender/vggf/student_ablation",
+                 "gender/vggf/standard_kd", "gender/vggf/triplet_kd[margin=0.3]"):
+        assert status[done] == "FINISHED"
+    assert "gender/vggf/fusion" not in status  # blocked nodes never start
+    assert all(r.info.status != "RUNNING" for r in all_runs)
+    # Once the cause is gone, the same command finishes the grid, training only what is missing.
+    again = run_grid(workdir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "5 already complete, 3 to run" in again.stdout
+
+
+@pytest.mark.parametrize("kill_after", [12.0, 30.0])
+def test_a_killed_driver_loses_nothing_and_records_nothing_twice(tmp_path: Path, kill_after: float):
+    workdir = make_workdir(tmp_path)
+    driver = subprocess.Popen(command(workdir), cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    time.sleep(kill_after)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started, at once
+    driver.wait()
+    time.sleep(2)
+    sealed_before = {p.parent.name for p in (workdir / "occkd_runs").glob("nodes/*/result.json")}
+    again = run_grid(workdir)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"{len(sealed_before)} already complete" in again.stdout  # finished nodes are not retrained
+    runs, all_runs = node_runs(workdir)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert sorted(r.info.run_name for r in finished) == sorted(NODE_KEYS)  # exactly one FINISHED run per node
+    assert all(r.info.status in ("FINISHED", "FAILED") for r in all_runs)  # nothing left RUNNING

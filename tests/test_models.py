@@ -244,3 +244,27 @@ def test_unreadable_or_absent_files(tmp_path: Path) -> None:
     (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="cannot read .*garbage.pt"):
         load_pretrained(small("vggf"), tmp_path / "garbage.pt")
+
+
+class _Payload:
+    """Unpickling this would run code: weights_only=True must refuse it before it gets the chance."""
+
+    def __reduce__(self):
+        return (open, ("/tmp/occkd-pickle-executed", "w"))
+
+
+def test_weights_and_checkpoints_never_unpickle_code(tmp_path):
+    import os
+
+    from occkd_core.checkpoints import read_checkpoint
+
+    marker = "/tmp/occkd-pickle-executed"
+    if os.path.exists(marker):
+        os.remove(marker)
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"x": _Payload()}}, path)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_pretrained(build_model(ModelSpec("vggf", 2, 0.125)), path)
+    with pytest.raises(ValueError, match="unreadable or corrupt"):
+        read_checkpoint(path)
+    assert not os.path.exists(marker)

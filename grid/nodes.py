@@ -26,7 +26,7 @@ from occkd_core.fusion import concat_embeddings, fit_fusion
 from occkd_core.gradcam import save_split_gradcam
 from occkd_core.preprocess import input_spec_for
 from occkd_core.stats import holm_correction, mcnemar_test, wilcoxon_test
-from occkd_core.tasks import VISIBILITIES, get_task
+from occkd_core.tasks import get_task
 from occkd_core.training import EpochRecord, StageSpec, train_stage
 
 Report = Callable[[dict[str, Any]], None]

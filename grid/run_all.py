@@ -135,11 +135,11 @@ def run_graph(args: argparse.Namespace, graph: StageGraph, prepared: dict, stora
     from grid.scheduler import (
         DependencySearcher, RunSettings, fit_resources, max_concurrency, run_node_trial, trial_resources,
     )
-    from grid.tracking import Tracker, default_tracking_uri
+    from grid.tracking import Tracker
 
     preset = args.preset_obj
     started = time.monotonic()
-    tracking_uri = args.tracking_uri or default_tracking_uri(Path.cwd())
+    tracking_uri = args.tracking_uri  # resolved and checked in main()
     try:
         tracker = Tracker(tracking_uri, args.experiment or f"occkd-{preset.name}",
                           run_name=f"grid {time.strftime('%Y-%m-%d %H:%M:%S')}",

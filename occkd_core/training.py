@@ -28,7 +28,7 @@ from occkd_core.data import FaceData, FaceSplit
 from occkd_core.dsd import DSDPruner, DSDSchedule
 from occkd_core.evaluation import Predictions, predict, task_metrics, validation_score
 from occkd_core.models import FaceNet, ModelSpec, build_model, load_pretrained
-from occkd_core.preprocess import InputSpec, input_spec_for, prepare_batch, random_flips
+from occkd_core.preprocess import InputSpec, input_spec_for, random_flips
 from occkd_core.presets import TrainSpec
 from occkd_core.strategies import BatchContext, StandardKDStrategy, SupervisedStrategy, TripletKDStrategy
 from occkd_core.tasks import TaskInfo, Visibility, check_name, get_task

@@ -1,7 +1,6 @@
 """The stage graph, resource sizing, --dry-run and cluster.yaml, without starting Ray."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -88,7 +88,9 @@ def random_flips(batch_size: int, generator: torch.Generator, device: torch.devi
 
 
 def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [B, H, W, C] -> float32 [B, 3, size, size] in 0..255 pixel units."""
+    """uint8 [B, H, W, C] -> float32 [B, C', size, size] in 0..255 pixel units (C' = 1 stays grey). May
+    keep the input's NHWC strides: :func:`_finish_view` writes the model's layout in the same pass as
+    the normalisation."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
         raise ValueError(
             f"images must be uint8 [B, H, W, C] with C = 1 or 3, got {images.dtype} of shape {tuple(images.shape)}"
@@ -100,33 +102,45 @@ def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
         # antialias only when shrinking: upsampling (FER+ 48 -> 224) needs plain bilinear.
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=height > size or width > size)
-    return x.expand(-1, 3, -1, -1)
+    return x
 
 
 @functools.lru_cache(maxsize=32)
-def _normalisation(spec: InputSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mean, std and the normalised value of a black pixel, each [1, 3, 1, 1] float32 on ``device``.
+def _normalisation(spec: InputSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """mean, std (None when all ones: VGG-f and VGG-face only subtract) and the normalised value of a
+    black pixel, each [1, 3, 1, 1] float32 on ``device``.
 
     Cached so a training loop does not copy three numbers to the GPU for every batch.
     """
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return mean, std, (torch.zeros_like(mean) - mean) / std
+    black = (torch.zeros_like(mean) - mean) / std
+    return mean, (None if all(s == 1.0 for s in spec.std) else std), black
 
 
 def _finish_view(x: torch.Tensor, visible: Visibility, spec: InputSpec, flip: torch.Tensor | None,
                  channels_last: bool) -> torch.Tensor:
     mean, std, black = _normalisation(spec, x.device)
-    out = (x - mean) / std  # a new tensor; x (shared between views) is never written
-    rows = _hidden_rows(visible, x.shape[2])
+    batch, _, height, width = x.shape
+    # One pass writes the new tensor in the model's layout, broadcasting grey to 3 channels; x (shared
+    # between views) is never written.
+    out = torch.empty((batch, 3, height, width), dtype=torch.float32, device=x.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.sub(x.expand(-1, 3, -1, -1), mean, out=out)
+    if std is not None:
+        out.div_(std)
+    rows = _hidden_rows(visible, height)
     if rows is not None:
         # Same as zeroing raw pixels before normalising (spec §3.2 [inferred]), with one pass fewer:
         # the hidden rows get exactly (0 - mean) / std.
         out[:, :, rows, :] = black
-    if flip is not None:
+    if flip is not None and out.device.type == "cpu":
+        # On a CPU copy only the flipped rows (torch.where over the whole batch costs 3x more there).
+        rows_to_flip = flip.nonzero().squeeze(1)
+        out.index_copy_(0, rows_to_flip, out.index_select(0, rows_to_flip).flip(3))
+    elif flip is not None:  # on a GPU, nonzero() would wait for the device; where() does not
         out = torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
-    # The permuted uint8 input leaves NHWC strides behind; give the model one layout or the other.
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return out
 
 
 def _check_flip(flip: torch.Tensor | None, images: torch.Tensor) -> torch.Tensor | None:

@@ -54,7 +54,10 @@ def prepare_data(preset: Preset, tasks: list[str], storage: Path, data_root: Pat
     if not root.is_dir():
         raise ValueError(f"data root {str(root)!r} is not a readable directory")
     prepared = {}
+    # Every architecture of the preset, not only this run's: a later run with more --archs then finds
+    # the same store and the same node hashes.
+    max_input_size = max(settings.input_size for settings in preset.models.values())
     for task in tasks:
-        path = prepare_real_data(task, root, Path(storage) / "data")
+        path = prepare_real_data(task, root, Path(storage) / "data", max_input_size=max_input_size)
         prepared[task] = PreparedData(path, path.stem, len(open_face_store(path).split("train")))
     return prepared

@@ -410,3 +410,22 @@ def test_prepare_gender_and_age_share_one_utkface_store(tmp_path: Path) -> None:
     Image.new("RGB", (200, 200)).save(folder / "70_1_0_20170102000000000.jpg", format="JPEG")
     with pytest.warns(UserWarning):
         assert prepare_real_data("age", root, cache) != path  # a new file: a new store
+
+
+def test_utkface_stored_at_the_runs_largest_input_size(tmp_path: Path) -> None:
+    """A grid whose networks read 48 px stores 48 px faces (shrunk once, with PIL's filter), under its own key."""
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    folder = write_utkface(root / "utkface" / "UTKFace")
+    with pytest.warns(UserWarning):
+        native = prepare_real_data("gender", root, cache)
+        small = prepare_real_data("gender", root, cache, max_input_size=48)
+    assert small != native
+    assert prepare_real_data("gender", root, cache, max_input_size=500) == native  # never stored above 200 px
+    big, little = open_face_store(native).split("train"), open_face_store(small).split("train")
+    assert little.images.shape[1:] == (48, 48, 3) and big.images.shape[1:] == (200, 200, 3)
+    expected = np.stack([np.asarray(Image.fromarray(image).resize((48, 48), Image.Resampling.BILINEAR))
+                         for image in big.images])
+    np.testing.assert_array_equal(little.images, expected)
+    np.testing.assert_array_equal(little.age, big.age)
+    with pytest.raises(ValueError, match="never above the native size"):
+        load_utkface(folder, image_size=224)

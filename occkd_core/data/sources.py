@@ -20,6 +20,9 @@ Store of task "fer":
   and an extra split ``test_affectnet`` = AffectNet's official validation set. All images are
   ``union_size``² RGB: FER+ grey is resized with PIL (bilinear) and copied into 3 channels (spec §3.3),
   AffectNet face boxes are cropped and resized to ``union_size``.
+
+Store of tasks "gender" and "age": UTKFace's own 60/20/20 split, at min(``max_input_size``, 200) px:
+the largest input the run's networks read, so no batch is shrunk from 200 px at every step.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from occkd_core.data import affectnet
 from occkd_core.data.affectnet import load_affectnet
 from occkd_core.data.ferplus import LABEL_RULES, LabelRule, load_ferplus
 from occkd_core.data.store import SCHEMA_VERSION, FaceData, FaceSplit, open_face_store, write_face_store
-from occkd_core.data.utkface import load_utkface
+from occkd_core.data.utkface import UTKFACE_SIZE, load_utkface
 from occkd_core.tasks import get_task
 
 #: Bump when a loader changes what it produces from the same files, so old cached stores are not reused.
@@ -223,7 +226,8 @@ def _convert_fer(found: dict[str, Path], settings: dict[str, Any]) -> FaceData:
 
 
 def prepare_real_data(task: str, data_root: Path, cache_dir: Path, *, label_rule: LabelRule = "majority",
-                      union_size: int = 48, seed: int = 0, affectnet_cap_per_class: int = 15000) -> Path:
+                      union_size: int = 48, seed: int = 0, affectnet_cap_per_class: int = 15000,
+                      max_input_size: int | None = None) -> Path:
     """Path of the prepared store for ``task`` in ``cache_dir``, converting the real data only if needed.
 
     ``label_rule`` (FER+), ``union_size`` and ``affectnet_cap_per_class`` matter only for "fer" with
@@ -243,7 +247,8 @@ def prepare_real_data(task: str, data_root: Path, cache_dir: Path, *, label_rule
         if "affectnet" in used:
             settings.update(union_size=union_size, seed=seed, affectnet_cap_per_class=affectnet_cap_per_class)
     else:
-        settings = {"seed": seed, "split_fractions": [0.6, 0.2, 0.2]}
+        settings = {"seed": seed, "split_fractions": [0.6, 0.2, 0.2],
+                    "image_size": min(max_input_size or UTKFACE_SIZE, UTKFACE_SIZE)}
     checksums = source_checksums(found, used)
     key = hashlib.sha256(json.dumps({"converter": CONVERTER_VERSION, "schema": SCHEMA_VERSION,
                                      "sources": checksums, "settings": settings}, sort_keys=True).encode())
@@ -258,7 +263,8 @@ def prepare_real_data(task: str, data_root: Path, cache_dir: Path, *, label_rule
     if sources.store_name == "fer":
         data = _convert_fer(found, settings)
     else:
-        utk = load_utkface(found["utkface"], seed=seed, split_fractions=settings["split_fractions"])
+        utk = load_utkface(found["utkface"], seed=seed, split_fractions=settings["split_fractions"],
+                           image_size=settings["image_size"])
         data = FaceData(name="utkface", splits=dict(utk.splits), metadata=_prefixed("utkface", utk.metadata))
     metadata = {
         **data.metadata,

@@ -62,14 +62,19 @@ def split_rows(num_rows: int, fractions: Sequence[float], seed: int) -> dict[str
     return dict(zip(SPLIT_NAMES, np.split(order, [num_train, num_train + num_val])))
 
 
-def load_utkface(folder: Path, *, seed: int = 0, split_fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> FaceData:
-    """UTKFace as :class:`FaceData` "utkface": RGB uint8 [N, 200, 200, 3], gender and age from the names.
+def load_utkface(folder: Path, *, seed: int = 0, split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+                 image_size: int = UTKFACE_SIZE) -> FaceData:
+    """UTKFace as :class:`FaceData` "utkface": RGB uint8 [N, S, S, 3], gender and age from the names.
 
-    Images of another size are resized to 200×200 and counted; other modes are converted to RGB;
+    S = ``image_size``, at most the native 200: a smaller S shrinks the faces once, here, instead of
+    on every training batch. Images not 200×200 are first resized to 200×200 and counted; other modes are converted to RGB;
     unreadable images are dropped and counted. Expression is -1 throughout. Metadata records the
     split seed and fractions, and the counts of malformed names, resized and unreadable images.
     """
     folder = Path(folder)
+    if not 8 <= image_size <= UTKFACE_SIZE:
+        raise ValueError(f"UTKFace image_size must lie in [8, {UTKFACE_SIZE}] (never above the native size), "
+                         f"got {image_size}")
     if not folder.is_dir():
         raise FileNotFoundError(f"UTKFace folder {folder} not found; point it at the folder holding the *.jpg files")
     names = sorted(entry.name for entry in folder.iterdir() if entry.is_file())
@@ -88,7 +93,8 @@ def load_utkface(folder: Path, *, seed: int = 0, split_fractions: Sequence[float
     # Decode in split order into one array; each split is then a slice of it (a view, not a copy).
     order = np.concatenate([rows[name] for name in SPLIT_NAMES])
     ordered = [valid[index] for index in order]
-    images, result = decode_faces([folder / name for name in ordered], UTKFACE_SIZE, desc="decoding UTKFace")
+    images, result = decode_faces([folder / name for name in ordered], UTKFACE_SIZE, desc="decoding UTKFace",
+                                  store_size=image_size)
     if result.failures:
         warnings.warn(f"UTKFace {folder}: {len(result.failures)} unreadable image(s) left out, e.g. "
                       f"{list(result.failures[:3])}", stacklevel=2)
@@ -115,6 +121,7 @@ def load_utkface(folder: Path, *, seed: int = 0, split_fractions: Sequence[float
     metadata = {
         "source": "UTKFace aligned & cropped faces; labels from file names",
         "seed": str(seed),
+        "image_size": str(image_size),
         "split_fractions": json.dumps(list(split_fractions)),
         "num_files": str(len(names)),
         "ignored_non_jpg": str(len(names) - len(jpgs)),

@@ -88,13 +88,46 @@ def _check_inputs(
             raise ValueError(f"{name} contain NaN or inf; the network has probably diverged (check the learning rate)")
 
 
-def _same_class(anchor_labels: Tensor, pool_labels: Tensor, age_threshold: float | None) -> Tensor:
-    """Bool [A, P]: pool image j counts as the anchor's class (age: |Δage| < threshold)."""
-    if age_threshold is None:
-        return anchor_labels[:, None] == pool_labels[None, :]
-    # float64: an age gap of exactly the threshold must land on the negative side (spec §15 #25).
-    gap = (anchor_labels.double()[:, None] - pool_labels.double()[None, :]).abs()
-    return gap < age_threshold
+class _SameClass:
+    """Which pool images count as each anchor's class: equal labels, or for ages |Δage| < threshold.
+
+    Ages are compared once, exactly (float64, binary search in the sorted pool ages: an age gap of
+    exactly the threshold lands on the negative side, spec §15 #25), as each anchor's band [lo, hi) of
+    pool ranks; a chunk's [A, P] mask is then two integer comparisons, not a float64 gap matrix.
+    """
+
+    def __init__(self, labels: Tensor, pool_labels: Tensor, age_threshold: float | None) -> None:
+        self.labels, self.pool_labels, self.age_threshold = labels, pool_labels, age_threshold
+        if age_threshold is None:
+            classes, counts = torch.unique(pool_labels, return_counts=True)
+            position = torch.searchsorted(classes, labels).clamp_(max=len(classes) - 1)
+            self.num_same = torch.where(classes[position] == labels, counts[position], 0)
+            return
+        pool_ages = pool_labels.double()
+        order = torch.argsort(pool_ages, stable=True)
+        self.rank = torch.empty_like(order)
+        self.rank[order] = torch.arange(len(order), device=order.device)
+        ages, sorted_ages = labels.double(), pool_ages[order]
+        # age_a − t < age_j < age_a + t, strict on both sides
+        self.low = torch.searchsorted(sorted_ages, ages - age_threshold, right=True)
+        self.high = torch.searchsorted(sorted_ages, ages + age_threshold, right=False)
+        self.num_same = (self.high - self.low).clamp_(min=0)
+
+    def mask(self, rows: slice) -> Tensor:
+        """Bool [A, P] for the anchors ``rows``."""
+        if self.age_threshold is None:
+            return self.labels[rows, None] == self.pool_labels[None, :]
+        return (self.rank[None, :] >= self.low[rows, None]) & (self.rank[None, :] < self.high[rows, None])
+
+    def has_candidates(self) -> tuple[Tensor, Tensor]:
+        """Bool [N] each: the anchor has a same-class / an other-class candidate in the pool."""
+        return self.num_same > 0, self.num_same < len(self.pool_labels)
+
+
+def _with_half_square(pool_embeddings: Tensor) -> Tensor:
+    """[P, D] -> [P, D+1]: the embeddings with a last column of −||b||²/2."""
+    half_square = pool_embeddings.pow(2).sum(dim=1, keepdim=True).mul_(-0.5)
+    return torch.cat([pool_embeddings, half_square], dim=1)
 
 
 @torch.no_grad()
@@ -105,7 +138,7 @@ def mine_hard_triplets(
     pool: Tensor,
     *,
     age_threshold: float | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> MinedTriplets:
     """Hardest positive (farthest E_T(x_j)) and hardest negative (closest E_S(x′_j)) from ``pool`` for every anchor, J §3.2.
 
@@ -116,7 +149,7 @@ def mine_hard_triplets(
     A negative is never the anchor, since it has another label.
 
     Runs on the embeddings' device in chunks of ``chunk_size`` anchors: memory O(chunk_size · P).
-    Exact ties go to the candidate that comes first in ``pool`` (``torch.cdist`` may round
+    Exact ties go to the candidate that comes first in ``pool`` (the matrix-product form may round
     distances that differ by less than float precision into ties, or break such ties).
     """
     if chunk_size < 1:
@@ -129,26 +162,48 @@ def mine_hard_triplets(
     pool = pool.to(device=device, dtype=torch.long)
     labels = labels.to(device)
     pool_labels = labels[pool]
-    pool_teacher = teacher_embeddings[pool].to(compute_dtype)
-    pool_student = student_embeddings[pool]
     num_train = student_embeddings.shape[0]
+    # ||a − b||² = ||a||² + ||b||² − 2 a·b, and ||a||² is the same for every candidate of an anchor, so
+    # candidates rank by score = a·b − ||b||²/2 (farthest = lowest, closest = highest): one matrix product
+    # per chunk, the −||b||²/2 riding in as an extra input dimension, and no square root. 2-3× faster than
+    # torch.cdist on a CPU; candidates with equal operands still tie exactly.
+    # Kept [P, D+1] and multiplied as a transposed view: on a CPU that GEMM is ~1.7x faster than [D+1, P].
+    pool_teacher = _with_half_square(teacher_embeddings[pool].to(compute_dtype))
+    pool_student = _with_half_square(student_embeddings[pool])
+    same_class = _SameClass(labels, pool_labels, age_threshold)
+    has_positive, has_negative = same_class.has_candidates()
+    ones = torch.ones(min(chunk_size, num_train), 1, dtype=compute_dtype, device=device)
 
-    positive_slots, negative_slots, has_both = [], [], []
+    def scores(rows: Tensor | slice, candidates: Tensor) -> Tensor:
+        anchor_emb = student_embeddings[rows]
+        return torch.cat([anchor_emb, ones[: anchor_emb.shape[0]]], dim=1) @ candidates.T  # [C, P']
+
+    negative_slots = torch.empty(num_train, dtype=torch.long, device=device)
+    positive_slots = torch.zeros(num_train, dtype=torch.long, device=device)
+    blocked = age_threshold is None  # classes: positives per class block, see below
     for start in range(0, num_train, chunk_size):
-        anchor_emb = student_embeddings[start : start + chunk_size]
-        same = _same_class(labels[start : start + chunk_size], pool_labels, age_threshold)
-        # Euclidean, not squared: the square is monotone, so argmax/argmin are the same.
-        to_teacher = torch.cdist(anchor_emb, pool_teacher)
-        to_student = torch.cdist(anchor_emb, pool_student)
-        positive_slots.append(to_teacher.masked_fill(~same, float("-inf")).argmax(dim=1))
-        negative_slots.append(to_student.masked_fill(same, float("inf")).argmin(dim=1))
-        has_both.append(same.any(dim=1) & (~same).any(dim=1))
+        rows = slice(start, start + chunk_size)
+        same = same_class.mask(rows)
+        negative_slots[rows] = scores(rows, pool_student).masked_fill_(same, float("-inf")).argmax(dim=1)
+        if not blocked:
+            other = same.logical_not_()  # in place: `same` is not needed any more
+            positive_slots[rows] = scores(rows, pool_teacher).masked_fill_(other, float("inf")).argmin(dim=1)
+    if blocked:
+        # A positive shares the anchor's class, so each class's anchors only meet that class's pool
+        # slots (kept in pool order, so ties still go to the first): with FER+'s classes ~30 % of the
+        # full product, and no mask.
+        for label in torch.unique(pool_labels):
+            slots = (pool_labels == label).nonzero().squeeze(1)
+            anchors = (labels == label).nonzero().squeeze(1)
+            for start in range(0, len(anchors), chunk_size):
+                chunk = anchors[start : start + chunk_size]
+                positive_slots[chunk] = slots[scores(chunk, pool_teacher[slots]).argmin(dim=1)]
 
-    keep = torch.cat(has_both)
+    keep = has_positive & has_negative
     return MinedTriplets(
         anchors=torch.arange(num_train, device=device)[keep],
-        positives=pool[torch.cat(positive_slots)[keep]],
-        negatives=pool[torch.cat(negative_slots)[keep]],
+        positives=pool[positive_slots[keep]],
+        negatives=pool[negative_slots[keep]],
         num_dropped=int((~keep).sum()),
     )
 
@@ -161,14 +216,19 @@ def mine_hard_triplets_reference(
     pool: Tensor,
     *,
     age_threshold: float | None = None,
+    anchors: Tensor | None = None,
 ) -> MinedTriplets:
-    """The same mining as :func:`mine_hard_triplets`, one anchor at a time: the obviously correct version, for tests and benchmarks."""
+    """The same mining as :func:`mine_hard_triplets`, one anchor at a time: the obviously correct version, for tests and benchmarks.
+
+    ``anchors``: mine only these training rows (default: all), so a benchmark can time a sample.
+    """
     _check_inputs(student_embeddings, teacher_embeddings, labels, pool, age_threshold)
+    anchor_rows = range(student_embeddings.shape[0]) if anchors is None else [int(i) for i in anchors]
     device = student_embeddings.device
     pool_list = [int(j) for j in pool]
     label_list = labels.tolist()
-    anchors, positives, negatives = [], [], []
-    for i in range(student_embeddings.shape[0]):
+    kept, positives, negatives = [], [], []
+    for i in anchor_rows:
         if age_threshold is None:
             same = [label_list[j] == label_list[i] for j in pool_list]
         else:
@@ -179,7 +239,7 @@ def mine_hard_triplets_reference(
             continue
         dist_pos = (student_embeddings[i] - teacher_embeddings[candidates_pos]).pow(2).sum(dim=1)
         dist_neg = (student_embeddings[i] - student_embeddings[candidates_neg]).pow(2).sum(dim=1)
-        anchors.append(i)
+        kept.append(i)
         positives.append(candidates_pos[int(dist_pos.argmax())])
         negatives.append(candidates_neg[int(dist_neg.argmin())])
 
@@ -187,8 +247,8 @@ def mine_hard_triplets_reference(
         return torch.tensor(values, dtype=torch.long, device=device)
 
     return MinedTriplets(
-        anchors=as_tensor(anchors),
+        anchors=as_tensor(kept),
         positives=as_tensor(positives),
         negatives=as_tensor(negatives),
-        num_dropped=student_embeddings.shape[0] - len(anchors),
+        num_dropped=len(anchor_rows) - len(kept),
     )

@@ -106,6 +106,22 @@ def test_vectorised_equals_reference_on_random_ages(chunk_size: int) -> None:
     _assert_same(mine_hard_triplets(student, teacher, ages, pool, age_threshold=5.0, chunk_size=chunk_size), reference)
 
 
+def test_reference_on_a_sample_of_anchors_mines_those_rows_alike() -> None:
+    """What the benchmark times: the per-anchor loop over some anchors gives the full run's rows for them."""
+    gen = torch.Generator().manual_seed(2)
+    student = torch.randn(120, 6, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(120, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (120,), generator=gen)
+    pool = draw_pool(120, 0.1, gen)
+    full = mine_hard_triplets_reference(student, teacher, labels, pool)
+    sample = torch.tensor([3, 17, 64, 119])
+    part = mine_hard_triplets_reference(student, teacher, labels, pool, anchors=sample)
+    at = [full.anchors.tolist().index(i) for i in part.anchors.tolist()]
+    assert part.anchors.tolist() == [i for i in sample.tolist() if i in full.anchors.tolist()]
+    assert part.num_dropped == len(sample) - len(part)
+    assert torch.equal(part.positives, full.positives[at]) and torch.equal(part.negatives, full.negatives[at])
+
+
 def test_draw_pool_is_deterministic_and_sized() -> None:
     first = draw_pool(100, 0.1, torch.Generator().manual_seed(7))
     again = draw_pool(100, 0.1, torch.Generator().manual_seed(7))

@@ -58,9 +58,13 @@ def flat_metrics(test_set: str, visible: str, metrics: Mapping[str, float]) -> d
 
 def run_train_node(node: Mapping[str, Any], storage: Path, data_path: Path, parent_dirs: Mapping[str, Path],
                    *, device: torch.device, report: Report, pretrained: Path | None = None,
-                   is_writer: bool = True) -> dict[str, Any]:
-    """Train one stage, evaluate its best checkpoint on every test set × visibility, seal the outputs."""
+                   is_writer: bool = True, started_at: float | None = None) -> dict[str, Any]:
+    """Train one stage, evaluate its best checkpoint on every test set × visibility, seal the outputs.
+
+    ``started_at``: wall-clock start of the trial that runs this node (default: now); with the first and
+    last training steps it goes into ``result.json``'s "timing", which measures per-node overhead."""
     started = time.perf_counter()
+    started_at = started_at or time.time()
     spec = StageSpec.from_dict(node["params"])
     task = spec.task_info
     data = open_face_store(data_path)
@@ -114,7 +118,9 @@ def run_train_node(node: Mapping[str, Any], storage: Path, data_path: Path, pare
     files.append("test_plot.png")
     summary = {"key": node["key"], "hash": node["hash"], "kind": "train", "strategy": node["strategy"],
                "metrics": metrics, "val_score": result.best_val_score, "best_epoch": result.best_epoch,
-               "epochs_run": len(result.history), "seconds": time.perf_counter() - started}
+               "epochs_run": len(result.history), "seconds": time.perf_counter() - started,
+               "timing": {"started_at": started_at, "first_step_at": result.first_step_at,
+                          "last_step_at": result.last_step_at, "finished_at": time.time()}}
     write_result(out, summary, files)
     return summary
 
@@ -125,10 +131,11 @@ def parent_strategy(key: str) -> str:
 
 
 def run_fusion_node(node: Mapping[str, Any], storage: Path, data_path: Path,
-                    parent_dirs: Mapping[str, Path]) -> dict[str, Any]:
+                    parent_dirs: Mapping[str, Path], *, started_at: float | None = None) -> dict[str, Any]:
     """Pick the best KD node of each kind by validation, fuse their embeddings with an SVM / ε-SVR (spec §8),
     and fit the single-embedding SVMs of the Table 4 ablation."""
     started = time.perf_counter()
+    started_at = started_at or time.time()
     task = get_task(node["task"])
     data = open_face_store(data_path)
     out = fresh_node_dir(storage, node["hash"])
@@ -173,7 +180,8 @@ def run_fusion_node(node: Mapping[str, Any], storage: Path, data_path: Path,
                "metrics": metrics, "val_score": metrics["val_score"], "fitted": fitted,
                "selected": {k: {"key": v[0], "hash": v[2]["hash"], "val_score": v[2]["val_score"]}
                             for k, v in chosen.items()},
-               "seconds": time.perf_counter() - started}
+               "seconds": time.perf_counter() - started,
+               "timing": {"started_at": started_at, "finished_at": time.time()}}
     write_result(out, summary, ["predictions.parquet", "test_plot.png"])
     return summary
 
@@ -187,10 +195,11 @@ def _fusion_predictions(outputs: np.ndarray, targets: np.ndarray, visible: str, 
 
 
 def run_significance_node(node: Mapping[str, Any], storage: Path, data_path: Path,
-                          parent_dirs: Mapping[str, Path]) -> dict[str, Any]:
+                          parent_dirs: Mapping[str, Path], *, started_at: float | None = None) -> dict[str, Any]:
     """Each distilled or fused model against the main student of its architecture on the same test faces:
     McNemar on per-sample correctness (classification) or Wilcoxon on absolute errors (age), then Holm
     over the task's family of tests (spec §12)."""
+    started_at = started_at or time.time()
     task = get_task(node["task"])
     data = open_face_store(data_path)
     visible = node["params"]["visible"]
@@ -231,7 +240,8 @@ def run_significance_node(node: Mapping[str, Any], storage: Path, data_path: Pat
                        verdict="better" if rej and better else ("worse" if rej else "no significant difference"))
     atomic_write_bytes(out / "comparisons.json", json.dumps(comparisons, indent=1, default=float).encode())
     summary = {"key": node["key"], "hash": node["hash"], "kind": "significance", "strategy": "significance",
-               "comparisons": comparisons, "metrics": {}}
+               "comparisons": comparisons, "metrics": {},
+               "timing": {"started_at": started_at, "finished_at": time.time()}}
     write_result(out, summary, ["comparisons.json"])
     return summary
 

@@ -29,6 +29,7 @@ from grid.data import prepare_data  # noqa: E402
 from grid.graph import Node, StageGraph, default_resources, describe_graph, expand_graph  # noqa: E402
 from grid.progress import Progress  # noqa: E402
 from grid.report import collect_rows, write_report  # noqa: E402
+from grid.timeline import node_timeline, overheads, summary_line, write_timeline  # noqa: E402
 from occkd_core.presets import builtin_presets, load_preset  # noqa: E402
 from occkd_core.tasks import ARCHITECTURES, TASKS, check_name, get_task  # noqa: E402
 
@@ -168,6 +169,9 @@ def run_graph(args: argparse.Namespace, graph: StageGraph, prepared: dict, stora
 
     failed: dict[str, str] = {}
     blocked: dict[str, str] = {}
+    ready_at: dict[str, float] = {}
+    completed_at: dict[str, float] = {}
+    grid_started_at = time.time()
     if to_run:
         ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR", configure_logging=True)
@@ -185,8 +189,10 @@ def run_graph(args: argparse.Namespace, graph: StageGraph, prepared: dict, stora
         callback = GridCallback(graph, tracker, progress, storage, results, failed)
         tuner = tune.Tuner(
             tune.with_resources(run_node_trial, resources=trial_resources),
+            # reuse_actors: a trial process (Ray worker, torch and the data libraries imported) runs the
+            # next node with the same resource request instead of a new process starting from scratch.
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(to_run),
-                                        max_concurrent_trials=concurrency),
+                                        max_concurrent_trials=concurrency, reuse_actors=True),
             run_config=tune.RunConfig(name=f"grid-{int(time.time())}", storage_path=str(storage / "ray_results"),
                                       failure_config=tune.FailureConfig(max_failures=args.max_failures),
                                       callbacks=[callback], verbose=0),
@@ -196,6 +202,7 @@ def run_graph(args: argparse.Namespace, graph: StageGraph, prepared: dict, stora
         logging.getLogger("ray").setLevel(logging.CRITICAL)  # failures are summarised below, once
         tuner.fit()
         blocked = dict(searcher.blocked)
+        ready_at, completed_at = searcher.ready_at, searcher.completed_at
         for key, reason in searcher.failed.items():
             failed.setdefault(key, reason)
         ray.shutdown()
@@ -206,6 +213,13 @@ def run_graph(args: argparse.Namespace, graph: StageGraph, prepared: dict, stora
     setting = (f"Preset `{preset.name}`: {preset.description} Data: "
                f"{args.data_root or 'built-in synthetic faces'}. Seeds: {args.seeds}.")
     paths = write_report(rows, report_dir, title="occkd report", setting=setting)
+    if ready_at:  # where this invocation's wall time went, node by node
+        timeline = node_timeline(graph, results, ready_at, completed_at, origin=grid_started_at)
+        paths.append(write_timeline(timeline, report_dir / "timeline.csv"))
+        stats = overheads(graph, timeline)
+        (report_dir / "overheads.json").write_text(json.dumps(stats, indent=1))
+        paths.append(report_dir / "overheads.json")
+        print(summary_line(stats))
     status = "FAILED" if failed or blocked else "FINISHED"
     tracker.finish(status, artifacts=paths)
     print(progress.summary_line())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,6 +50,9 @@ class DependencySearcher(Searcher):
         self.running: dict[str, str] = {}  # trial_id -> node key
         self.failed: dict[str, str] = {}  # node key -> reason
         self.blocked: dict[str, str] = {}  # node key -> failed ancestor
+        # Wall-clock times for the timeline (grid.timeline): handed to Tune, and seen finished.
+        self.ready_at: dict[str, float] = {}
+        self.completed_at: dict[str, float] = {}
         priority = graph.critical_path()
         self.pending.sort(key=lambda k: -priority[k])
 
@@ -57,6 +61,7 @@ class DependencySearcher(Searcher):
             if all(p in self.done for p in self.graph.nodes[key].parents):
                 self.pending.remove(key)
                 self.running[trial_id] = key
+                self.ready_at[key] = time.time()
                 return self._config(key)
         if not self.pending or (not self.running and self.pending):
             return Searcher.FINISHED
@@ -75,6 +80,7 @@ class DependencySearcher(Searcher):
         key = self.running.pop(trial_id, None)
         if key is None:
             return
+        self.completed_at[key] = time.time()
         if error:
             self.failed[key] = "trial errored"
             for child in self.graph.descendants(key):
@@ -123,6 +129,7 @@ def max_concurrency(resources: list[Resources], cluster: Mapping[str, float]) ->
 
 def run_node_trial(config: dict[str, Any]) -> None:
     """Tune trainable: run one node and report its epochs; the sealed result stays on storage."""
+    started_at = time.time()
     import torch
 
     from grid import nodes
@@ -133,7 +140,7 @@ def run_node_trial(config: dict[str, Any]) -> None:
     data_path = Path(settings["data_paths"][node["task"]])
     _maybe_inject_fault(node, settings, storage)
     if node["kind"] == "train" and _uses_train(config):
-        _run_with_torch_trainer(config)
+        _run_with_torch_trainer({**config, "trial_started_at": started_at})
     elif node["kind"] == "train":
         torch.set_num_threads(max(1, int(node["resources"]["cpus"])))
         import ray
@@ -141,12 +148,12 @@ def run_node_trial(config: dict[str, Any]) -> None:
         device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
         weights = settings["weights"].get(node["arch"]) if node["strategy"] == "teacher" else None
         nodes.run_train_node(node, storage, data_path, parent_dirs, device=device, report=tune.report,
-                             pretrained=Path(weights) if weights else None)
+                             pretrained=Path(weights) if weights else None, started_at=started_at)
     elif node["kind"] == "fusion":
         torch.set_num_threads(max(1, int(node["resources"]["cpus"])))
-        nodes.run_fusion_node(node, storage, data_path, parent_dirs)
+        nodes.run_fusion_node(node, storage, data_path, parent_dirs, started_at=started_at)
     else:
-        nodes.run_significance_node(node, storage, data_path, parent_dirs)
+        nodes.run_significance_node(node, storage, data_path, parent_dirs, started_at=started_at)
     tune.report({"event": "done"})
 
 
@@ -166,7 +173,7 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
                          {k: Path(v) for k, v in config["parent_dirs"].items()},
                          device=ray.train.torch.get_device(), report=ray.train.report,
                          pretrained=Path(weights) if weights else None,
-                         is_writer=context.get_world_rank() == 0)
+                         is_writer=context.get_world_rank() == 0, started_at=config.get("trial_started_at"))
 
 
 def _run_with_torch_trainer(config: dict[str, Any]) -> None:

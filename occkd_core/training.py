@@ -100,6 +100,10 @@ class TrainResult:
     best_epoch: int
     best_val_score: float
     history: list[EpochRecord]
+    # Wall-clock time.time() of this call's first and last optimiser step (None: nothing left to train),
+    # so an orchestrator can measure what it costs around the training itself.
+    first_step_at: float | None = None
+    last_step_at: float | None = None
 
 
 EpochCallback = Callable[[EpochRecord], None]
@@ -194,6 +198,7 @@ def train_stage(
         strategy = SupervisedStrategy(ctx)
 
     # -- epochs -----------------------------------------------------------------------------------------
+    step_clock: dict[str, float] = {}
     for epoch in range(start_epoch, train.epochs + 1):
         started = time.perf_counter()
         phase = dsd_schedule.phase(epoch - 1) if dsd_schedule else "dense"
@@ -207,7 +212,8 @@ def train_stage(
         # Every rank must run the same number of batches or DDP's all-reduce waits forever.
         rows = order[: len(order) - len(order) % world][rank::world]
         sums, train_outputs, train_rows = _run_epoch(model, strategy, rows, optimizer, train.batch_size, flip_generator,
-                                                     epoch, dsd if phase == "sparse" else None, on_gpu)
+                                                     epoch, dsd if phase == "sparse" else None, on_gpu,
+                                                     step_clock)
         num_batches = max(1, math.ceil(len(rows) / train.batch_size))
         loss_terms = {name: value / num_batches for name, value in sums.items()}
         train_preds = _as_predictions(train_outputs, train_split.labels(task.name)[train_rows], spec.train_visible)
@@ -239,7 +245,8 @@ def train_stage(
     if world > 1:
         dist.barrier()
     return TrainResult(best_checkpoint=best_path, last_checkpoint=last_path, best_epoch=best_epoch,
-                       best_val_score=best_score, history=history)
+                       best_val_score=best_score, history=history, first_step_at=step_clock.get("first"),
+                       last_step_at=step_clock.get("last"))
 
 
 def _read_resume_state(last_path: Path, best_path: Path) -> dict[str, Any] | None:
@@ -275,8 +282,10 @@ def _run_epoch(
     epoch: int,
     dsd: DSDPruner | None,
     on_gpu: bool,
+    step_clock: dict[str, float] | None = None,
 ) -> tuple[dict[str, float], torch.Tensor, np.ndarray]:
-    """One pass over ``rows``; returns summed loss terms, the batches' outputs and their rows."""
+    """One pass over ``rows``; returns summed loss terms, the batches' outputs and their rows.
+    ``step_clock`` gets the wall-clock time of the first step it sees ("first") and of the last ("last")."""
     device = strategy.ctx.device
     window: list[tuple[int, dict[str, torch.Tensor]]] = []
     sums: dict[str, torch.Tensor] = {}
@@ -292,6 +301,9 @@ def _run_epoch(
         optimizer.step()
         if dsd is not None:
             dsd.apply_masks()
+        if step_clock is not None:
+            step_clock.setdefault("first", time.time())
+            step_clock["last"] = time.time()
         detached = {name: value.detach().float() for name, value in terms.items()}
         for name, value in detached.items():
             sums[name] = sums.get(name, 0.0) + value

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from grid.timeline import read_timeline
+
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
@@ -96,6 +98,13 @@ def test_outputs_on_storage_and_the_report(grid_run):
     assert {c["model"] for c in comparisons} == {"standard_kd", "triplet_kd", "fusion"}
     assert all(0.0 <= c["pvalue_holm"] <= 1.0 and c["test"] == "mcnemar" for c in comparisons)
     assert "teacher 1/1" in first.stdout and "report:" in first.stdout
+    # Where the wall time went: every node handed out, started, trained (training nodes) and completed, in order.
+    timeline = read_timeline(storage / "reports" / "occkd-tiny" / "timeline.csv")
+    assert len(timeline) == 8 and "per-node overhead, median: ready -> first step" in first.stdout
+    for row in timeline:
+        steps = (row["first_step"], row["last_step"]) if row["kind"] == "train" else ()
+        times = [row["ready"], row["started"], *steps, row["finished"], row["completed"]]
+        assert None not in times and times == sorted(times), row
 
 
 def test_second_invocation_trains_nothing(grid_run):

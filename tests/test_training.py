@@ -1,5 +1,6 @@
 """The one training loop: every stage runs, resumes, keeps the teacher frozen, stops on NaN."""
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,13 +65,18 @@ def test_student_starts_from_its_teacher(tiny_faces, tmp_path: Path):
 
 
 def test_interrupted_stage_resumes_from_last_checkpoint(tiny_faces, tmp_path: Path):
+    before = time.time()
     first = train_stage(stage("fer", "teacher", "full", epochs=1), tiny_faces, tmp_path)
+    assert before < first.first_step_at < first.last_step_at < time.time()  # this call's optimiser steps
     epochs_seen = []
     resumed = train_stage(stage("fer", "teacher", "full", epochs=3), tiny_faces, tmp_path,
                           on_epoch=lambda r: epochs_seen.append(r.epoch))
     assert epochs_seen == [2, 3]  # epoch 1 is not trained again
     assert [r.epoch for r in resumed.history] == [1, 2, 3]
     assert resumed.history[0] == first.history[0]
+    assert resumed.first_step_at > first.last_step_at
+    done = train_stage(stage("fer", "teacher", "full", epochs=3), tiny_faces, tmp_path)
+    assert done.first_step_at is None and done.last_step_at is None  # nothing left to train
 
 
 def test_same_seed_gives_the_same_training(tiny_faces, tmp_path: Path):

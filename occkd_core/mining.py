@@ -105,6 +105,7 @@ class _SameClass:
             return
         pool_ages = pool_labels.double()
         order = torch.argsort(pool_ages, stable=True)
+        self.order = order  # pool slots from the youngest
         self.rank = torch.empty_like(order)
         self.rank[order] = torch.arange(len(order), device=order.device)
         ages, sorted_ages = labels.double(), pool_ages[order]
@@ -179,25 +180,36 @@ def mine_hard_triplets(
         return torch.cat([anchor_emb, ones[: anchor_emb.shape[0]]], dim=1) @ candidates.T  # [C, P']
 
     negative_slots = torch.empty(num_train, dtype=torch.long, device=device)
-    positive_slots = torch.zeros(num_train, dtype=torch.long, device=device)
-    blocked = age_threshold is None  # classes: positives per class block, see below
     for start in range(0, num_train, chunk_size):
         rows = slice(start, start + chunk_size)
         same = same_class.mask(rows)
         negative_slots[rows] = scores(rows, pool_student).masked_fill_(same, float("-inf")).argmax(dim=1)
-        if not blocked:
-            other = same.logical_not_()  # in place: `same` is not needed any more
-            positive_slots[rows] = scores(rows, pool_teacher).masked_fill_(other, float("inf")).argmin(dim=1)
-    if blocked:
-        # A positive shares the anchor's class, so each class's anchors only meet that class's pool
-        # slots (kept in pool order, so ties still go to the first): with FER+'s classes ~30 % of the
-        # full product, and no mask.
+        del same
+    # A positive is same-class, so anchors only meet the pool slots that can be theirs, kept in pool
+    # order so that ties still go to the first: per class its own slots (with FER+'s classes ~30 % of
+    # the full product, and no mask); for ages, anchors taken from the youngest, each chunk against
+    # the slots within the threshold of any of its anchors (a band of ages), masked per anchor.
+    positive_slots = torch.zeros(num_train, dtype=torch.long, device=device)
+    if age_threshold is None:
         for label in torch.unique(pool_labels):
             slots = (pool_labels == label).nonzero().squeeze(1)
             anchors = (labels == label).nonzero().squeeze(1)
             for start in range(0, len(anchors), chunk_size):
                 chunk = anchors[start : start + chunk_size]
                 positive_slots[chunk] = slots[scores(chunk, pool_teacher[slots]).argmin(dim=1)]
+    else:
+        by_age = torch.argsort(labels.double(), stable=True)
+        for start in range(0, num_train, chunk_size):
+            chunk = by_age[start : start + chunk_size]
+            low, high = same_class.low[chunk], same_class.high[chunk]
+            band_low, band_high = int(low.min()), int(high.max())
+            if band_high <= band_low:
+                continue  # no anchor of the chunk has a positive (they are dropped)
+            slots = same_class.order[band_low:band_high].sort().values
+            rank = same_class.rank[slots]
+            outside = (rank[None, :] < low[:, None]) | (rank[None, :] >= high[:, None])
+            positive_slots[chunk] = slots[scores(chunk, pool_teacher[slots]).masked_fill_(outside, float("inf"))
+                                          .argmin(dim=1)]
 
     keep = has_positive & has_negative
     return MinedTriplets(

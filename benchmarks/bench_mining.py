@@ -75,7 +75,7 @@ def speedup_rows(data: dict[str, FaceData], sample: int) -> list[list]:
         teacher = F.normalize(torch.randn(num, dim, generator=generator), dim=1)
         pool = draw_pool(num, fraction, generator)
         kwargs = {"age_threshold": task.age_threshold}
-        fast_seconds, mined = _time(lambda: mine_hard_triplets(student, teacher, labels, pool, **kwargs), 3)
+        fast_seconds, mined = _time(lambda: mine_hard_triplets(student, teacher, labels, pool, **kwargs), 7)
         anchors = torch.randperm(num, generator=generator)[:sample].sort().values
         start = time.perf_counter()
         reference = mine_hard_triplets_reference(student, teacher, labels, pool, anchors=anchors, **kwargs)

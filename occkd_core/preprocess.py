@@ -139,7 +139,8 @@ def _finish_view(x: torch.Tensor, visible: Visibility, spec: InputSpec, flip: to
         rows_to_flip = flip.nonzero().squeeze(1)
         out.index_copy_(0, rows_to_flip, out.index_select(0, rows_to_flip).flip(3))
     elif flip is not None:  # on a GPU, nonzero() would wait for the device; where() does not
-        out = torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
+        out = torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out).contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return out
 
 

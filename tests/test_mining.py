@@ -83,7 +83,7 @@ def _assert_same(a: MinedTriplets, b: MinedTriplets) -> None:
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 200, 4096])
 def test_vectorised_equals_reference_on_random_classes(chunk_size: int) -> None:
-    # float64 so that the matmul form of torch.cdist cannot reorder near-ties.
+    # float64 so that the miner's matrix-product form of the distance cannot reorder near-ties.
     gen = torch.Generator().manual_seed(0)
     student = torch.randn(200, 8, generator=gen, dtype=torch.float64)
     teacher = torch.randn(200, 8, generator=gen, dtype=torch.float64)

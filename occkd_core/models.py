@@ -10,7 +10,6 @@ losses, mining and fusion all read it from ``forward``, which returns ``(logits,
 from __future__ import annotations
 
 import abc
-import pickle
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet50
 from torchvision.models.resnet import Bottleneck, ResNet
 
+from occkd_core.pretrained import read_weights_file
 from occkd_core.tasks import check_name
 
 #: Smallest input side every architecture handles: VGG-f's conv1 (11x11/4) and two 3x3/2 pools need 31 px
@@ -309,21 +309,15 @@ def load_pretrained(model: FaceNet, path: str | Path, *, skip_head: bool = True)
     """Load a state dict from ``path`` into ``model``; returns the model keys that were loaded. Never downloads.
 
     Accepts a plain state dict, or one under ``"state_dict"`` / ``"model"`` (our checkpoints), with or
-    without a DDP ``module.`` prefix. Keys are matched as: our own keys; the MatConvNet "dag" ports of
+    without a DDP ``module.`` prefix, and MatConvNet ``.mat`` files (:mod:`occkd_core.pretrained`).
+    Keys are matched as: our own keys; MatConvNet's layer names and the "dag" ports of
     VGG-face / VGG-f (``conv1_1.weight`` -> ``features.conv1_1.weight``; their fc6-fc8 are skipped, the
     spec deletes them); torchvision's ResNet (``fc.*`` -> ``head.*``). With ``skip_head`` the head is
     not loaded (a new task head). Any missing, unexpected or wrongly shaped entry raises a ValueError
     that lists them and names the architecture the file seems to hold.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pre-trained weights {str(path)!r} not found; load_pretrained never downloads, "
-                                f"so fetch the file first (e.g. torchvision's ResNet50_Weights.IMAGENET1K_V1 url)")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # foreign pickle, truncated or corrupt file
-        raise ValueError(f"cannot read {str(path)!r} as a state dict ({type(err).__name__}: {err}); save weights "
-                         f"with torch.save(model.state_dict(), path)") from None
+    raw = read_weights_file(path)  # torch (weights_only) or MatConvNet .mat; errors name the file
     file_state = _unwrap_state_dict(raw, path)
     model_state = model.state_dict()
     is_vgg = isinstance(model, _VGGBase)

@@ -49,7 +49,8 @@ def paper_graph() -> StageGraph:
     preset = load_preset("paper")
     return expand_graph(preset, TASKS, ARCHITECTURES, train_sizes=PAPER_TRAIN_SIZES,
                         data_fingerprints={t: "paper" for t in TASKS},
-                        resources=default_resources(preset, ARCHITECTURES))
+                        resources=default_resources(preset, ARCHITECTURES),
+                        from_scratch=True)  # where teachers start changes hashes, not the cost model
 
 
 def with_barriers(graph: StageGraph) -> StageGraph:
@@ -121,7 +122,7 @@ def run_on_ray(graph: StageGraph, seconds: dict[str, float], storage: Path, reus
     resources = {k: n.resources for k, n in graph.nodes.items()}
     nodes = {k: Node(**{**n.__dict__, "params": {}}) for k, n in graph.nodes.items()}  # keep configs small
     slim = StageGraph(nodes=nodes)
-    settings = RunSettings(storage=str(storage), data_paths={}, weights={})
+    settings = RunSettings(storage=str(storage), data_paths={})
     searcher = DependencySearcher(slim, list(slim.nodes), set(), settings, resources)
     config_of = searcher._config
 

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from occkd_core.presets import Preset, TrainSpec
+from occkd_core.pretrained import FROM_SCRATCH, WeightsFile
 from occkd_core.tasks import get_task
 from occkd_core.training import StageSpec
 
 #: Bump when a change to the code makes old outputs invalid (it is part of every node hash).
-GRAPH_VERSION = 1
+#: 2: a teacher's starting weights (name and file checksum) joined its identity; before, a teacher trained
+#: from pre-trained weights and one trained from scratch shared a hash.
+GRAPH_VERSION = 2
 
 #: Relative cost of one training image at 224 px and full width (NOTES.md: bare-loop throughput).
 ARCH_COST = {"vggf": 1.0, "vggface": 35.0, "resnet50": 18.0}
@@ -55,6 +58,9 @@ class Node:
     cost: float  # estimated relative work, for scheduling priority and the benchmark's cost model
     hash: str = ""
     grid_point: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"margin": 0.1}
+    # Teachers only: where training starts, {"weights": name | "from_scratch", "sha256": ..., "file": path}.
+    # Name and checksum are part of the hash (and so of every descendant's); the path is not.
+    init: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def run_name(self) -> str:
@@ -112,12 +118,16 @@ def expand_graph(
     train_sizes: Mapping[str, int],
     data_fingerprints: Mapping[str, str],
     resources: Mapping[str, Resources] | None = None,
+    weights: Mapping[str, WeightsFile] | None = None,
+    from_scratch: bool = False,
 ) -> StageGraph:
     """Expand the grid into nodes in topological order.
 
     ``train_sizes`` / ``data_fingerprints``: per task, the number of training images (cost model) and
     a fingerprint of the prepared data (part of every hash). ``resources``: per architecture and for
-    "fusion" / "significance"; defaults come from :func:`default_resources`.
+    "fusion" / "significance"; defaults come from :func:`default_resources`. ``weights``: the local file
+    of each pre-trained weights name the preset's teachers start from; ``from_scratch`` trains every
+    teacher from random initialisation instead (a ValueError names weights that are neither).
     """
     tasks, archs = list(tasks), list(archs)
     resources = {**default_resources(preset, archs), **(resources or {})}
@@ -125,8 +135,11 @@ def expand_graph(
 
     def add(node: Node) -> Node:
         parent_hashes = [nodes[p].hash for p in node.parents]
-        digest = _hash({"version": GRAPH_VERSION, "kind": node.kind, "strategy": node.strategy,
-                        "params": node.params, "parents": parent_hashes, "data": data_fingerprints[node.task]})
+        payload = {"version": GRAPH_VERSION, "kind": node.kind, "strategy": node.strategy,
+                   "params": node.params, "parents": parent_hashes, "data": data_fingerprints[node.task]}
+        if node.init:
+            payload["init"] = {k: v for k, v in node.init.items() if k != "file"}
+        digest = _hash(payload)
         node = Node(**{**node.__dict__, "hash": digest})
         if node.key in nodes:
             raise ValueError(f"duplicate node key {node.key}")
@@ -144,7 +157,7 @@ def expand_graph(
                 per_image = ARCH_COST[arch] * (settings.input_size / 224) ** 2 * settings.width_mult ** 2
 
                 def train_node(strategy: str, stage: str, visible: str, faces: str, parents: tuple[str, ...],
-                               spec: TrainSpec, point: Mapping[str, Any]) -> Node:
+                               spec: TrainSpec, point: Mapping[str, Any], init: Mapping[str, str] | None = None) -> Node:
                     stage_spec = StageSpec(task=task, arch=arch, strategy=stage, train_visible=visible,
                                            input_size=settings.input_size, width_mult=settings.width_mult,
                                            train=spec, seed=seed, dropout=settings.dropout)
@@ -152,9 +165,10 @@ def expand_graph(
                     return add(Node(key=f"{base}/{strategy}{_grid_suffix(point)}{seed_suffix}", kind="train",
                                     task=task, arch=arch, strategy=strategy, train_faces=faces, seed=seed,
                                     params=stage_spec.to_dict(), parents=parents, resources=resources[arch],
-                                    cost=cost, grid_point=dict(point)))
+                                    cost=cost, grid_point=dict(point), init=dict(init or {})))
 
-                teacher = train_node("teacher", "teacher", "full", "full", (), preset.train_spec(task, arch, "teacher"), {})
+                teacher = train_node("teacher", "teacher", "full", "full", (), preset.train_spec(task, arch, "teacher"),
+                                     {}, teacher_init(preset, task, arch, weights or {}, from_scratch))
                 student_spec = preset.train_spec(task, arch, "student")
                 main = train_node("student", "student", info.main_visible, info.main_visible, (teacher.key,),
                                   student_spec, {})
@@ -171,7 +185,9 @@ def expand_graph(
                 fusion = add(Node(key=f"{base}/fusion{seed_suffix}", kind="fusion", task=task, arch=arch,
                                   strategy="fusion", train_faces=f"full+{info.main_visible}", seed=seed,
                                   params={"Cs": list(preset.fusion_Cs), "visible": info.main_visible,
-                                          "kind": info.kind},
+                                          "kind": info.kind,
+                                          **({"svr_kernels": list(preset.svr_kernels)}
+                                             if info.kind == "regression" else {})},
                                   parents=(main.key, *distilled), resources=resources["fusion"],
                                   cost=train_sizes[task] * 1e-3))
                 fusion_keys.append(fusion.key)
@@ -182,6 +198,19 @@ def expand_graph(
                      parents=tuple(student_keys + fusion_keys),
                      resources=resources["significance"], cost=1.0))
     return StageGraph(nodes=nodes)
+
+
+def teacher_init(preset: Preset, task: str, arch: str, weights: Mapping[str, WeightsFile],
+                 from_scratch: bool) -> dict[str, str]:
+    """Where the teacher of ``task`` × ``arch`` starts: the preset's weights (their file) or from scratch."""
+    name = preset.teacher_weights(task, arch)
+    if name == FROM_SCRATCH or from_scratch:
+        return {"weights": FROM_SCRATCH}
+    if name not in weights:
+        raise ValueError(f"preset {preset.name!r} starts the {task}/{arch} teacher from {name} weights: pass "
+                         f"--weights {name}=PATH, or --from-scratch")
+    found = weights[name]
+    return {"weights": name, "sha256": found.sha256, "file": found.path}
 
 
 def default_resources(preset: Preset, archs: Iterable[str]) -> dict[str, Resources]:
@@ -203,6 +232,9 @@ def describe_graph(graph: StageGraph) -> str:
         gpu = f" gpu={res.gpus:g}" if res.gpus else ""
         workers = f" workers={res.workers}" if res.workers > 1 else ""
         parents = ", ".join(node.parents) if node.parents else "-"
+        if node.init:
+            sha = f" sha256 {node.init['sha256'][:12]}" if "sha256" in node.init else ""
+            parents = f"{node.init['weights']}{sha}"
         lines.append(f"{node.key:<52} {node.hash}  cpu={res.cpus:g}{gpu}{workers}  <- {parents}")
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())
     return "\n".join(lines + [f"{len(graph.nodes)} nodes: {summary}"])

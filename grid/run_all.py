@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 if __package__ in (None, ""):  # run as a script: make `grid` and `occkd_core` importable from a clone
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,7 +30,8 @@ from grid.graph import Node, StageGraph, default_resources, describe_graph, expa
 from grid.progress import Progress  # noqa: E402
 from grid.report import collect_rows, write_report  # noqa: E402
 from grid.timeline import node_timeline, overheads, summary_line, write_timeline  # noqa: E402
-from occkd_core.presets import builtin_presets, load_preset  # noqa: E402
+from occkd_core.presets import Preset, builtin_presets, load_preset  # noqa: E402
+from occkd_core.pretrained import FROM_SCRATCH, PRETRAINED, WeightsFile, get_pretrained  # noqa: E402
 from occkd_core.tasks import ARCHITECTURES, TASKS, check_name, get_task  # noqa: E402
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -55,8 +56,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to join ('auto' on a cluster head); default: start a local Ray")
     parser.add_argument("--seeds", type=int, default=1, help="repeat every node with seeds 0..N-1")
-    parser.add_argument("--weights", action="append", default=[], metavar="ARCH=PATH",
-                        help="local pre-trained weights a teacher starts from (e.g. vggface=vgg_face.pt); repeatable")
+    parser.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
+                        help="the local file of pre-trained weights the preset's teachers start from, by name: "
+                             f"{', '.join(sorted(PRETRAINED))} (e.g. vggface=vgg-face.mat); repeatable. The file's "
+                             "sha256 is part of each teacher's identity. Nothing is downloaded")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train every teacher from random initialisation, also those the preset starts from "
+                             "pre-trained weights (the report says so)")
     parser.add_argument("--max-failures", type=int, default=2,
                         help="times Tune retries a failed node (it resumes from its last checkpoint)")
     parser.add_argument("--ray-train", choices=("multi", "always"), default="multi",
@@ -68,8 +74,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.archs = [check_name("architecture", a.strip()) for a in args.archs.split(",") if a.strip()]
         args.preset_obj = load_preset(args.preset)
         args.weights = dict(_parse_weight(w) for w in args.weights)
-        for arch, path in args.weights.items():  # a wrong file fails now, not hours into the grid
-            _check_weights(args.preset_obj, arch, path)
     except ValueError as err:
         parser.error(str(err))
     if not args.tasks or not args.archs:
@@ -86,20 +90,66 @@ def _fault_injection() -> dict[str, Any] | None:
     return json.loads(text) if text else None
 
 
-def _check_weights(preset, arch: str, path: str) -> None:
+def _parse_weight(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not path:
+        raise ValueError(f"--weights {text!r}: expected NAME=PATH, e.g. vggface=/data/vgg-face.mat")
+    get_pretrained(name)
+    return name, path
+
+
+def resolve_weights(preset: Preset, tasks: list[str], archs: list[str], given: Mapping[str, str],
+                    from_scratch: bool) -> dict[str, WeightsFile]:
+    """The weights files the selected teachers start from, checksummed and test-loaded into their
+    architecture now, so a missing or wrong file fails before any data is prepared (ValueError /
+    FileNotFoundError with one actionable line, or the layers that do not fit)."""
     from occkd_core.models import ModelSpec, build_model, load_pretrained
 
-    settings = preset.arch(arch)
-    model = build_model(ModelSpec(arch=arch, num_outputs=2, width_mult=settings.width_mult, dropout=settings.dropout))
-    load_pretrained(model, path)
+    needed = preset.required_weights(tasks, archs)
+    if from_scratch and given:
+        raise ValueError("--from-scratch trains every teacher from random initialisation; drop --weights "
+                         f"{','.join(given)} or --from-scratch")
+    unused = sorted(set(given) - set(needed))
+    if unused:
+        uses = ", ".join(f"{n} ({', '.join(t)})" for n, t in needed.items()) or "none: every teacher starts from scratch"
+        raise ValueError(f"--weights {','.join(unused)}: preset {preset.name!r} starts none of the selected teachers "
+                         f"from {' or '.join(unused)} (it uses {uses})")
+    missing = {name: teachers for name, teachers in needed.items() if name not in given}
+    if missing and not from_scratch:
+        listed = "; ".join(f"{name} (e.g. {get_pretrained(name).files[0]}) for {', '.join(teachers)}"
+                           for name, teachers in missing.items())
+        example = " ".join(f"--weights {name}=PATH" for name in missing)
+        raise ValueError(f"preset {preset.name!r} starts teachers from pre-trained weights that were not given: "
+                         f"{listed}; pass {example}, or --from-scratch to train them from random initialisation")
+    found = {}
+    for name, path in given.items():
+        weights = WeightsFile.locate(name, path)
+        arch = get_pretrained(name).arch
+        settings = preset.arch(arch)
+        model = build_model(ModelSpec(arch=arch, num_outputs=2, width_mult=settings.width_mult,
+                                      dropout=settings.dropout))
+        load_pretrained(model, weights.path)  # a wrong file fails now, not hours into the grid
+        found[name] = weights
+    return found
 
 
-def _parse_weight(text: str) -> tuple[str, str]:
-    arch, _, path = text.partition("=")
-    check_name("architecture", arch)
-    if not Path(path).is_file():
-        raise ValueError(f"--weights {text!r}: no such file {path!r}")
-    return arch, str(Path(path).resolve())
+def describe_init(graph: StageGraph, preset: Preset, from_scratch: bool) -> str:
+    """The report's sentence on where the teachers started."""
+    by_weights: dict[str, list[str]] = {}
+    for node in graph.nodes.values():
+        if node.strategy == "teacher":
+            init = node.init or {"weights": FROM_SCRATCH}
+            label = (f"{init['weights']} ({Path(init['file']).name}, sha256 {init['sha256'][:12]})"
+                     if init["weights"] != FROM_SCRATCH else "from scratch")
+            by_weights.setdefault(label, []).append(f"{node.task}/{node.arch}")
+    text = "Teachers: " + "; ".join(f"{label}: {', '.join(sorted(set(t)))}" for label, t in by_weights.items()) + "."
+    overridden = preset.required_weights(sorted({n.task for n in graph.nodes.values()}),
+                                         sorted({n.arch for n in graph.nodes.values() if n.arch}))
+    if from_scratch and overridden:
+        text += (f" **Trained from scratch by --from-scratch**, although preset `{preset.name}` starts "
+                 + "; ".join(f"{', '.join(t)} from {n}" for n, t in overridden.items())
+                 + " (the papers' numbers assume those weights).")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,13 +165,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     try:
+        weights = resolve_weights(preset, args.tasks, args.archs, args.weights, args.from_scratch)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         prepared = prepare_data(preset, args.tasks, storage, args.data_root, write=not args.dry_run)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     graph = expand_graph(preset, args.tasks, args.archs, seeds=args.seeds,
                          train_sizes={t: p.num_train for t, p in prepared.items()},
-                         data_fingerprints={t: p.fingerprint for t, p in prepared.items()})
+                         data_fingerprints={t: p.fingerprint for t, p in prepared.items()},
+                         weights=weights, from_scratch=args.from_scratch)
     if args.dry_run:
         print(describe_graph(graph))
         return 0
@@ -146,7 +202,8 @@ def run_graph(args: argparse.Namespace, graph: StageGraph, prepared: dict, stora
                           run_name=f"grid {time.strftime('%Y-%m-%d %H:%M:%S')}",
                           params={"tasks": ",".join(args.tasks), "archs": ",".join(args.archs), "preset": preset.name,
                                   "seeds": args.seeds, "data_root": str(args.data_root or "synthetic"),
-                                  "storage": str(storage)})
+                                  "storage": str(storage), "from_scratch": args.from_scratch,
+                                  "weights": {n.key: dict(n.init) for n in graph.nodes.values() if n.init}})
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -183,7 +240,7 @@ def run_graph(args: argparse.Namespace, graph: StageGraph, prepared: dict, stora
         graph = StageGraph(nodes={k: Node(**{**n.__dict__, "resources": resources[k]}) for k, n in graph.nodes.items()})
         concurrency = max_concurrency([resources[k] for k in to_run], cluster)
         settings = RunSettings(storage=str(storage), data_paths={t: str(p.path) for t, p in prepared.items()},
-                               weights=args.weights, ray_train=args.ray_train,
+                               ray_train=args.ray_train,
                                fault_injection=_fault_injection())
         searcher = DependencySearcher(graph, to_run, set(results), settings, resources)
         callback = GridCallback(graph, tracker, progress, storage, results, failed)
@@ -211,7 +268,8 @@ def run_graph(args: argparse.Namespace, graph: StageGraph, prepared: dict, stora
     rows = collect_rows(graph, results)
     report_dir = storage / "reports" / (args.experiment or f"occkd-{preset.name}")
     setting = (f"Preset `{preset.name}`: {preset.description} Data: "
-               f"{args.data_root or 'built-in synthetic faces'}. Seeds: {args.seeds}.")
+               f"{args.data_root or 'built-in synthetic faces'}. Seeds: {args.seeds}. "
+               + describe_init(graph, preset, args.from_scratch))
     paths = write_report(rows, report_dir, title="occkd report", setting=setting)
     if ready_at:  # where this invocation's wall time went, node by node
         timeline = node_timeline(graph, results, ready_at, completed_at, origin=grid_started_at)

@@ -33,7 +33,6 @@ class RunSettings:
 
     storage: str  # absolute path visible from every Ray node
     data_paths: Mapping[str, str]  # task -> prepared Arrow store
-    weights: Mapping[str, str]  # arch -> local pretrained weights file (teachers start from them)
     ray_train: str = "multi"  # "multi": Train worker groups only for multi-worker nodes; "always"
     fault_injection: Mapping[str, Any] | None = None  # tests only: {"node": key, "times": n}
 
@@ -146,9 +145,8 @@ def run_node_trial(config: dict[str, Any]) -> None:
         import ray
 
         device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
-        weights = settings["weights"].get(node["arch"]) if node["strategy"] == "teacher" else None
         nodes.run_train_node(node, storage, data_path, parent_dirs, device=device, report=tune.report,
-                             pretrained=Path(weights) if weights else None, started_at=started_at)
+                             pretrained=_pretrained_file(node), started_at=started_at)
     elif node["kind"] == "fusion":
         torch.set_num_threads(max(1, int(node["resources"]["cpus"])))
         nodes.run_fusion_node(node, storage, data_path, parent_dirs, started_at=started_at)
@@ -168,12 +166,17 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
     node, settings = config["node"], config["settings"]
     context = ray.train.get_context()
     torch.set_num_threads(max(1, int(node["resources"]["cpus"])))
-    weights = settings["weights"].get(node["arch"]) if node["strategy"] == "teacher" else None
     nodes.run_train_node(node, Path(settings["storage"]), Path(settings["data_paths"][node["task"]]),
                          {k: Path(v) for k, v in config["parent_dirs"].items()},
                          device=ray.train.torch.get_device(), report=ray.train.report,
-                         pretrained=Path(weights) if weights else None,
+                         pretrained=_pretrained_file(node),
                          is_writer=context.get_world_rank() == 0, started_at=config.get("trial_started_at"))
+
+
+def _pretrained_file(node: Mapping[str, Any]) -> Path | None:
+    """A teacher's starting weights file, or None (from scratch, or not a teacher)."""
+    path = (node.get("init") or {}).get("file")
+    return Path(path) if path else None
 
 
 def _run_with_torch_trainer(config: dict[str, Any]) -> None:

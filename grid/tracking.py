@@ -97,8 +97,11 @@ class Tracker:
                 "occkd.seed": str(node.seed), "mlflow.source.git.commit": self.sha}
         run = self.client.create_run(self.experiment_id, run_name=node.run_name, tags=tags)
         self._supersede(node, run.info.run_id)
-        self._log_params(run.info.run_id, {"spec": node.params, "grid_point": node.grid_point,
-                                           "resources": node.resources.as_dict(), "parents": ",".join(node.parents)})
+        params = {"spec": node.params, "grid_point": node.grid_point, "resources": node.resources.as_dict(),
+                  "parents": ",".join(node.parents)}
+        if node.init:  # a teacher: which weights it started from, the file and its sha256
+            params["pretrained"] = dict(node.init)
+        self._log_params(run.info.run_id, params)
         self.node_runs[node.key] = run.info.run_id
         return run.info.run_id
 
@@ -142,7 +145,10 @@ class Tracker:
         name = f"{row['arch']}.{row['model']}.{row['test_set']}"
         self.client.log_metric(run_id, f"pvalue.{name}", float(row["pvalue"]))
         self.client.log_metric(run_id, f"pvalue_holm.{name}", float(row["pvalue_holm"]))
-        self.client.set_tag(run_id, f"verdict.{name}", row["verdict"])
+        self.client.set_tag(run_id, f"verdict.{name}", row["verdict"])  # Holm-corrected
+        if "verdict_paper" in row:  # the papers' rule: uncorrected p < α (a dagger where the model is better)
+            self.client.log_metric(run_id, f"dagger.{name}", float(bool(row["dagger"])))
+            self.client.set_tag(run_id, f"verdict_uncorrected.{name}", row["verdict_paper"])
 
     def fail_node(self, node: Node, reason: str) -> None:
         run_id = self.node_runs.get(node.key) or self.start_node(node)

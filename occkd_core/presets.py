@@ -16,12 +16,17 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from occkd_core.data.ferplus import LABEL_RULES
+from occkd_core.pretrained import FROM_SCRATCH, get_pretrained
 from occkd_core.tasks import ARCHITECTURES, STRATEGIES, TASKS, check_name, get_task
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
-#: Stage fields that may be given as a list to make a hyperparameter grid.
-GRID_FIELDS = ("lr", "lam", "temperature", "margin")
+#: Stage fields that may be given as a list to make a hyperparameter grid. ``triplet_normalize: [true,
+#: false]`` compares L2-normalised with raw embeddings in the triplet loss (spec §15 #20).
+GRID_FIELDS = ("lr", "lam", "temperature", "margin", "triplet_normalize")
+#: Kernels of the age fusion's ε-SVR (spec §15 #28: RBF by default, "also try a linear kernel").
+SVR_KERNELS = ("rbf", "linear")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,9 @@ class TrainSpec:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{name} must be a number, got {value!r}")
+        for name in ("dsd", "tau_squared", "triplet_squared", "triplet_normalize", "icpr_form"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.schedule not in ("plateau", "constant"):
@@ -116,8 +124,11 @@ class DataSettings:
     num_faces: int = 0  # synthetic only
     image_size: int = 64  # synthetic only: side of the generated faces
     seed: int = 0
+    label_rule: str = "majority"  # real FER+ only: how the 10 crowd votes become one label (spec §15 #16)
 
     def __post_init__(self) -> None:
+        if self.label_rule not in LABEL_RULES:
+            raise ValueError(f"data.label_rule must be one of {', '.join(LABEL_RULES)}, got {self.label_rule!r}")
         if self.source not in ("synthetic", "real"):
             raise ValueError(f"data.source must be 'synthetic' or 'real', got {self.source!r}")
         if self.source == "synthetic" and self.num_faces < 10:
@@ -136,6 +147,10 @@ class Preset:
     # What a grid node of each architecture (and "fusion", "significance") asks the cluster for:
     # {"cpus": 4, "gpus": 1, "workers": 1}. Read by the grid only; the method ignores it.
     resources: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # (task, arch) -> the pre-trained weights its teacher starts from (occkd_core.pretrained), or FROM_SCRATCH.
+    pretrained: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    # Kernels of the age fusion's ε-SVR; the first is the model called "fusion", the others "fusion_<kernel>".
+    svr_kernels: tuple[str, ...] = ("rbf",)
 
     def arch(self, arch: str) -> ArchSettings:
         check_name("architecture", arch)
@@ -159,13 +174,30 @@ class Preset:
             raise ValueError(f"{task}/{arch}/{strategy} is a grid of {len(specs)} settings in preset {self.name!r}")
         return specs[0]
 
+    def teacher_weights(self, task: str, arch: str) -> str:
+        """The weights name the teacher of ``task`` × ``arch`` starts from, or ``from_scratch``."""
+        get_task(task), check_name("architecture", arch)
+        return self.pretrained.get((task, arch), FROM_SCRATCH)
+
+    def required_weights(self, tasks: list[str], archs: list[str]) -> dict[str, list[str]]:
+        """Weights name -> the teachers (``task/arch``) among ``tasks`` × ``archs`` that start from it."""
+        needed: dict[str, list[str]] = {}
+        for task in tasks:
+            for arch in archs:
+                name = self.teacher_weights(task, arch)
+                if name != FROM_SCRATCH:
+                    needed.setdefault(name, []).append(f"{task}/{arch}")
+        return needed
+
     def with_stage_overrides(self, **overrides: Any) -> "Preset":
         """A copy with the given settings applied to every stage (e.g. epochs=1 for a quick check)."""
         stages = {key: {**entry, **overrides} for key, entry in self.stages.items()}
         return replace(self, stages=stages)
 
 
-TOP_LEVEL_KEYS = ("name", "description", "data", "models", "fusion", "stage_defaults", "stages", "resources")
+TOP_LEVEL_KEYS = ("name", "description", "data", "models", "pretrained", "fusion", "stage_defaults", "stages",
+                  "resources")
+FUSION_KEYS = ("Cs", "svr_kernels")
 
 
 def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
@@ -204,6 +236,8 @@ def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
             fusion_Cs=tuple(float(c) for c in raw["fusion"]["Cs"]),
             stages=stages,
             resources=_parse_resources(raw.get("resources", {})),
+            pretrained=_parse_pretrained(raw.get("pretrained", FROM_SCRATCH)),
+            svr_kernels=_parse_svr_kernels(raw["fusion"]),
         )
         for task, arch, strategy in stages:  # validate every grid point now, not mid-run
             preset.grid(task, arch, strategy)
@@ -217,6 +251,52 @@ def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
 
 
 RESOURCE_KEYS = ("cpus", "gpus", "workers")
+
+
+def _parse_pretrained(raw: Any) -> dict[tuple[str, str], str]:
+    """``pretrained:`` is ``from_scratch`` (every teacher), or per task either one name for every
+    architecture or a mapping architecture -> name. A mapping must cover every task and architecture:
+    where a teacher starts from is part of the experiment, so it is never left to a default."""
+    if raw == FROM_SCRATCH:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"pretrained: expected {FROM_SCRATCH} or a mapping task -> architecture -> weights name, "
+                         f"got {raw!r}")
+    _check_keys("pretrained", raw, tuple(TASKS))
+    out: dict[tuple[str, str], str] = {}
+    for task in TASKS:
+        if task not in raw:
+            raise ValueError(f"pretrained: no entry for task {task!r}; give a weights name or {FROM_SCRATCH} "
+                             f"for each architecture")
+        entry = raw[task]
+        per_arch = {arch: entry for arch in ARCHITECTURES} if isinstance(entry, str) else entry
+        if not isinstance(per_arch, Mapping):
+            raise ValueError(f"pretrained.{task}: expected a weights name or a mapping architecture -> name, got {entry!r}")
+        _check_keys(f"pretrained.{task}", per_arch, ARCHITECTURES)
+        for arch in ARCHITECTURES:
+            if arch not in per_arch:
+                raise ValueError(f"pretrained.{task}: no entry for architecture {arch!r}; give a weights name or "
+                                 f"{FROM_SCRATCH}")
+            name = str(per_arch[arch])
+            if name == FROM_SCRATCH:
+                continue
+            weights = get_pretrained(name)
+            if weights.arch != arch:
+                raise ValueError(f"pretrained.{task}.{arch}: weights {name!r} are for {weights.arch}, not {arch}")
+            out[(task, arch)] = name
+    return out
+
+
+def _parse_svr_kernels(fusion: Mapping[str, Any]) -> tuple[str, ...]:
+    unknown = sorted(set(fusion) - set(FUSION_KEYS))
+    if unknown:
+        raise ValueError(f"fusion: unknown key(s) {unknown}; valid: {', '.join(FUSION_KEYS)}")
+    kernels = fusion.get("svr_kernels", ["rbf"])
+    if not isinstance(kernels, list) or not kernels or any(k not in SVR_KERNELS for k in kernels) \
+            or len(set(kernels)) != len(kernels):
+        raise ValueError(f"fusion.svr_kernels must be a non-empty list of distinct kernels from "
+                         f"{', '.join(SVR_KERNELS)}, got {kernels!r}")
+    return tuple(kernels)
 
 
 def _check_keys(where: str, values: Mapping[str, Any], valid: tuple[str, ...]) -> None:

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def full_graph(preset_name: str):
     preset = load_preset(preset_name)
     return expand_graph(preset, TASKS, ARCHITECTURES, train_sizes={t: 1000 for t in TASKS},
-                        data_fingerprints={t: "data" for t in TASKS})
+                        data_fingerprints={t: "data" for t in TASKS}, from_scratch=True)
 
 
 @pytest.mark.parametrize("preset_name, margins", [("smoke", 2), ("paper", 6)])
@@ -101,7 +101,11 @@ def test_dry_run_prints_the_graph_and_starts_nothing(tmp_path: Path):
     (["--tasks", "fer,emotion"], "unknown task 'emotion'; valid names: age, fer, gender"),
     (["--tasks", "fer", "--archs", "vgg19"], "unknown architecture 'vgg19'"),
     (["--tasks", "fer", "--preset", "huge"], "unknown preset 'huge'"),
-    (["--tasks", "fer", "--preset", "paper"], "trains on real data: pass --data-root"),
+    (["--tasks", "fer", "--preset", "paper", "--from-scratch"], "trains on real data: pass --data-root"),
+    (["--tasks", "fer", "--preset", "paper"], "pass --weights vggf_imagenet=PATH --weights vggface=PATH "
+                                              "--weights resnet50_imagenet=PATH, or --from-scratch"),
+    (["--tasks", "fer", "--weights", "vgg16=/x"], "unknown pre-trained weights 'vgg16'; valid names: "),
+    (["--tasks", "fer", "--weights", "vggface"], "expected NAME=PATH"),
     (["--tasks", "fer", "--data-root", "/nonexistent/dir"], "is not a readable directory"),
 ])
 def test_bad_command_lines_fail_with_one_clear_line(tmp_path: Path, monkeypatch, capsys, args, message):
@@ -145,17 +149,100 @@ def test_unreachable_tracking_store_fails_fast_and_writes_nothing(tmp_path: Path
     assert list(tmp_path.iterdir()) == []  # no data prepared, no store, no storage folder
 
 
+def paper_style_preset(tmp_path: Path) -> Path:
+    """The smoke preset, but its VGG-f teachers start from ImageNet weights, as under `paper`."""
+    raw = yaml.safe_load((REPO / "occkd_core" / "presets" / "smoke.yaml").read_text())
+    raw["name"] = "pretrained-smoke"
+    raw["pretrained"] = {task: {"vggf": "vggf_imagenet", "vggface": "from_scratch", "resnet50": "from_scratch"}
+                         for task in TASKS}
+    path = tmp_path / "pretrained-smoke.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def vggf_weights(path: Path, seed: int) -> Path:
+    import torch
+
+    from occkd_core.models import ModelSpec, build_model
+
+    torch.manual_seed(seed)
+    torch.save(build_model(ModelSpec("vggf", 8, 0.125)).state_dict(), path)
+    return path
+
+
+def test_teacher_identity_follows_the_weights_files_content(tmp_path: Path):
+    from occkd_core.pretrained import WeightsFile
+
+    preset = load_preset(paper_style_preset(tmp_path))
+    first = WeightsFile.locate("vggf_imagenet", vggf_weights(tmp_path / "a.pt", seed=0))
+    other = WeightsFile.locate("vggf_imagenet", vggf_weights(tmp_path / "b.pt", seed=1))
+    copy = tmp_path / "copy" / "a.pt"
+    copy.parent.mkdir()
+    copy.write_bytes((tmp_path / "a.pt").read_bytes())
+    same = WeightsFile.locate("vggf_imagenet", copy)
+
+    def graph(**kwargs):
+        return expand_graph(preset, ["fer", "age"], ["vggf", "vggface"], train_sizes={"fer": 1000, "age": 1000},
+                            data_fingerprints={"fer": "data", "age": "data"}, **kwargs)
+
+    base = graph(weights={"vggf_imagenet": first})
+    for name, changed in (("other bytes", graph(weights={"vggf_imagenet": other})),
+                          ("from scratch", graph(from_scratch=True))):
+        for key, node in base.nodes.items():
+            below_vggf = key.startswith(("fer/vggf/", "age/vggf/")) or key.endswith("significance")
+            assert (changed.nodes[key].hash != node.hash) == below_vggf, (name, key)
+    # The same bytes under another path are the same experiment.
+    assert {k: n.hash for k, n in graph(weights={"vggf_imagenet": same}).nodes.items()} == \
+        {k: n.hash for k, n in base.nodes.items()}
+    teacher = base.nodes["fer/vggf/teacher"]
+    assert teacher.init == {"weights": "vggf_imagenet", "sha256": first.sha256, "file": str((tmp_path / "a.pt").resolve())}
+    assert base.nodes["fer/vggface/teacher"].init == {"weights": "from_scratch"}
+    assert base.nodes["fer/vggf/student"].init == {}
+    with pytest.raises(ValueError, match="starts the fer/vggf teacher from vggf_imagenet weights: pass "
+                                         "--weights vggf_imagenet=PATH, or --from-scratch"):
+        graph()
+
+
+def test_a_preset_without_its_weights_fails_fast_with_one_line(tmp_path: Path):
+    preset = paper_style_preset(tmp_path)
+    command = [sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "fer,gender", "--archs", "vggf,vggface",
+               "--preset", str(preset)]
+    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: preset 'pretrained-smoke' starts teachers from pre-trained weights that were not given: "
+        "vggf_imagenet (e.g. imagenet-vgg-f.mat) for fer/vggf, gender/vggf; pass --weights vggf_imagenet=PATH, "
+        "or --from-scratch to train them from random initialisation"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrained-smoke.yaml"]  # nothing written
+    # With the file, or explicitly from scratch, the graph expands; the teacher's line names its start.
+    weights = vggf_weights(tmp_path / "imagenet-vgg-f.pt", seed=0)
+    from occkd_core.pretrained import file_sha256
+
+    for extra, start in ((["--weights", f"vggf_imagenet={weights}"], f"vggf_imagenet sha256 {file_sha256(weights)[:12]}"),
+                         (["--from-scratch"], "from_scratch")):
+        out = subprocess.run(command + extra + ["--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        teacher = next(line for line in out.stdout.splitlines() if line.startswith("fer/vggf/teacher"))
+        assert teacher.endswith(f"<- {start}")
+    out = subprocess.run(command + ["--from-scratch", "--weights", f"vggf_imagenet={weights}", "--dry-run"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "drop --weights vggf_imagenet or --from-scratch" in out.stderr
+
+
 def test_weights_of_another_architecture_are_refused_before_anything_runs(tmp_path: Path, monkeypatch, capsys):
     import torch
 
     from grid.run_all import main
     from occkd_core.models import ModelSpec, build_model
 
+    preset = paper_style_preset(tmp_path)
     weights = tmp_path / "resnet.pt"
     torch.save(build_model(ModelSpec("resnet50", 2, 0.125)).state_dict(), weights)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stop:
-        main(["--tasks", "gender", "--archs", "vggf", "--weights", f"vggf={weights}"])
-    assert stop.value.code == 2
+    assert main(["--tasks", "gender", "--archs", "vggf", "--preset", str(preset),
+                 "--weights", f"vggf_imagenet={weights}"]) == 2
     assert "looks like resnet50" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrained-smoke.yaml", "resnet.pt"]
+    # weights the preset never uses are refused too, rather than silently ignored
+    assert main(["--tasks", "gender", "--archs", "vggf", "--weights", f"vggf_imagenet={weights}"]) == 2
+    assert "preset 'smoke' starts none of the selected teachers from vggf_imagenet" in capsys.readouterr().err

@@ -118,3 +118,71 @@ def test_train_spec_round_trips_and_rejects_unknown_keys():
     assert TrainSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="unknown stage setting"):
         TrainSpec.from_dict({**spec.to_dict(), "lambda": 0.3})
+
+
+# Spec §4, §5 step 1 and the journal's §4.3.4, typed from the text (not from the YAML): VGG teachers are
+# fine-tuned from ImageNet (VGG-f) / face-identification (VGG-face) weights for every task, the expression
+# ResNet-50 from ImageNet (§15 #10), the UTKFace ResNet-50 from scratch (§4.3).
+PAPER_WEIGHTS = {(task, "vggf"): "vggf_imagenet" for task in TASKS} | {
+    (task, "vggface"): "vggface" for task in TASKS} | {
+    ("fer", "resnet50"): "resnet50_imagenet", ("gender", "resnet50"): "from_scratch",
+    ("age", "resnet50"): "from_scratch"}
+
+
+def test_paper_preset_starts_each_teacher_where_the_papers_did():
+    paper = load_preset("paper")
+    assert {(t, a): paper.teacher_weights(t, a) for t in TASKS for a in ARCHITECTURES} == PAPER_WEIGHTS
+    assert paper.required_weights(["gender", "age"], ["resnet50"]) == {}
+    assert paper.required_weights(["fer", "age"], ["vggf", "resnet50"]) == {
+        "vggf_imagenet": ["fer/vggf", "age/vggf"], "resnet50_imagenet": ["fer/resnet50"]}
+    for name in ("smoke", "mini"):  # no weights can be had for these: stated, not implied
+        assert load_preset(name).required_weights(list(TASKS), list(ARCHITECTURES)) == {}
+
+
+def _smoke_with(tmp_path: Path, **top_level) -> Path:
+    import yaml
+
+    raw = yaml.safe_load((Path(load_preset.__code__.co_filename).parent / "presets" / "smoke.yaml").read_text())
+    raw.update(top_level)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("pretrained, message", [
+    ({"fer": "vggface"}, r"pretrained.fer.vggf: weights 'vggface' are for vggface, not vggf"),
+    ({"fer": {"vggf": "imagenet"}}, "unknown pre-trained weights 'imagenet'; valid names: resnet50_imagenet"),
+    ({"fer": "from_scratch", "gender": "from_scratch"}, "pretrained: no entry for task 'age'"),
+    ({t: {"vggf": "from_scratch"} for t in TASKS}, r"pretrained.fer: no entry for architecture 'vggface'"),
+    ("imagenet", "expected from_scratch or a mapping"),
+])
+def test_bad_pretrained_sections_name_the_problem(tmp_path: Path, pretrained, message):
+    with pytest.raises(ValueError, match=message):
+        load_preset(_smoke_with(tmp_path, pretrained=pretrained))
+
+
+def test_fusion_kernels_label_rule_and_the_raw_embedding_grid(tmp_path: Path):
+    assert load_preset("paper").svr_kernels == ("rbf", "linear")
+    assert load_preset("paper").data.label_rule == "majority"
+    preset = load_preset(_smoke_with(tmp_path, fusion={"Cs": [1.0], "svr_kernels": ["linear"]},
+                                     data={"source": "real", "label_rule": "plurality"}))
+    assert preset.svr_kernels == ("linear",) and preset.data.label_rule == "plurality"
+    for fusion, message in (({"Cs": [1.0], "svr_kernels": ["poly"]}, "svr_kernels must be"),
+                            ({"Cs": [1.0], "kernel": "rbf"}, r"fusion: unknown key\(s\) \['kernel'\]")):
+        with pytest.raises(ValueError, match=message):
+            load_preset(_smoke_with(tmp_path, fusion=fusion))
+    with pytest.raises(ValueError, match="label_rule must be one of majority, plurality"):
+        load_preset(_smoke_with(tmp_path, data={"source": "real", "label_rule": "mode"}))
+    # spec §15 #20: L2-normalised and raw embeddings in the triplet loss, as one grid
+    import yaml
+
+    raw = yaml.safe_load(_smoke_with(tmp_path).read_text())
+    raw["stage_defaults"]["triplet_kd"].update(margin=0.1, triplet_normalize=[True, False])
+    path = tmp_path / "raw.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    grid = load_preset(path).grid("fer", "vggf", "triplet_kd")
+    assert [spec.triplet_normalize for spec in grid] == [True, False]
+    raw["stage_defaults"]["triplet_kd"].update(triplet_normalize=["yes"])
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="triplet_normalize must be true or false"):
+        load_preset(path)

@@ -55,9 +55,12 @@ def prepare_data(preset: Preset, tasks: list[str], storage: Path, data_root: Pat
         raise ValueError(f"data root {str(root)!r} is not a readable directory")
     prepared = {}
     # Every architecture of the preset, not only this run's: a later run with more --archs then finds
-    # the same store and the same node hashes.
+    # the same store and the same node hashes. UTKFace and the FER+ ∪ AffectNet union are stored at this
+    # size (AffectNet crops are resized once from their originals, not upsampled from 48 px per batch);
+    # FER+ alone stays at its native 48 px, which every network resizes on the device.
     max_input_size = max(settings.input_size for settings in preset.models.values())
     for task in tasks:
-        path = prepare_real_data(task, root, Path(storage) / "data", max_input_size=max_input_size)
+        path = prepare_real_data(task, root, Path(storage) / "data", max_input_size=max_input_size,
+                                 union_size=max_input_size, label_rule=preset.data.label_rule)
         prepared[task] = PreparedData(path, path.stem, len(open_face_store(path).split("train")))
     return prepared

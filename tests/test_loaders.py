@@ -396,6 +396,13 @@ def test_prepare_fer_joins_affectnet(tmp_path: Path) -> None:
     np.testing.assert_array_equal(fer[0, ..., 0], resized)
     assert len(data.split("val")) == 2 and len(data.split("test")) == 2
     np.testing.assert_array_equal(data.split("test_affectnet").expression, [0, 1, 3, 2, 6, 5, 4, 7])
+    # Converted through a memory-mapped scratch file, with the unreadable row squeezed out in place: the
+    # same pixels as AffectNet decoded in RAM, and the scratch file is gone.
+    with pytest.warns(UserWarning, match="missing"):
+        in_ram = load_affectnet(root / "affectnet", image_size=16, cap_per_class=3, seed=0)
+    np.testing.assert_array_equal(train.images[2:], in_ram.split("train").images)
+    np.testing.assert_array_equal(data.split("test_affectnet").images, in_ram.split("test").images)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]
 
 
 def test_prepare_gender_and_age_share_one_utkface_store(tmp_path: Path) -> None:
@@ -429,3 +436,37 @@ def test_utkface_stored_at_the_runs_largest_input_size(tmp_path: Path) -> None:
     np.testing.assert_array_equal(little.age, big.age)
     with pytest.raises(ValueError, match="never above the native size"):
         load_utkface(folder, image_size=224)
+
+
+def test_the_grid_stores_the_fer_affectnet_union_at_the_presets_input_size(tmp_path: Path) -> None:
+    """Under `paper` (224 px networks) AffectNet faces are cropped from their originals straight to 224 px
+    (not stored at 48 px and upsampled per batch), and the size and FER+ label rule are in the cache key."""
+    from dataclasses import replace
+
+    from grid.data import prepare_data
+    from occkd_core.presets import load_preset
+
+    root, storage = tmp_path / "data", tmp_path / "storage"
+    write_fer_pair(root / "ferplus")
+    write_affectnet(root / "affectnet")
+    paper = load_preset("paper")
+    with pytest.warns(UserWarning, match="missing"):
+        prepared = prepare_data(paper, ["fer"], storage, root)["fer"]
+    data = open_face_store(prepared.path)
+    for name in ("train", "val", "test", "test_affectnet"):
+        assert data.split(name).image_shape == (224, 224, 3), name
+    affectnet = data.split("test_affectnet").images
+    # each crop is its face box alone, resized from the original image: one colour over all 224 × 224 pixels
+    assert _ids(affectnet) == list(range(15, 23))
+    np.testing.assert_array_equal(affectnet, np.broadcast_to(affectnet[:, :1, :1], affectnet.shape))
+    assert json.loads(data.metadata["settings"])["union_size"] == 224
+    with pytest.warns(UserWarning, match="missing"):
+        mini = prepare_data(load_preset("mini"), ["fer"], storage, root)["fer"]
+    assert mini.path != prepared.path and mini.fingerprint != prepared.fingerprint
+    assert open_face_store(mini.path).split("test_affectnet").image_shape == (48, 48, 3)
+    # the preset's FER+ label rule reaches the conversion (and the cache key)
+    plurality = replace(paper, data=replace(paper.data, label_rule="plurality"))
+    with pytest.warns(UserWarning, match="missing"):
+        voted = prepare_data(plurality, ["fer"], storage, root)["fer"]
+    assert voted.path != prepared.path
+    assert open_face_store(voted.path).metadata["ferplus.label_rule"] == "plurality"

@@ -24,6 +24,7 @@ import csv
 import json
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -109,13 +110,18 @@ def _counts(codes: np.ndarray) -> dict[str, int]:
     return {AFFECTNET_NAMES[code]: int((codes == code).sum()) for code in range(len(AFFECTNET_NAMES))}
 
 
-def load_affectnet(root: Path, *, image_size: int = 96, cap_per_class: int = 15000, seed: int = 0) -> FaceData:
+def load_affectnet(root: Path, *, image_size: int = 96, cap_per_class: int = 15000, seed: int = 0,
+                   allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> FaceData:
     """AffectNet as :class:`FaceData` "affectnet" with splits ``train`` (capped) and ``test`` (official validation).
 
     Each face box is cropped (clipped to the image), converted to RGB and resized to
     ``image_size`` × ``image_size``: images uint8 [N, S, S, 3]; expression in EXPRESSIONS order; gender
     -1, age NaN. Missing and unreadable images are counted in the metadata and warned about; the call
     fails only if nothing is left.
+
+    ``allocate(shape)``: where the decoded images go, one uint8 array for train then test (default: a
+    new array in RAM). At 224 px the capped training set alone is ~14 GB, so the grid passes a
+    memory-mapped file. Each split is a contiguous slice of it; unreadable rows are squeezed out in place.
     """
     root = Path(root)
     if image_size < 1:
@@ -143,15 +149,17 @@ def load_affectnet(root: Path, *, image_size: int = 96, cap_per_class: int = 150
     # One decode pass over both splits, into one array whose slices become the splits (no copies).
     all_paths = wanted["train"][0] + wanted["test"][0]
     all_boxes: list[Box] = [tuple(box) for box in np.concatenate([wanted["train"][1], wanted["test"][1]]).tolist()]
-    images, result = decode_faces(all_paths, image_size, all_boxes, desc="decoding AffectNet")
+    shape = (len(all_paths), image_size, image_size, 3)
+    images, result = decode_faces(all_paths, image_size, all_boxes, desc="decoding AffectNet",
+                                  out=allocate(shape) if allocate else None)
     splits, start = {}, 0
     for split_name, (paths, _, codes) in wanted.items():
         ok = result.ok[start:start + len(paths)]
-        split_images = images[start:start + len(paths)]
+        split_images = _squeeze_out(images[start:start + len(paths)], ok)
         start += len(paths)
         labels = np.array([AFFECTNET_TO_EXPRESSION[code] for code in codes.tolist()], dtype=np.int64)[ok]
         splits[split_name] = FaceSplit(
-            images=split_images if ok.all() else split_images[ok],
+            images=split_images,
             expression=labels,
             gender=np.full(len(labels), -1, dtype=np.int64),
             age=np.full(len(labels), np.nan, dtype=np.float32),
@@ -177,6 +185,18 @@ def load_affectnet(root: Path, *, image_size: int = 96, cap_per_class: int = 150
         "unreadable_examples": json.dumps(list(result.failures[:5])),
     }
     return FaceData(name="affectnet", splits=splits, metadata=metadata)
+
+
+def _squeeze_out(images: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``images[keep]`` without a copy of the whole array: kept rows move up in place, in order, and the
+    result is a leading slice (``images[keep]`` would need a second array the size of the first)."""
+    if keep.all():
+        return images
+    kept = np.flatnonzero(keep)
+    for target, source in enumerate(kept):
+        if target != source:
+            images[target] = images[source]
+    return images[:len(kept)]
 
 
 __all__ = ["AFFECTNET_HEADER", "AFFECTNET_NAMES", "AFFECTNET_TO_EXPRESSION", "cap_classes", "load_affectnet",

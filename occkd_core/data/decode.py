@@ -69,16 +69,23 @@ def decode_face(path: Path, size: int, box: Box | None = None, *,
 
 def decode_faces(paths: Sequence[Path], size: int, boxes: Sequence[Box] | None = None, *,
                  desc: str = "decoding faces", num_threads: int | None = None,
-                 store_size: int | None = None) -> tuple[np.ndarray, DecodeResult]:
-    """Decode ``paths`` (cropped to ``boxes``) into a new uint8 array [N, side, side, 3] using a thread
-    pool; side = ``store_size`` if given (see :func:`decode_face`), else ``size``.
+                 store_size: int | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, DecodeResult]:
+    """Decode ``paths`` (cropped to ``boxes``) into a uint8 array [N, side, side, 3] using a thread
+    pool; side = ``store_size`` if given (see :func:`decode_face`), else ``size``. ``out``: the array to
+    fill (e.g. a memory-mapped file, for sets larger than RAM), else a new one.
 
     Unreadable files do not stop the run: their rows stay zero and are marked False in ``ok``.
     """
     if boxes is not None and len(boxes) != len(paths):
         raise ValueError(f"got {len(boxes)} face boxes for {len(paths)} image paths; pass one box per path")
     side = store_size or size
-    images = np.zeros((len(paths), side, side, 3), dtype=np.uint8)
+    shape = (len(paths), side, side, 3)
+    if out is None:
+        images = np.zeros(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8:
+        raise ValueError(f"out must be a uint8 array of shape {shape}, got {out.dtype} {out.shape}")
+    else:
+        images = out
     ok = np.zeros(len(paths), dtype=bool)
     resized = np.zeros(len(paths), dtype=bool)
     failures: list[tuple[int, str]] = []

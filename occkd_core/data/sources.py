@@ -183,40 +183,58 @@ def source_checksums(found: dict[str, Path], names: tuple[str, ...]) -> dict[str
 
 # --------------------------------------------------------------------------------------------- conversion
 
-def _fer_as_rgb(split: FaceSplit, size: int) -> FaceSplit:
-    """FER+ grey [N, 48, 48, 1] -> [N, size, size, 3]: PIL bilinear resize, grey copied into 3 channels."""
-    grey = split.images[..., 0]
-    if grey.shape[1:] != (size, size):
-        grey = np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-                         for image in grey]) if len(grey) else np.zeros((0, size, size), dtype=np.uint8)
-    return FaceSplit(images=np.repeat(grey[..., None], 3, axis=3), expression=split.expression,
-                     gender=split.gender, age=split.age)
+def _fer_as_rgb(split: FaceSplit, out: np.ndarray) -> FaceSplit:
+    """FER+ grey [N, 48, 48, 1] written into ``out`` [N, size, size, 3]: PIL bilinear resize, grey copied
+    into 3 channels, one image at a time (``out`` may be a memory-mapped file)."""
+    size = out.shape[1]
+    for index, image in enumerate(split.images[..., 0]):
+        if image.shape != (size, size):
+            image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+        out[index] = image[..., None]
+    return FaceSplit(images=out, expression=split.expression, gender=split.gender, age=split.age)
 
 
-def _concat(first: FaceSplit, second: FaceSplit) -> FaceSplit:
-    return FaceSplit(**{column: np.concatenate([getattr(first, column), getattr(second, column)])
-                        for column in ("images", "expression", "gender", "age")})
+def _concat_labels(first: FaceSplit, second: FaceSplit, images: np.ndarray) -> FaceSplit:
+    """The rows of ``first`` then ``second``, whose images already lie one after the other in ``images``."""
+    return FaceSplit(images=images, **{column: np.concatenate([getattr(first, column), getattr(second, column)])
+                                       for column in ("expression", "gender", "age")})
 
 
 def _prefixed(prefix: str, metadata: Mapping[str, str]) -> dict[str, str]:
     return {f"{prefix}.{key}": value for key, value in metadata.items()}
 
 
-def _convert_fer(found: dict[str, Path], settings: dict[str, Any]) -> FaceData:
+def _convert_fer(found: dict[str, Path], settings: dict[str, Any], scratch: Path) -> FaceData:
     fer = load_ferplus(found["fer2013"], found["fer2013new"], label_rule=settings["label_rule"])
     if "affectnet" not in found:
         return FaceData(name="ferplus", splits=dict(fer.splits), metadata=_prefixed("ferplus", fer.metadata))
     size = settings["union_size"]
+    # Every pixel goes into one memory-mapped scratch file, laid out so that each split of the store is
+    # one contiguous slice of it: [FER+ train | AffectNet train | AffectNet test | FER+ val | FER+ test].
+    # At 224 px that is ~19 GB for the real data, more than many machines' RAM; the store is then written
+    # from the file without any copy (write_face_store hands Arrow the slices as they are).
+    num_fer = {name: len(split) for name, split in fer.splits.items()}
+    pixels: list[np.ndarray] = []
+
+    def allocate(shape: tuple[int, ...]) -> np.ndarray:
+        rows = num_fer["train"] + shape[0] + num_fer["val"] + num_fer["test"]
+        pixels.append(np.memmap(scratch, dtype=np.uint8, mode="w+", shape=(rows, *shape[1:])))
+        return pixels[0][num_fer["train"]:num_fer["train"] + shape[0]]
+
     aff = load_affectnet(found["affectnet"], image_size=size, cap_per_class=settings["affectnet_cap_per_class"],
-                         seed=settings["seed"])
-    fer_splits = {name: _fer_as_rgb(split, size) for name, split in fer.splits.items()}
-    num_fer_train, num_aff_train = len(fer_splits["train"]), len(aff.split("train"))
+                         seed=settings["seed"], allocate=allocate)
+    big = pixels[0]
+    num_fer_train, num_aff_train = num_fer["train"], len(aff.split("train"))
+    fer_train = _fer_as_rgb(fer.split("train"), big[:num_fer_train])
+    val_start = len(big) - num_fer["val"] - num_fer["test"]
     splits = {
-        "train": _concat(fer_splits["train"], aff.split("train")),
-        "val": fer_splits["val"],
-        "test": fer_splits["test"],
+        "train": _concat_labels(fer_train, aff.split("train"), big[:num_fer_train + num_aff_train]),
+        "val": _fer_as_rgb(fer.split("val"), big[val_start:val_start + num_fer["val"]]),
+        "test": _fer_as_rgb(fer.split("test"), big[val_start + num_fer["val"]:]),
         "test_affectnet": aff.split("test"),
     }
+    # The AffectNet training images must sit right after FER+'s: the union is a view, not a copy.
+    assert np.shares_memory(splits["train"].images[num_fer_train:], aff.split("train").images)
     metadata = {
         **_prefixed("ferplus", fer.metadata), **_prefixed("affectnet", aff.metadata),
         "train_parts": json.dumps([["ferplus", 0, num_fer_train],
@@ -260,20 +278,25 @@ def prepare_real_data(task: str, data_root: Path, cache_dir: Path, *, label_rule
         except ValueError:
             pass
 
-    if sources.store_name == "fer":
-        data = _convert_fer(found, settings)
-    else:
-        utk = load_utkface(found["utkface"], seed=seed, split_fractions=settings["split_fractions"],
-                           image_size=settings["image_size"])
-        data = FaceData(name="utkface", splits=dict(utk.splits), metadata=_prefixed("utkface", utk.metadata))
-    metadata = {
-        **data.metadata,
-        "source_checksums": json.dumps(checksums, sort_keys=True),
-        "source_paths": json.dumps({name: str(value) for name, value in sorted(found.items())}),
-        "settings": json.dumps(settings, sort_keys=True),
-        "converter_version": CONVERTER_VERSION,
-    }
-    return write_face_store(path, FaceData(name=data.name, splits=data.splits, metadata=metadata))
+    scratch = path.with_name(f".{path.name}.pixels-{os.getpid()}")  # FER+ ∪ AffectNet pixels, see _convert_fer
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if sources.store_name == "fer":
+            data = _convert_fer(found, settings, scratch)
+        else:
+            utk = load_utkface(found["utkface"], seed=seed, split_fractions=settings["split_fractions"],
+                               image_size=settings["image_size"])
+            data = FaceData(name="utkface", splits=dict(utk.splits), metadata=_prefixed("utkface", utk.metadata))
+        metadata = {
+            **data.metadata,
+            "source_checksums": json.dumps(checksums, sort_keys=True),
+            "source_paths": json.dumps({name: str(value) for name, value in sorted(found.items())}),
+            "settings": json.dumps(settings, sort_keys=True),
+            "converter_version": CONVERTER_VERSION,
+        }
+        return write_face_store(path, FaceData(name=data.name, splits=data.splits, metadata=metadata))
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 __all__ = ["CONVERTER_VERSION", "REAL_TASK_SOURCES", "SOURCE_LAYOUT", "TaskSources", "find_sources",

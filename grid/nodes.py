@@ -25,7 +25,7 @@ from occkd_core.evaluation import Predictions, evaluate_conditions, predict, tas
 from occkd_core.fusion import concat_embeddings, fit_fusion
 from occkd_core.gradcam import save_split_gradcam
 from occkd_core.preprocess import input_spec_for
-from occkd_core.stats import holm_correction, mcnemar_test, wilcoxon_test
+from occkd_core.stats import judge_comparisons, mcnemar_test, wilcoxon_test
 from occkd_core.tasks import get_task
 from occkd_core.training import EpochRecord, StageSpec, train_stage
 
@@ -156,15 +156,15 @@ def run_fusion_node(node: Mapping[str, Any], storage: Path, data_path: Path,
     embeddings = {s: {k: np.load(chosen[k][1] / f"embeddings_{s}.npy") for k in chosen} for s in splits}
     labels = {s: data.split(s).labels(task.name) for s in splits}
     visible = node["params"]["visible"]
-    variants = {"fusion": ("standard_kd", "triplet_kd"), "standard_kd_svm": ("standard_kd",),
-                "triplet_kd_svm": ("triplet_kd",)}
+    variants = fusion_variants(node["params"].get("svr_kernels", [None]))
     metrics: dict[str, float] = {}
     rows, fitted = [], {}
-    for name, members in variants.items():
+    for name, (members, kernel) in variants.items():
         features = {s: concat_embeddings(*(embeddings[s][m] for m in members)) for s in splits}
         fit = fit_fusion(features["train"], labels["train"], features["val"], labels["val"], kind=task.kind,
-                         Cs=tuple(node["params"]["Cs"]))
-        fitted[name] = {"C": fit.C, "val_score": fit.val_score, "val_scores": {str(c): v for c, v in fit.val_scores.items()}}
+                         Cs=tuple(node["params"]["Cs"]), kernel=kernel)
+        fitted[name] = {"C": fit.C, "val_score": fit.val_score, "kernel": kernel or "default",
+                        "val_scores": {str(c): v for c, v in fit.val_scores.items()}}
         prefix = "" if name == "fusion" else f"{name}_"
         for test_set in test_sets(data):
             outputs = fit.predict(features[test_set])
@@ -184,6 +184,18 @@ def run_fusion_node(node: Mapping[str, Any], storage: Path, data_path: Path,
                "timing": {"started_at": started_at, "finished_at": time.time()}}
     write_result(out, summary, ["predictions.parquet", "test_plot.png"])
     return summary
+
+
+def fusion_variants(svr_kernels: list[str | None]) -> dict[str, tuple[tuple[str, ...], str | None]]:
+    """Name -> (distilled students whose embeddings are concatenated, kernel; None = the task's default).
+    "fusion" is the papers' model (spec §8) with the first kernel; each further ε-SVR kernel of the age
+    task gives "fusion_<kernel>"; the single-embedding SVMs are the Table 4 ablation."""
+    both = ("standard_kd", "triplet_kd")
+    variants = {"fusion": (both, svr_kernels[0])}
+    variants.update({f"fusion_{kernel}": (both, kernel) for kernel in svr_kernels[1:]})
+    variants.update({"standard_kd_svm": (("standard_kd",), svr_kernels[0]),
+                     "triplet_kd_svm": (("triplet_kd",), svr_kernels[0])})
+    return variants
 
 
 def _fusion_predictions(outputs: np.ndarray, targets: np.ndarray, visible: str, num_outputs: int) -> Predictions:
@@ -212,7 +224,9 @@ def run_significance_node(node: Mapping[str, Any], storage: Path, data_path: Pat
         fusion = read_result(fusion_dir, verify=False)
         candidates = {s: (node_dir(storage, info["hash"]) / "predictions.parquet", s)
                       for s, info in fusion["selected"].items()}
-        candidates["fusion"] = (fusion_dir / "predictions.parquet", "fusion")
+        for name in fusion["fitted"]:  # "fusion" and its kernel variants ("fusion_linear" for age)
+            if name.startswith("fusion"):
+                candidates[name] = (fusion_dir / "predictions.parquet", name)
         for test_set in test_sets(data):
             base = read_predictions(students[arch] / "predictions.parquet", test_set=test_set, visible=visible)
             for name, (path, model_name) in candidates.items():
@@ -232,12 +246,14 @@ def run_significance_node(node: Mapping[str, Any], storage: Path, data_path: Pat
                                model_value=float(model_err.mean()), baseline_value=float(base_err.mean()))
                 comparisons.append(row)
     if comparisons:
-        reject, adjusted = holm_correction([c["pvalue"] for c in comparisons], alpha=alpha)
-        for row, rej, adj in zip(comparisons, reject, adjusted):
-            better = (row["model_value"] > row["baseline_value"]) if task.is_classification else (
-                row["model_value"] < row["baseline_value"])
-            row.update(pvalue_holm=float(adj), significant=bool(rej), improved=bool(better),
-                       verdict="better" if rej and better else ("worse" if rej else "no significant difference"))
+        improved = [(row["model_value"] > row["baseline_value"]) if task.is_classification else
+                    (row["model_value"] < row["baseline_value"]) for row in comparisons]
+        # Both readings: the papers' († where p < α, uncorrected) and Holm's over the task's family.
+        for row, verdict in zip(comparisons, judge_comparisons([c["pvalue"] for c in comparisons], improved,
+                                                               alpha=alpha)):
+            row.update(improved=verdict.improved, significant_paper=verdict.significant, dagger=verdict.dagger,
+                       verdict_paper=verdict.verdict, pvalue_holm=verdict.pvalue_holm,
+                       significant=verdict.significant_holm, verdict=verdict.verdict_holm)
     atomic_write_bytes(out / "comparisons.json", json.dumps(comparisons, indent=1, default=float).encode())
     summary = {"key": node["key"], "hash": node["hash"], "kind": "significance", "strategy": "significance",
                "comparisons": comparisons, "metrics": {},

@@ -3,8 +3,9 @@
 Per task, one row per model (architecture × teacher / students / distilled students / fusion / the
 single-embedding SVMs of Table 4) and test faces, the mean (± std over seeds) of our metric, the
 journal's number for the same architecture, strategy, training faces and test faces
-(``paper_results.json``, copied from the spec's results file), and the significance verdict against
-the main student. The papers' numbers come from full-size networks on the real data sets: beside a
+(``paper_results.json``, copied from the spec's results file), and the test against the main student
+read two ways: the papers' rule (raw p, † where p < α and the model is better, spec §12) and the
+Holm-corrected verdict over the task's comparisons. The papers' numbers come from full-size networks on the real data sets: beside a
 reduced run (synthetic faces, small inputs, few epochs) they are a reference, not a target.
 """
 
@@ -25,13 +26,16 @@ PAPER_RESULTS = Path(__file__).parent / "paper_results.json"
 PAPER_ARCH = {"vggf": "VGG-f", "vggface": "VGG-face", "resnet50": "ResNet-50"}
 PAPER_STRATEGY = {"teacher": "teacher", "student": "student", "student_ablation": "student",
                   "standard_kd": "standard_ts", "triplet_kd": "triplet_ts", "fusion": "fusion",
-                  "standard_kd_svm": "standard_ts_svm", "triplet_kd_svm": "triplet_ts_svm"}
+                  "standard_kd_svm": "standard_ts_svm", "triplet_kd_svm": "triplet_ts_svm",
+                  # The linear ε-SVR beside the default RBF one (spec §15 #28): the papers report one fusion.
+                  "fusion_linear": "fusion", "fusion_rbf": "fusion"}
 PAPER_DATASET = {("fer", "test"): "FER+", ("fer", "test_affectnet"): "AffectNet",
                  ("gender", "test"): "UTKFace", ("age", "test"): "UTKFace"}
 ROW_ORDER = ("teacher", "student", "student_ablation", "standard_kd", "triplet_kd", "standard_kd_svm",
-             "triplet_kd_svm", "fusion")
+             "triplet_kd_svm", "fusion", "fusion_rbf", "fusion_linear")
 CSV_COLUMNS = ("task", "arch", "model", "train_faces", "test_set", "test_faces", "metric", "value", "std",
-               "num_seeds", "paper_value", "paper_significant", "pvalue_holm", "verdict")
+               "num_seeds", "paper_value", "paper_significant", "pvalue", "dagger", "verdict_uncorrected",
+               "pvalue_holm", "verdict_holm")
 
 
 def load_paper_results(path: Path = PAPER_RESULTS) -> dict[tuple, dict[str, Any]]:
@@ -80,8 +84,13 @@ def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) ->
             "std": statistics.stdev(vals) if len(vals) > 1 else "", "num_seeds": len(vals),
             "paper_value": record["value"] if record else "",
             "paper_significant": record.get("significant") if record else "",
+            # Seeds are separated by ";". The papers' rule: uncorrected p < α, a dagger where the model is
+            # better (spec §12); Holm: corrected over the task's family of comparisons.
+            "pvalue": ";".join(f"{v['pvalue']:.3g}" for v in verdict_rows),
+            "dagger": ";".join(str(bool(v.get("dagger", False))) for v in verdict_rows),
+            "verdict_uncorrected": ";".join(v.get("verdict_paper", "") for v in verdict_rows),
             "pvalue_holm": ";".join(f"{v['pvalue_holm']:.3g}" for v in verdict_rows),
-            "verdict": ";".join(v["verdict"] for v in verdict_rows),
+            "verdict_holm": ";".join(v["verdict"] for v in verdict_rows),
         })
     order = {name: i for i, name in enumerate(ROW_ORDER)}
     rows.sort(key=lambda r: (r["task"], r["test_set"], r["arch"], order.get(r["model"], 99), r["test_faces"], r["metric"]))
@@ -100,7 +109,7 @@ def _parse_metric(name: str, strategy: str) -> tuple[str, str, str, str] | None:
     """'test_lower_accuracy' -> (strategy, 'test', 'lower', 'accuracy'); fusion files also hold
     'standard_kd_svm_test_affectnet_lower_accuracy'."""
     model = strategy
-    for prefix in ("standard_kd_svm_", "triplet_kd_svm_"):
+    for prefix in ("standard_kd_svm_", "triplet_kd_svm_", "fusion_linear_", "fusion_rbf_"):
         if name.startswith(prefix):
             model, name = prefix[:-1], name[len(prefix):]
     if not name.startswith("test"):
@@ -132,6 +141,20 @@ def _fmt(value: Any, std: Any = "") -> str:
     return text + (f" ± {float(std):.2f}" if std not in ("", None) else "")
 
 
+def _papers_rule(cell: Mapping[str, Any]) -> str:
+    """'0.041 †' per seed: the raw p-value, † a significant improvement, ‡ a significant loss."""
+    if not cell.get("pvalue"):
+        return "–"
+    marks = {"better": " †", "worse": " ‡"}
+    return "; ".join(p + marks.get(v, "") for p, v in zip(cell["pvalue"].split(";"), cell["verdict_uncorrected"].split(";")))
+
+
+def _holm(cell: Mapping[str, Any]) -> str:
+    if not cell.get("pvalue_holm"):
+        return "–"
+    return "; ".join(f"{p}, {v}" for p, v in zip(cell["pvalue_holm"].split(";"), cell["verdict_holm"].split(";")))
+
+
 def render_markdown(rows: Iterable[dict[str, Any]], *, title: str, setting: str) -> str:
     """One table per task × test set × metric, laid out like the papers' tables: a row per model and
     training faces, a column per test faces, each cell "ours (paper)"."""
@@ -139,8 +162,11 @@ def render_markdown(rows: Iterable[dict[str, Any]], *, title: str, setting: str)
     lines = [f"# {title}", "", setting, "",
              "Each cell: ours (paper). Paper: the journal's number for the same network, strategy, training "
              "faces and test faces (full-size networks on the real data sets; † = significant there). "
-             "Verdict: Holm-corrected McNemar (accuracy) or Wilcoxon (age MAE) of the model against the main "
-             "student of its architecture on the students' half, α = 0.05.", ""]
+             "The last two columns test the model against the main student of its architecture on the "
+             "students' half, by McNemar (accuracy) or Wilcoxon (age MAE), α = 0.05, read two ways: "
+             "**papers' rule**, the raw p-value, † where p < 0.05 and the model is better (the papers' "
+             "daggers, uncorrected, spec §12), ‡ where p < 0.05 and it is worse; **Holm**, the p-value "
+             "corrected over all comparisons of the task and the verdict it gives.", ""]
     tables: dict[tuple[str, str, str], dict[tuple[str, str, str], dict[str, dict[str, Any]]]] = defaultdict(dict)
     for row in rows:
         table = tables[(row["task"], row["test_set"], row["metric"])]
@@ -148,8 +174,8 @@ def render_markdown(rows: Iterable[dict[str, Any]], *, title: str, setting: str)
     for (task, test_set, metric), table in tables.items():
         info = get_task(task)
         lines += [f"## {task} · {test_set} · {metric} (students see the {info.main_visible} half)", "",
-                  "| arch | model | train faces | full | lower | upper | verdict vs student |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| arch | model | train faces | full | lower | upper | papers' rule: p | Holm: p, verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
         for (arch, model, train_faces), cells in table.items():
             rendered = []
             for visible in ("full", "lower", "upper"):
@@ -159,7 +185,8 @@ def render_markdown(rows: Iterable[dict[str, Any]], *, title: str, setting: str)
                     continue
                 paper = _fmt(cell["paper_value"]) + ("†" if cell["paper_significant"] is True else "")
                 rendered.append(f"{_fmt(cell['value'], cell['std'])} ({paper})")
-            verdict = cells.get(info.main_visible, {}).get("verdict") or "–"
-            lines.append(f"| {arch} | {model} | {train_faces} | " + " | ".join(rendered) + f" | {verdict} |")
+            main = cells.get(info.main_visible, {})
+            lines.append(f"| {arch} | {model} | {train_faces} | " + " | ".join(rendered)
+                         + f" | {_papers_rule(main)} | {_holm(main)} |")
         lines.append("")
     return "\n".join(lines)

@@ -3,6 +3,8 @@
 * McNemar (Dietterich 1998) on per-sample correctness, for expressions and gender: the daggers.
 * Holm's correction when one baseline is tested against several models at once.
 * Wilcoxon signed-rank on per-sample absolute errors, for age, where the papers report no test.
+* :func:`judge_comparisons`: both readings of a family of tests side by side, the papers' rule
+  (uncorrected p < α, † where the model is also better) and the Holm-corrected verdict.
 """
 
 from __future__ import annotations
@@ -136,3 +138,47 @@ def wilcoxon_test(abs_errors_model: np.ndarray, abs_errors_baseline: np.ndarray)
         median_difference=median_difference,
         num_pairs=model.size,
     )
+
+
+#: What a verdict says of a model against its baseline.
+BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no significant difference"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One comparison of a family judged both ways (spec §12)."""
+
+    pvalue: float  # the test's own p-value
+    improved: bool  # the model's metric is better than the baseline's
+    significant: bool  # the papers' rule: p < α, no correction for the number of comparisons
+    pvalue_holm: float  # Holm-adjusted over the family
+    significant_holm: bool
+
+    @property
+    def dagger(self) -> bool:
+        """The papers' † (significant improvement, uncorrected)."""
+        return self.significant and self.improved
+
+    @property
+    def verdict(self) -> str:
+        """The papers' rule in words: better / worse / no significant difference."""
+        return _words(self.significant, self.improved)
+
+    @property
+    def verdict_holm(self) -> str:
+        return _words(self.significant_holm, self.improved)
+
+
+def _words(significant: bool, improved: bool) -> str:
+    return (BETTER if improved else WORSE) if significant else NO_DIFFERENCE
+
+
+def judge_comparisons(pvalues: Sequence[float], improved: Sequence[bool], *, alpha: float = 0.05) -> list[Verdict]:
+    """Verdicts for a family of comparisons against one baseline, in input order: each p-value read by the
+    papers' rule (uncorrected, p < ``alpha``) and after Holm's correction over the whole family."""
+    if len(pvalues) != len(improved):
+        raise ValueError(f"got {len(pvalues)} p-values but {len(improved)} improved flags; pass one per comparison")
+    reject, adjusted = holm_correction(pvalues, alpha=alpha)
+    return [Verdict(pvalue=float(p), improved=bool(better), significant=bool(p < alpha),
+                    pvalue_holm=float(adj), significant_holm=bool(rej))
+            for p, better, rej, adj in zip(pvalues, improved, reject, adjusted)]

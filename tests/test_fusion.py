@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC, SVR, LinearSVC
+from sklearn.svm import SVC, SVR, LinearSVC, LinearSVR
 
 from occkd_core.fusion import FUSION_C_GRID, concat_embeddings, fit_fusion
 
@@ -74,6 +74,25 @@ def test_regression_on_linear_target_has_small_mae() -> None:
     assert result.val_scores[0.1] < -10.0  # C = 0.1 underfits badly
     # val_score is -MAE of the kept model on the validation features
     assert result.val_score == pytest.approx(-np.mean(np.abs(result.predict(val_x) - val_y)))
+
+
+def test_linear_svr_variant_fits_a_linear_target_within_epsilon(monkeypatch) -> None:
+    """Spec §15 #28's other kernel: on a noise-free linear target a linear ε-SVR with large C is exact up
+    to its ε-tube (0.1 years), where the RBF one above is off by up to 1.5; large sets use liblinear."""
+    import occkd_core.fusion as fusion
+
+    rng = np.random.default_rng(0)
+    w = np.array([3.0, -2.0, 1.0, 0.5])
+    train_x, val_x = rng.uniform(-1, 1, (120, 4)), rng.uniform(-1, 1, (60, 4))
+    train_y, val_y = 40 + 10 * train_x @ w, 40 + 10 * val_x @ w
+    result = fit_fusion(train_x, train_y, val_x, val_y, kind="regression", kernel="linear")
+    svr = result.model[-1]
+    assert isinstance(svr, SVR) and svr.kernel == "linear" and svr.epsilon == 0.1
+    assert -result.val_score < 0.1 + 1e-3
+    monkeypatch.setattr(fusion, "_LIBSVM_BELOW", 10)
+    large = fit_fusion(train_x, train_y, val_x, val_y, kind="regression", kernel="linear", Cs=(100.0,))
+    assert isinstance(large.model[-1], LinearSVR) and large.model[-1].epsilon == 0.1
+    assert -large.val_score < 0.1 + 1e-2
 
 
 def test_validation_picks_a_middle_C() -> None:

@@ -82,6 +82,9 @@ def test_mlflow_holds_a_finished_run_per_node_with_tags_metrics_and_artifacts(gr
     significance = nodes["gender/significance"]
     assert any(k.startswith("pvalue_holm.vggf.fusion") for k in significance.data.metrics)
     assert significance.data.tags["verdict.vggf.fusion.test"] in ("better", "worse", "no significant difference")
+    assert significance.data.tags["verdict_uncorrected.vggf.fusion.test"] in ("better", "worse",
+                                                                             "no significant difference")
+    assert nodes["gender/vggf/teacher"].data.params["pretrained.weights"] == "from_scratch"
 
 
 def test_outputs_on_storage_and_the_report(grid_run):
@@ -97,6 +100,9 @@ def test_outputs_on_storage_and_the_report(grid_run):
     comparisons = json.loads(next(storage.glob("nodes/*/comparisons.json")).read_text())
     assert {c["model"] for c in comparisons} == {"standard_kd", "triplet_kd", "fusion"}
     assert all(0.0 <= c["pvalue_holm"] <= 1.0 and c["test"] == "mcnemar" for c in comparisons)
+    assert all(c["pvalue"] <= c["pvalue_holm"] and c["dagger"] == (c["pvalue"] < 0.05 and c["improved"])
+               for c in comparisons)
+    assert "| papers' rule: p | Holm: p, verdict |" in report and "Teachers: from scratch: gender/vggf." in report
     assert "teacher 1/1" in first.stdout and "report:" in first.stdout
     # Where the wall time went: every node handed out, started, trained (training nodes) and completed, in order.
     timeline = read_timeline(storage / "reports" / "occkd-tiny" / "timeline.csv")

@@ -1,0 +1,111 @@
+"""The significance node and the report, on predictions built with known discordant counts: the papers'
+rule (uncorrected McNemar, †) and the Holm-corrected verdict are both shown, and here they disagree."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from grid.artifacts import node_dir, write_predictions, write_result
+from grid.graph import expand_graph
+from grid.nodes import run_significance_node
+from grid.report import collect_rows, render_markdown, write_report
+from occkd_core.data import make_synthetic_faces, write_face_store
+from occkd_core.evaluation import Predictions
+from occkd_core.presets import load_preset
+from occkd_core.stats import judge_comparisons
+
+#: b = 15 discordant pairs the fusion wins, c = 5 it loses: exact McNemar (b + c < 25),
+#: p = 2 · P(X ≤ 5 | n = 20, ½) = 2 · 21,700 / 2^20.
+FUSION_P = 2 * 21700 / 2**20  # 0.0414
+
+
+def _gender_predictions(targets: np.ndarray, correct: np.ndarray) -> Predictions:
+    predicted = np.where(correct, targets, 1 - targets)
+    outputs = np.eye(2, dtype=np.float32)[predicted]
+    return Predictions(visible="upper", outputs=outputs, targets=targets)
+
+
+def test_judge_comparisons_reads_each_p_value_both_ways():
+    verdicts = judge_comparisons([FUSION_P, 0.5, 0.01, 0.8], [True, True, False, False])
+    fusion, same, worse, other = verdicts
+    assert (fusion.significant, fusion.dagger, fusion.verdict) == (True, True, "better")
+    # Holm: sorted p 0.01, 0.0414, 0.5, 0.8 -> 0.04, max(0.04, 3 · 0.0414), ...
+    assert fusion.pvalue_holm == pytest.approx(3 * FUSION_P)
+    assert (fusion.significant_holm, fusion.verdict_holm) == (False, "no significant difference")
+    assert worse.pvalue_holm == pytest.approx(0.04) and worse.verdict_holm == "worse" and not worse.dagger
+    assert same.verdict == other.verdict == "no significant difference"
+    with pytest.raises(ValueError, match="one per comparison"):
+        judge_comparisons([0.1], [True, False])
+
+
+@pytest.fixture
+def significance_setup(tmp_path: Path):
+    data = make_synthetic_faces(300, image_size=32, seed=3)
+    data_path = write_face_store(tmp_path / "faces.arrow", data)
+    targets = data.split("test").labels("gender")
+    n = len(targets)
+    assert n >= 30
+    preset = load_preset("smoke")
+    graph = expand_graph(preset, ["gender"], ["vggf"], train_sizes={"gender": 180},
+                         data_fingerprints={"gender": "data"})
+    nodes = graph.nodes
+    storage = tmp_path / "storage"
+    student_ok = np.ones(n, dtype=bool)
+    student_ok[:15] = False  # the fusion gets these right: b = 15
+    fusion_ok = np.ones(n, dtype=bool)
+    fusion_ok[15:20] = False  # ... and these wrong: c = 5
+    kd_ok = student_ok.copy()  # standard KD: identical to the student, p = 1
+    triplet_ok = student_ok.copy()
+    triplet_ok[:3], triplet_ok[20:23] = True, False  # b = c = 3, p = 1
+    outcomes = {"gender/vggf/student": student_ok, "gender/vggf/standard_kd": kd_ok,
+                "gender/vggf/triplet_kd[margin=0.1]": triplet_ok, "gender/vggf/fusion": fusion_ok}
+    results = {}
+    for key, ok in outcomes.items():
+        node = nodes[key]
+        directory = node_dir(storage, node.hash)
+        directory.mkdir(parents=True)
+        model = "fusion" if node.strategy == "fusion" else node.strategy
+        write_predictions(directory / "predictions.parquet", [("test", model, _gender_predictions(targets, ok))])
+        result = {"key": key, "hash": node.hash, "kind": node.kind, "strategy": node.strategy,
+                  "metrics": {"test_upper_accuracy": 100 * ok.mean()}, "val_score": 0.5}
+        if node.strategy == "fusion":
+            result["fitted"] = {"fusion": {"C": 1.0}, "standard_kd_svm": {"C": 1.0}}
+            result["selected"] = {s: {"key": k, "hash": nodes[k].hash, "val_score": 0.5}
+                                  for s, k in (("standard_kd", "gender/vggf/standard_kd"),
+                                               ("triplet_kd", "gender/vggf/triplet_kd[margin=0.1]"))}
+        write_result(directory, result, ["predictions.parquet"])
+        results[key] = result
+    significance = nodes["gender/significance"]
+    parent_dirs = {k: node_dir(storage, nodes[k].hash) for k in significance.parents}
+    results[significance.key] = run_significance_node(dict(significance.__dict__), storage, data_path, parent_dirs)
+    return graph, results
+
+
+def test_significance_node_and_report_show_the_papers_rule_beside_holm(significance_setup, tmp_path: Path):
+    graph, results = significance_setup
+    comparisons = {c["model"]: c for c in results["gender/significance"]["comparisons"]}
+    assert set(comparisons) == {"standard_kd", "triplet_kd", "fusion"}
+    fusion = comparisons["fusion"]
+    assert (fusion["b"], fusion["c"], fusion["exact"]) == (15, 5, True)
+    assert fusion["pvalue"] == pytest.approx(FUSION_P)
+    assert (fusion["dagger"], fusion["verdict_paper"]) == (True, "better")  # the papers' rule: †
+    assert fusion["pvalue_holm"] == pytest.approx(3 * FUSION_P)  # Holm over the task's 3 comparisons
+    assert (fusion["significant"], fusion["verdict"]) == (False, "no significant difference")
+    assert comparisons["standard_kd"]["pvalue"] == 1.0 and not comparisons["standard_kd"]["dagger"]
+
+    rows = collect_rows(graph, results)
+    row = next(r for r in rows if r["model"] == "fusion" and r["test_faces"] == "upper")
+    assert (row["pvalue"], row["dagger"], row["verdict_uncorrected"]) == ("0.0414", "True", "better")
+    assert (row["pvalue_holm"], row["verdict_holm"]) == ("0.124", "no significant difference")
+    markdown = render_markdown(rows, title="t", setting="s")
+    assert "| papers' rule: p | Holm: p, verdict |" in markdown
+    line = next(line for line in markdown.splitlines() if line.startswith("| vggf | fusion |"))
+    assert line.endswith("| 0.0414 † | 0.124, no significant difference |")
+    md_path, csv_path = write_report(rows, tmp_path / "report", title="t", setting="s")
+    with open(csv_path) as handle:
+        written = next(r for r in csv.DictReader(handle) if r["model"] == "fusion" and r["test_faces"] == "upper")
+    assert written["dagger"] == "True" and written["verdict_holm"] == "no significant difference"
+    assert json.loads(json.dumps(results["gender/significance"]["comparisons"]))  # plain JSON for MLflow

@@ -64,22 +64,37 @@ def write_affectnet(root: Path, num_images: int, rng: np.random.Generator) -> No
         (lists / file_name).write_text("\n".join(lines) + "\n")
 
 
+# ru_maxrss counts mapped file pages too, which the kernel can drop and re-read under pressure; the
+# anonymous part (RssAnon: heap, numpy arrays in RAM) is what must fit. Linux has no peak counter for
+# it, so a thread samples /proc/self/status every 20 ms.
 CHILD = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
 from pathlib import Path
 from occkd_core.data.sources import prepare_real_data
+peak = {"anon": 0}
+done = threading.Event()
+def sample():
+    while not done.is_set():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                peak["anon"] = max(peak["anon"], int(line.split()[1]) * 1024)
+        time.sleep(0.02)
+thread = threading.Thread(target=sample, daemon=True)
+thread.start()
 start = time.perf_counter()
 path = prepare_real_data("fer", Path(sys.argv[1]), Path(sys.argv[2]), union_size=int(sys.argv[3]))
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "store_bytes": path.stat().st_size,
+done.set()
+thread.join()
+print(json.dumps({"seconds": seconds, "store_bytes": path.stat().st_size, "peak_anon_bytes": peak["anon"],
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
-def convert(root: Path, cache: Path, size: int) -> dict:
-    """Convert in a fresh Python process, so its peak RSS is the conversion's alone."""
+def convert(root: Path, cache: Path, size: int, repo: Path) -> dict:
+    """Convert in a fresh Python process, so its peak memory is the conversion's alone."""
     out = subprocess.run([sys.executable, "-c", CHILD, str(root), str(cache), str(size)],
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+                         capture_output=True, text=True, check=True, cwd=repo)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -87,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-affectnet", type=int, default=3000)
     parser.add_argument("--num-fer", type=int, default=600)
+    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent,
+                        help="checkout whose occkd_core converts (e.g. a worktree of an older commit, to compare)")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     rows = []
@@ -95,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         write_fer(root / "ferplus", args.num_fer, rng)
         write_affectnet(root / "affectnet", args.num_affectnet, rng)
         for size in (48, 224):
-            result = convert(root, Path(tmp) / "cache", size)
-            pixels = (args.num_fer + args.num_affectnet) * size * size * 3
-            rows.append((f"{size} px", args.num_fer + args.num_affectnet, pixels / 1e9, result["store_bytes"] / 1e9,
-                         result["peak_rss_bytes"] / 1e9, result["seconds"]))
+            result = convert(root, Path(tmp) / f"cache{size}", size, args.repo)
+            rows.append((f"{size} px", args.num_fer + args.num_affectnet, result["store_bytes"] / 1e9,
+                         result["peak_anon_bytes"] / 1e9, result["peak_rss_bytes"] / 1e9, result["seconds"]))
     print(machine_line())
     print()
-    print(markdown_table(("stored size", "faces (FER+ + AffectNet)", "pixel bytes, GB", "store on disk, GB",
-                          "peak RSS of the conversion, GB", "seconds"), rows))
+    print(f"occkd_core from {args.repo}\n")
+    print(markdown_table(("stored size", "faces (FER+ + AffectNet)", "store on disk, GB",
+                          "peak anonymous RSS, GB", "peak RSS incl. mapped file pages, GB", "seconds"), rows))
     print("\nSynthetic images in the data sets' own formats (a reduced setting: "
           f"{args.num_affectnet} AffectNet JPEGs of 180-420 px, {args.num_fer} FER+ rows).")
     return 0

@@ -32,17 +32,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine_line, markdown_table  # noqa: E402
-from grid.graph import Node, StageGraph, default_resources, expand_graph  # noqa: E402
+from grid.graph import ABLATION_SUFFIX, Node, StageGraph, default_resources, expand_graph  # noqa: E402
 from occkd_core.presets import load_preset  # noqa: E402
-from occkd_core.tasks import ARCHITECTURES, TASKS  # noqa: E402
+from occkd_core.stages import get_stage  # noqa: E402
+from occkd_core.models import ARCHITECTURES  # noqa: E402
+from occkd_core.tasks import TASKS  # noqa: E402
 
 NUM_NODES, GPUS_PER_NODE, CPUS_PER_NODE = 4, 8, 64
 #: Training images per task in the papers (spec §2): FER+ 25,045 + capped AffectNet 88,021 (joint
 #: training, spec §15 #15); UTKFace 14,213.
 PAPER_TRAIN_SIZES = {"fer": 25045 + 88021, "gender": 14213, "age": 14213}
-STAGE_ORDER = ("teacher", "student", "student_ablation", "standard_kd", "triplet_kd", "fusion", "significance")
-STAGE_LEVEL = {"teacher": 0, "student": 1, "student_ablation": 1, "standard_kd": 2, "triplet_kd": 2,
-               "fusion": 3, "significance": 4}
+#: Barrier level of each node: its stage's starting point (weights 0, teacher 1, student 2), then fusion
+#: and significance.
+STARTS_LEVEL = {"weights": 0, "teacher": 1, "student": 2}
+
+
+def stage_level(strategy: str) -> int:
+    if strategy in ("fusion", "significance"):
+        return 3 if strategy == "fusion" else 4
+    return STARTS_LEVEL[get_stage(strategy.removesuffix(ABLATION_SUFFIX)).starts_from]
 
 
 def paper_graph() -> StageGraph:
@@ -57,7 +65,7 @@ def with_barriers(graph: StageGraph) -> StageGraph:
     """The same nodes, each depending on every node of the stage before it."""
     levels: dict[int, list[str]] = {}
     for key, node in graph.nodes.items():
-        levels.setdefault(STAGE_LEVEL[node.strategy], []).append(key)
+        levels.setdefault(stage_level(node.strategy), []).append(key)
     nodes = {}
     for level in sorted(levels):  # topological order: stage by stage
         for key in levels[level]:

@@ -41,7 +41,8 @@ from occkd_core.models import build_model  # noqa: E402
 from occkd_core.preprocess import input_spec_for, prepare_batch, random_flips  # noqa: E402
 from occkd_core.presets import load_preset  # noqa: E402
 from occkd_core.strategies import BatchContext, SupervisedStrategy  # noqa: E402
-from occkd_core.tasks import ARCHITECTURES, get_task  # noqa: E402
+from occkd_core.models import ARCHITECTURES  # noqa: E402
+from occkd_core.tasks import get_task  # noqa: E402
 from occkd_core.training import StageSpec, _as_predictions, _make_optimizer, _run_epoch  # noqa: E402
 
 

@@ -14,8 +14,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from occkd_core.models import get_architecture
 from occkd_core.presets import Preset, TrainSpec
 from occkd_core.pretrained import FROM_SCRATCH, WeightsFile
+from occkd_core.stages import STAGES, distilled_stages, get_stage, stage_starting_from
 from occkd_core.tasks import get_task
 from occkd_core.training import StageSpec
 
@@ -24,11 +26,17 @@ from occkd_core.training import StageSpec
 #: from pre-trained weights and one trained from scratch shared a hash.
 GRAPH_VERSION = 2
 
-#: Relative cost of one training image at 224 px and full width (NOTES.md: bare-loop throughput).
-ARCH_COST = {"vggf": 1.0, "vggface": 35.0, "resnet50": 18.0}
-#: Extra work per strategy: KD runs the frozen teacher too; triplet KD also forwards the negatives
-#: and re-embeds the training set for mining each epoch.
-STRATEGY_COST = {"teacher": 1.0, "student": 1.0, "student_ablation": 1.0, "standard_kd": 1.35, "triplet_kd": 2.4}
+#: The node of the student trained on the other half: never distilled (spec §1, §15 #33).
+ABLATION_SUFFIX = "_ablation"
+
+
+def node_order() -> tuple[str, ...]:
+    """Every node strategy in curriculum order, from the stage registry (progress lines, reports)."""
+    student = stage_starting_from("teacher")
+    names: list[str] = []
+    for name in STAGES:
+        names += [name, name + ABLATION_SUFFIX] if name == student else [name]
+    return (*names, "fusion", "significance")
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ class Node:
     kind: str  # "train" | "fusion" | "significance"
     task: str
     arch: str | None
-    strategy: str  # teacher | student | student_ablation | standard_kd | triplet_kd | fusion | significance
+    strategy: str  # a stage of occkd_core.stages, student_ablation, fusion or significance (node_order())
     train_faces: str  # full | lower | upper | full+lower | full+upper (spec §0 codes)
     seed: int
     params: Mapping[str, Any]  # the resolved spec: a StageSpec dict for training nodes
@@ -154,29 +162,31 @@ def expand_graph(
             for arch in archs:
                 settings = preset.arch(arch)
                 base = f"{task}/{arch}"
-                per_image = ARCH_COST[arch] * (settings.input_size / 224) ** 2 * settings.width_mult ** 2
+                per_image = get_architecture(arch).cost * (settings.input_size / 224) ** 2 * settings.width_mult ** 2
 
                 def train_node(strategy: str, stage: str, visible: str, faces: str, parents: tuple[str, ...],
                                spec: TrainSpec, point: Mapping[str, Any], init: Mapping[str, str] | None = None) -> Node:
                     stage_spec = StageSpec(task=task, arch=arch, strategy=stage, train_visible=visible,
                                            input_size=settings.input_size, width_mult=settings.width_mult,
                                            train=spec, seed=seed, dropout=settings.dropout)
-                    cost = spec.epochs * train_sizes[task] * per_image * STRATEGY_COST[strategy]
+                    cost = spec.epochs * train_sizes[task] * per_image * get_stage(stage).cost
                     return add(Node(key=f"{base}/{strategy}{_grid_suffix(point)}{seed_suffix}", kind="train",
                                     task=task, arch=arch, strategy=strategy, train_faces=faces, seed=seed,
                                     params=stage_spec.to_dict(), parents=parents, resources=resources[arch],
                                     cost=cost, grid_point=dict(point), init=dict(init or {})))
 
-                teacher = train_node("teacher", "teacher", "full", "full", (), preset.train_spec(task, arch, "teacher"),
+                # The curriculum (spec §5), its stages read from the registry: the teacher on full faces,
+                # the main and ablation students from it, then every distilled stage from the main student.
+                first, second = stage_starting_from("weights"), stage_starting_from("teacher")
+                teacher = train_node(first, first, "full", "full", (), preset.train_spec(task, arch, first),
                                      {}, teacher_init(preset, task, arch, weights or {}, from_scratch))
-                student_spec = preset.train_spec(task, arch, "student")
-                main = train_node("student", "student", info.main_visible, info.main_visible, (teacher.key,),
+                student_spec = preset.train_spec(task, arch, second)
+                main = train_node(second, second, info.main_visible, info.main_visible, (teacher.key,),
                                   student_spec, {})
-                # The ablation student sees the other half and is never distilled (spec §1, §15 #33).
-                train_node("student_ablation", "student", info.ablation_visible, info.ablation_visible,
+                train_node(second + ABLATION_SUFFIX, second, info.ablation_visible, info.ablation_visible,
                            (teacher.key,), student_spec, {})
                 distilled: list[str] = []
-                for strategy in ("standard_kd", "triplet_kd"):
+                for strategy in distilled_stages():
                     specs = preset.grid(task, arch, strategy)
                     for spec, point in zip(specs, _grid_points(specs)):
                         node = train_node(strategy, strategy, info.main_visible, f"full+{info.main_visible}",

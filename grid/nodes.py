@@ -25,6 +25,7 @@ from occkd_core.evaluation import Predictions, evaluate_conditions, predict, tas
 from occkd_core.fusion import concat_embeddings, fit_fusion
 from occkd_core.gradcam import save_split_gradcam
 from occkd_core.preprocess import input_spec_for
+from occkd_core.stages import distilled_stages, get_stage
 from occkd_core.stats import judge_comparisons, mcnemar_test, wilcoxon_test
 from occkd_core.tasks import get_task
 from occkd_core.training import EpochRecord, StageSpec, train_stage
@@ -70,11 +71,9 @@ def run_train_node(node: Mapping[str, Any], storage: Path, data_path: Path, pare
     data = open_face_store(data_path)
     out = fresh_node_dir(storage, node["hash"]) if is_writer else node_dir(storage, node["hash"])
     parents = {parent_strategy(key): Path(d) for key, d in parent_dirs.items()}
-    init = teacher = None
-    if spec.strategy == "student":
-        init = parents["teacher"] / "train" / "best.pt"
-    elif spec.strategy in ("standard_kd", "triplet_kd"):
-        init, teacher = parents["student"] / "train" / "best.pt", parents["teacher"] / "train" / "best.pt"
+    stage = get_stage(spec.strategy)  # where it starts and whether the teacher runs beside it
+    init = parents[stage.starts_from] / "train" / "best.pt" if stage.starts_from != "weights" else None
+    teacher = parents["teacher"] / "train" / "best.pt" if stage.needs_teacher else None
 
     def on_epoch(record: EpochRecord) -> None:
         metrics = {"epoch": record.epoch, "lr": record.lr, "train_loss": record.train_loss,
@@ -94,7 +93,7 @@ def run_train_node(node: Mapping[str, Any], storage: Path, data_path: Path, pare
     input_spec = input_spec_for(spec.arch, spec.input_size)
     metrics: dict[str, float] = {"best_epoch": result.best_epoch, "val_score": result.best_val_score}
     rows = []
-    distilled = spec.strategy in ("standard_kd", "triplet_kd")
+    distilled = stage.distilled
     for test_set in test_sets(data):
         for visible, (preds, values) in evaluate_conditions(model, data.split(test_set), task, input_spec,
                                                            device=device).items():
@@ -142,14 +141,14 @@ def run_fusion_node(node: Mapping[str, Any], storage: Path, data_path: Path,
     chosen: dict[str, tuple[str, Path, dict]] = {}
     for key, directory in parent_dirs.items():
         strategy = parent_strategy(key)
-        if strategy not in ("standard_kd", "triplet_kd"):
+        if strategy not in distilled_stages():
             continue
         result = read_result(Path(directory), verify=False)
         if result is None:
             raise RuntimeError(f"parent {key} has no result in {directory}")
         if strategy not in chosen or result["val_score"] > chosen[strategy][2]["val_score"]:
             chosen[strategy] = (key, Path(directory), result)
-    missing = {"standard_kd", "triplet_kd"} - set(chosen)
+    missing = set(distilled_stages()) - set(chosen)
     if missing:
         raise RuntimeError(f"fusion {node['key']} is missing parents of kind {sorted(missing)}")
     splits = ["train", "val", *test_sets(data)]
@@ -190,11 +189,10 @@ def fusion_variants(svr_kernels: list[str | None]) -> dict[str, tuple[tuple[str,
     """Name -> (distilled students whose embeddings are concatenated, kernel; None = the task's default).
     "fusion" is the papers' model (spec §8) with the first kernel; each further ε-SVR kernel of the age
     task gives "fusion_<kernel>"; the single-embedding SVMs are the Table 4 ablation."""
-    both = ("standard_kd", "triplet_kd")
-    variants = {"fusion": (both, svr_kernels[0])}
-    variants.update({f"fusion_{kernel}": (both, kernel) for kernel in svr_kernels[1:]})
-    variants.update({"standard_kd_svm": (("standard_kd",), svr_kernels[0]),
-                     "triplet_kd_svm": (("triplet_kd",), svr_kernels[0])})
+    every = distilled_stages()
+    variants = {"fusion": (every, svr_kernels[0])}
+    variants.update({f"fusion_{kernel}": (every, kernel) for kernel in svr_kernels[1:]})
+    variants.update({f"{stage}_svm": ((stage,), svr_kernels[0]) for stage in every})
     return variants
 
 

@@ -11,9 +11,8 @@ import sys
 import time
 from typing import Mapping, TextIO
 
-from grid.graph import StageGraph
+from grid.graph import StageGraph, node_order
 
-STAGE_ORDER = ("teacher", "student", "student_ablation", "standard_kd", "triplet_kd", "fusion", "significance")
 
 
 def _clock(seconds: float) -> str:
@@ -54,7 +53,7 @@ class Progress:
 
     def summary_line(self) -> str:
         parts = []
-        for stage in STAGE_ORDER:
+        for stage in node_order():
             keys = [k for k, n in self.graph.nodes.items() if n.strategy == stage]
             if not keys:
                 continue

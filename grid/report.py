@@ -19,20 +19,28 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from grid.graph import StageGraph
+from grid.graph import ABLATION_SUFFIX, StageGraph, node_order
+from occkd_core.models import get_architecture
+from occkd_core.presets import SVR_KERNELS
+from occkd_core.stages import STAGES, distilled_stages, stage_starting_from
 from occkd_core.tasks import get_task
 
 PAPER_RESULTS = Path(__file__).parent / "paper_results.json"
-PAPER_ARCH = {"vggf": "VGG-f", "vggface": "VGG-face", "resnet50": "ResNet-50"}
-PAPER_STRATEGY = {"teacher": "teacher", "student": "student", "student_ablation": "student",
-                  "standard_kd": "standard_ts", "triplet_kd": "triplet_ts", "fusion": "fusion",
-                  "standard_kd_svm": "standard_ts_svm", "triplet_kd_svm": "triplet_ts_svm",
-                  # The linear ε-SVR beside the default RBF one (spec §15 #28): the papers report one fusion.
-                  "fusion_linear": "fusion", "fusion_rbf": "fusion"}
+#: Report rows (node strategies and the fusion node's variants) -> the strategy's name in the papers'
+#: results, from the stage registry: the ablation student is a student there, each distilled stage has
+#: its single-embedding SVM (Table 4), and every ε-SVR kernel's fusion is compared with the papers' one.
+PAPER_STRATEGY = {
+    **{name: stage.paper_name for name, stage in STAGES.items()},
+    stage_starting_from("teacher") + ABLATION_SUFFIX: STAGES[stage_starting_from("teacher")].paper_name,
+    **{f"{name}_svm": f"{STAGES[name].paper_name}_svm" for name in distilled_stages()},
+    "fusion": "fusion", **{f"fusion_{kernel}": "fusion" for kernel in SVR_KERNELS},
+}
 PAPER_DATASET = {("fer", "test"): "FER+", ("fer", "test_affectnet"): "AffectNet",
                  ("gender", "test"): "UTKFace", ("age", "test"): "UTKFace"}
-ROW_ORDER = ("teacher", "student", "student_ablation", "standard_kd", "triplet_kd", "standard_kd_svm",
-             "triplet_kd_svm", "fusion", "fusion_rbf", "fusion_linear")
+ROW_ORDER = (*node_order()[:-2], *(f"{name}_svm" for name in distilled_stages()), "fusion",
+             *(f"fusion_{kernel}" for kernel in SVR_KERNELS))
+#: Metric-name prefixes of the fusion node's variants ("standard_kd_svm_test_lower_accuracy").
+VARIANT_PREFIXES = tuple(f"{row}_" for row in ROW_ORDER if row.endswith("_svm") or row.startswith("fusion_"))
 CSV_COLUMNS = ("task", "arch", "model", "train_faces", "test_set", "test_faces", "metric", "value", "std",
                "num_seeds", "paper_value", "paper_significant", "pvalue", "dagger", "verdict_uncorrected",
                "pvalue_holm", "verdict_holm")
@@ -62,7 +70,7 @@ def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) ->
                 verdicts[(node.task, row["arch"], row["model"], row["test_set"], node.seed)] = row
             continue
         selected = _selected_keys(graph, results, node.task, node.arch, node.seed)
-        if node.strategy in ("standard_kd", "triplet_kd") and key not in selected:
+        if node.strategy in distilled_stages() and key not in selected:
             continue  # only the grid point chosen on validation enters the table
         for metric_key, value in result["metrics"].items():
             parsed = _parse_metric(metric_key, node.strategy)
@@ -75,7 +83,8 @@ def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) ->
     rows = []
     for (task, arch, model, train_faces, test_set, visible, metric), vals in values.items():
         dataset = PAPER_DATASET.get((task, test_set))
-        record = paper.get((dataset, PAPER_ARCH[arch], PAPER_STRATEGY[model], train_faces, visible, metric))
+        record = paper.get((dataset, get_architecture(arch).paper_name, PAPER_STRATEGY[model], train_faces, visible,
+                            metric))
         verdict_rows = [v for (t, a, m, ts, _), v in verdicts.items() if (t, a, m, ts) == (task, arch, model, test_set)
                         and v["visible"] == visible and v["metric"] == ("accuracy" if metric != "mae" else "mae")]
         rows.append({
@@ -109,7 +118,7 @@ def _parse_metric(name: str, strategy: str) -> tuple[str, str, str, str] | None:
     """'test_lower_accuracy' -> (strategy, 'test', 'lower', 'accuracy'); fusion files also hold
     'standard_kd_svm_test_affectnet_lower_accuracy'."""
     model = strategy
-    for prefix in ("standard_kd_svm_", "triplet_kd_svm_", "fusion_linear_", "fusion_rbf_"):
+    for prefix in VARIANT_PREFIXES:
         if name.startswith(prefix):
             model, name = prefix[:-1], name[len(prefix):]
     if not name.startswith("test"):

@@ -32,7 +32,8 @@ from grid.report import collect_rows, write_report  # noqa: E402
 from grid.timeline import node_timeline, overheads, summary_line, write_timeline  # noqa: E402
 from occkd_core.presets import Preset, builtin_presets, load_preset  # noqa: E402
 from occkd_core.pretrained import FROM_SCRATCH, PRETRAINED, WeightsFile, get_pretrained  # noqa: E402
-from occkd_core.tasks import ARCHITECTURES, TASKS, check_name, get_task  # noqa: E402
+from occkd_core.models import ARCHITECTURES, get_architecture  # noqa: E402
+from occkd_core.tasks import TASKS, get_task  # noqa: E402
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -71,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         args.tasks = [get_task(t.strip()).name for t in args.tasks.split(",") if t.strip()]
-        args.archs = [check_name("architecture", a.strip()) for a in args.archs.split(",") if a.strip()]
+        args.archs = [get_architecture(a.strip()).name for a in args.archs.split(",") if a.strip()]
         args.preset_obj = load_preset(args.preset)
         args.weights = dict(_parse_weight(w) for w in args.weights)
     except ValueError as err:

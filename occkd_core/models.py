@@ -21,7 +21,6 @@ from torchvision.models import resnet50
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from occkd_core.pretrained import read_weights_file
-from occkd_core.tasks import check_name
 
 #: Smallest input side every architecture handles: VGG-f's conv1 (11x11/4) and two 3x3/2 pools need 31 px
 #: to keep a non-empty map; 32 is the round number we promise for all three.
@@ -38,7 +37,7 @@ class ModelSpec:
     dropout: bool = True  # spec §4.1/§4.2 dropout; False removes the layers (tests, ablations)
 
     def __post_init__(self) -> None:
-        check_name("architecture", self.arch)
+        get_architecture(self.arch)
         if isinstance(self.num_outputs, bool) or not isinstance(self.num_outputs, int) or self.num_outputs < 1:
             raise ValueError(f"num_outputs must be an int >= 1 (8 fer, 2 gender, 1 age), got {self.num_outputs!r}")
         if isinstance(self.width_mult, bool) or not isinstance(self.width_mult, (int, float)) \
@@ -289,13 +288,43 @@ class ResNet50(FaceNet):
         return self.layer4
 
 
-#: Architecture name -> FaceNet class; read only by :func:`build_model`.
-MODELS: dict[str, type[FaceNet]] = {"vggf": VGGF, "vggface": VGGFace, "resnet50": ResNet50}
+@dataclass(frozen=True)
+class ArchInfo:
+    """One network of spec §4: everything the method, the grid and the report need to know of it."""
+
+    name: str
+    model: type[FaceNet]
+    # RGB mean and std of its pre-training data in 0..255 pixel units, subtracted after occlusion (spec §15 #17).
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    cost: float  # relative cost of one training image at 224 px and full width (scheduling; bare-loop throughput)
+    paper_name: str  # as the papers' tables name it (grid/paper_results.json)
+
+
+#: Architecture name -> what it is. Read through :func:`get_architecture`; iterating gives the names in order.
+ARCHITECTURES: dict[str, ArchInfo] = {
+    # VGG-f (MatConvNet imagenet-vgg-f): ImageNet mean, no std scaling.
+    "vggf": ArchInfo("vggf", VGGF, (123.68, 116.78, 103.94), (1.0, 1.0, 1.0), cost=1.0, paper_name="VGG-f"),
+    # VGG-face (Parkhi et al.): the face-identification data's RGB mean, no std scaling.
+    "vggface": ArchInfo("vggface", VGGFace, (129.19, 104.76, 93.59), (1.0, 1.0, 1.0), cost=35.0,
+                        paper_name="VGG-face"),
+    # torchvision ResNet-50: ImageNet mean/std (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225) × 255.
+    "resnet50": ArchInfo("resnet50", ResNet50, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), cost=18.0,
+                         paper_name="ResNet-50"),
+}
+
+
+def get_architecture(name: str) -> ArchInfo:
+    """The architecture called ``name``, or a ValueError listing the valid names."""
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}; valid names: {', '.join(sorted(ARCHITECTURES))}") from None
 
 
 def build_model(spec: ModelSpec) -> FaceNet:
     """A freshly initialised network for ``spec`` (load pre-trained weights with :func:`load_pretrained`)."""
-    return MODELS[check_name("architecture", spec.arch)](spec)
+    return get_architecture(spec.arch).model(spec)
 
 
 # -- pre-trained weights ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from occkd_core.models import get_architecture
 from occkd_core.tasks import Visibility, check_name
 
 
@@ -42,21 +43,11 @@ class InputSpec:
         return cls(size=int(values["size"]), mean=tuple(values["mean"]), std=tuple(values.get("std", (1.0, 1.0, 1.0))))
 
 
-#: (mean, std) of each architecture's pre-training data, in 0..255 RGB units (spec §15 #17).
-_NORMALISATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    # VGG-f (MatConvNet imagenet-vgg-f): ImageNet mean, no std scaling.
-    "vggf": ((123.68, 116.78, 103.94), (1.0, 1.0, 1.0)),
-    # VGG-face (Parkhi et al.): the face-identification data's RGB mean, no std scaling.
-    "vggface": ((129.19, 104.76, 93.59), (1.0, 1.0, 1.0)),
-    # torchvision ResNet-50: ImageNet mean/std (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225) × 255.
-    "resnet50": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
-}
-
-
 def input_spec_for(arch: str, size: int) -> InputSpec:
-    """The :class:`InputSpec` of architecture ``arch`` at input side ``size``."""
-    mean, std = _NORMALISATION[check_name("architecture", arch)]
-    return InputSpec(size=size, mean=mean, std=std)
+    """The :class:`InputSpec` of architecture ``arch`` at input side ``size`` (its registry entry's
+    normalisation, :data:`occkd_core.models.ARCHITECTURES`)."""
+    info = get_architecture(arch)
+    return InputSpec(size=size, mean=info.mean, std=info.std)
 
 
 def _hidden_rows(visible: Visibility, height: int) -> slice | None:

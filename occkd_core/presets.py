@@ -18,7 +18,9 @@ import yaml
 
 from occkd_core.data.ferplus import LABEL_RULES
 from occkd_core.pretrained import FROM_SCRATCH, get_pretrained
-from occkd_core.tasks import ARCHITECTURES, STRATEGIES, TASKS, check_name, get_task
+from occkd_core.stages import STAGES, get_stage
+from occkd_core.models import ARCHITECTURES, get_architecture
+from occkd_core.tasks import TASKS, get_task
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -95,9 +97,8 @@ class TrainSpec:
         return cls(**values)
 
     def require(self, strategy: str) -> "TrainSpec":
-        """Check that the settings ``strategy`` needs are present."""
-        needed = {"standard_kd": ("lam",), "triplet_kd": ("lam", "margin", "pool_fraction")}
-        missing = [n for n in needed.get(strategy, ()) if getattr(self, n) is None]
+        """Check that the settings ``strategy`` needs (its stage's ``required`` fields) are present."""
+        missing = [n for n in get_stage(strategy).required if getattr(self, n) is None]
         if missing:
             raise ValueError(f"strategy {strategy!r} needs {missing} in its preset entry")
         return self
@@ -153,12 +154,12 @@ class Preset:
     svr_kernels: tuple[str, ...] = ("rbf",)
 
     def arch(self, arch: str) -> ArchSettings:
-        check_name("architecture", arch)
+        get_architecture(arch)
         return self.models[arch]
 
     def grid(self, task: str, arch: str, strategy: str) -> list[TrainSpec]:
         """Every TrainSpec of the grid for one stage, in a stable order (one item if no grid)."""
-        get_task(task), check_name("architecture", arch), check_name("strategy", strategy)
+        get_task(task), get_architecture(arch), get_stage(strategy)
         entry = dict(self.stages[(task, arch, strategy)])
         axes = [(k, v) for k, v in entry.items() if isinstance(v, list)]
         combos = itertools.product(*(v for _, v in axes)) if axes else [()]
@@ -176,7 +177,7 @@ class Preset:
 
     def teacher_weights(self, task: str, arch: str) -> str:
         """The weights name the teacher of ``task`` × ``arch`` starts from, or ``from_scratch``."""
-        get_task(task), check_name("architecture", arch)
+        get_task(task), get_architecture(arch)
         return self.pretrained.get((task, arch), FROM_SCRATCH)
 
     def required_weights(self, tasks: list[str], archs: list[str]) -> dict[str, list[str]]:
@@ -208,17 +209,17 @@ def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
     try:
         models = {arch: ArchSettings(**raw["models"][arch]) for arch in ARCHITECTURES}
         defaults = raw.get("stage_defaults", {}) or {}
-        _check_keys("stage_defaults", defaults, STRATEGIES)
+        _check_keys("stage_defaults", defaults, tuple(STAGES))
         _check_keys("stages", raw["stages"], tuple(TASKS))
         for task, archs in raw["stages"].items():
             _check_keys(f"stages.{task}", archs or {}, ARCHITECTURES)
             for arch, entries in (archs or {}).items():
-                _check_keys(f"stages.{task}.{arch}", entries or {}, STRATEGIES)
+                _check_keys(f"stages.{task}.{arch}", entries or {}, tuple(STAGES))
         stages: dict[tuple[str, str, str], Mapping[str, Any]] = {}
         for task in TASKS:
             for arch in ARCHITECTURES:
                 given = (raw["stages"].get(task) or {}).get(arch) or {}
-                for strategy in STRATEGIES:
+                for strategy in tuple(STAGES):
                     entry = {**defaults.get(strategy, {}), **(given.get(strategy) or {})}
                     if not entry:
                         raise ValueError(f"no settings for stage {task}/{arch}/{strategy}")

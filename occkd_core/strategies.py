@@ -2,14 +2,15 @@
 
 A strategy decides which training rows an epoch visits (``epoch_order``) and turns a batch of rows
 into named loss terms (``loss_terms``); the training loop sums and logs the terms. Nothing else
-differs between stages, so there is one loop (:mod:`occkd_core.training`).
+differs between stages, so there is one loop (:mod:`occkd_core.training`). The loop builds a stage's
+strategy with ``build(ctx, inputs)``; :mod:`occkd_core.stages` says which class serves which stage.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -20,8 +21,10 @@ from occkd_core.losses import hint_kd_loss, hinton_kd_loss, supervised_loss, tri
 from occkd_core.mining import MinedTriplets, draw_pool, mine_hard_triplets
 from occkd_core.models import FaceNet
 from occkd_core.preprocess import InputSpec, prepare_batch, prepare_views
-from occkd_core.presets import TrainSpec
 from occkd_core.tasks import TaskInfo, Visibility
+
+if TYPE_CHECKING:  # presets read the stage registry, which imports this module
+    from occkd_core.presets import TrainSpec
 
 
 @dataclass
@@ -46,11 +49,24 @@ class BatchContext:
 LossTerms = dict[str, Tensor]
 
 
+@dataclass(frozen=True)
+class StageInputs:
+    """What a strategy may need beyond its batch context, computed only when a strategy asks."""
+
+    teacher_embeddings: Callable[[], Tensor]  # [N, D] full-face teacher embeddings of the training set (cached)
+    embed_student: Callable[[FaceNet], Tensor]  # [N, D] the model's embeddings of the occluded training set
+
+
 class SupervisedStrategy:
     """Teacher (full faces) and student (one half) stages: the task loss alone (spec §5 steps 1-2)."""
 
     def __init__(self, ctx: BatchContext) -> None:
         self.ctx = ctx
+
+    @classmethod
+    def build(cls, ctx: BatchContext, inputs: StageInputs) -> "SupervisedStrategy":
+        """The strategy for one stage run (override to take more from ``inputs``)."""
+        return cls(ctx)
 
     def epoch_order(self, epoch: int, model: FaceNet, generator: torch.Generator) -> np.ndarray:
         return torch.randperm(len(self.ctx.split), generator=generator).numpy()
@@ -103,6 +119,10 @@ class TripletKDStrategy(SupervisedStrategy):
         self.negative_of = np.zeros(0, dtype=np.int64)
         self.positive_of = np.zeros(0, dtype=np.int64)
         self.mining_seconds = 0.0
+
+    @classmethod
+    def build(cls, ctx: BatchContext, inputs: StageInputs) -> "TripletKDStrategy":
+        return cls(ctx, inputs.teacher_embeddings(), inputs.embed_student)
 
     def epoch_order(self, epoch: int, model: FaceNet, generator: torch.Generator) -> np.ndarray:
         ctx = self.ctx

@@ -1,4 +1,5 @@
-"""Tasks, architectures, face visibilities and training strategies: the names everything else keys on.
+"""Tasks and face visibilities: the names everything else keys on (architectures and training stages
+have registries of their own, :data:`occkd_core.models.ARCHITECTURES` and :mod:`occkd_core.stages`).
 
 Each registry is a plain module-level dict, read through one ``get_*`` function that raises an error
 listing the valid names (spec §1, §4, §5).
@@ -60,12 +61,6 @@ TASKS: dict[str, TaskInfo] = {
     ),
 }
 
-#: Architectures of spec §4; the builders live in :mod:`occkd_core.models`.
-ARCHITECTURES: tuple[str, ...] = ("vggf", "vggface", "resnet50")
-
-#: Training stages of the curriculum (spec §5). ``standard_kd`` is Hinton KD or the embedding hint,
-#: whichever the task's ``standard_kd`` names.
-STRATEGIES: tuple[str, ...] = ("teacher", "student", "standard_kd", "triplet_kd")
 
 _T = TypeVar("_T")
 
@@ -83,7 +78,8 @@ def get_task(name: str) -> TaskInfo:
     return _lookup("task", name, TASKS)
 
 
-def check_name(kind: Literal["architecture", "strategy", "visibility"], name: str) -> str:
-    """Return ``name`` if it is a known architecture / strategy / visibility, else raise listing them."""
-    names = {"architecture": ARCHITECTURES, "strategy": STRATEGIES, "visibility": VISIBILITIES}[kind]
+def check_name(kind: Literal["visibility"], name: str) -> str:
+    """Return ``name`` if it is a known visibility, else raise listing them. (Architectures and training
+    stages have registries of their own: :mod:`occkd_core.models`, :mod:`occkd_core.stages`.)"""
+    names = {"visibility": VISIBILITIES}[kind]
     return _lookup(kind, name, {n: n for n in names})

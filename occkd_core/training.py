@@ -27,10 +27,11 @@ from occkd_core.checkpoints import atomic_torch_save, load_model, read_checkpoin
 from occkd_core.data import FaceData, FaceSplit
 from occkd_core.dsd import DSDPruner, DSDSchedule
 from occkd_core.evaluation import Predictions, predict, task_metrics, validation_score
-from occkd_core.models import FaceNet, ModelSpec, build_model, load_pretrained
+from occkd_core.models import FaceNet, ModelSpec, build_model, get_architecture, load_pretrained
 from occkd_core.preprocess import InputSpec, input_spec_for, random_flips
 from occkd_core.presets import TrainSpec
-from occkd_core.strategies import BatchContext, StandardKDStrategy, SupervisedStrategy, TripletKDStrategy
+from occkd_core.stages import get_stage
+from occkd_core.strategies import BatchContext, StageInputs, SupervisedStrategy
 from occkd_core.tasks import TaskInfo, Visibility, check_name, get_task
 
 
@@ -44,7 +45,7 @@ class StageSpec:
 
     task: str
     arch: str
-    strategy: str  # teacher | student | standard_kd | triplet_kd
+    strategy: str  # a stage of occkd_core.stages: teacher | student | standard_kd | triplet_kd
     train_visible: Visibility  # faces the trained model sees: full for the teacher, a half otherwise
     input_size: int
     width_mult: float
@@ -54,8 +55,8 @@ class StageSpec:
 
     def __post_init__(self) -> None:
         get_task(self.task)
-        check_name("architecture", self.arch)
-        check_name("strategy", self.strategy)
+        get_architecture(self.arch)
+        get_stage(self.strategy)
         check_name("visibility", self.train_visible)
         if (self.strategy == "teacher") != (self.train_visible == "full"):
             raise ValueError(f"a {self.strategy} trains on {'full' if self.strategy == 'teacher' else 'half'}"
@@ -152,8 +153,9 @@ def train_stage(
         with torch.no_grad():
             model.head.bias.fill_(float(np.median(train_targets.cpu().numpy())))
     model = model.to(device, memory_format=torch.channels_last if on_gpu else torch.contiguous_format)
+    stage = get_stage(spec.strategy)
     teacher = None
-    if spec.strategy in ("standard_kd", "triplet_kd"):
+    if stage.needs_teacher:
         if teacher_checkpoint is None:
             raise ValueError(f"{spec.strategy} needs the teacher's checkpoint")
         teacher, _ = load_model(teacher_checkpoint, device)
@@ -185,17 +187,16 @@ def train_stage(
     # -- strategy ---------------------------------------------------------------------------------------
     ctx = BatchContext(task=task, train=train, split=train_split, targets=train_targets, visible=spec.train_visible,
                        input_spec=input_spec, device=device, channels_last=on_gpu, teacher=teacher)
-    if spec.strategy == "triplet_kd":
-        assert teacher is not None
-        teacher_embeddings = _teacher_embeddings(teacher, teacher_checkpoint, train_split, task, input_spec, device,
-                                                 cache_dir)
-        strategy: SupervisedStrategy = TripletKDStrategy(
-            ctx, teacher_embeddings,
-            lambda m: _embed(unwrap(m), train_split, task, spec.train_visible, input_spec, device))
-    elif spec.strategy == "standard_kd":
-        strategy = StandardKDStrategy(ctx)
-    else:
-        strategy = SupervisedStrategy(ctx)
+    def teacher_embeddings() -> torch.Tensor:
+        if teacher is None or teacher_checkpoint is None:
+            raise ValueError(f"stage {spec.strategy!r} asks for the teacher's embeddings, but its registry entry "
+                             f"(occkd_core.stages) does not say needs_teacher=True")
+        return _teacher_embeddings(teacher, teacher_checkpoint, train_split, task, input_spec, device, cache_dir)
+
+    inputs = StageInputs(
+        teacher_embeddings=teacher_embeddings,
+        embed_student=lambda m: _embed(unwrap(m), train_split, task, spec.train_visible, input_spec, device))
+    strategy = stage.strategy.build(ctx, inputs)
 
     # -- epochs -----------------------------------------------------------------------------------------
     step_clock: dict[str, float] = {}

@@ -11,8 +11,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from occkd_core.gradcam import gradcam_maps, save_gradcam_figure
-from occkd_core.models import FaceNet, ModelSpec, build_model
-from occkd_core.tasks import ARCHITECTURES
+from occkd_core.models import ARCHITECTURES, FaceNet, ModelSpec, build_model
 
 
 class _HalfGate(nn.Module):

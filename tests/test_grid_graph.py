@@ -11,7 +11,8 @@ import yaml
 from grid.graph import Resources, expand_graph
 from grid.scheduler import fit_resources, max_concurrency
 from occkd_core.presets import load_preset
-from occkd_core.tasks import ARCHITECTURES, TASKS
+from occkd_core.models import ARCHITECTURES
+from occkd_core.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet50
 
-from occkd_core.models import MODELS, FaceNet, ModelSpec, build_model, load_pretrained
-from occkd_core.tasks import ARCHITECTURES
+from occkd_core.models import ARCHITECTURES, FaceNet, ModelSpec, build_model, load_pretrained
 
 #: Embedding width at width_mult 0.125: VGG-f 256·0.125, VGG-face 512·0.125, ResNet-50 4·round(512·0.125).
 SMALL_DIMS = {"vggf": 32, "vggface": 64, "resnet50": 256}
@@ -21,7 +20,12 @@ def small(arch: str, num_outputs: int = 8, **kwargs: object) -> FaceNet:
 
 
 def test_registry_covers_every_architecture() -> None:
-    assert set(MODELS) == set(ARCHITECTURES)
+    from occkd_core.models import get_architecture
+
+    assert list(ARCHITECTURES) == ["vggf", "vggface", "resnet50"]
+    assert all(isinstance(build_model(ModelSpec(name, 2, 0.125)), info.model) for name, info in ARCHITECTURES.items())
+    with pytest.raises(ValueError, match="unknown architecture 'vgg19'; valid names: resnet50, vggf, vggface"):
+        get_architecture("vgg19")
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

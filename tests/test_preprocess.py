@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from occkd_core.preprocess import InputSpec, input_spec_for, occlude, prepare_batch, prepare_views, random_flips
-from occkd_core.tasks import ARCHITECTURES
+from occkd_core.models import ARCHITECTURES
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -5,7 +5,11 @@ from pathlib import Path
 import pytest
 
 from occkd_core.presets import TrainSpec, builtin_presets, load_preset
-from occkd_core.tasks import ARCHITECTURES, STRATEGIES, TASKS
+from occkd_core.stages import STAGES
+from occkd_core.models import ARCHITECTURES
+from occkd_core.tasks import TASKS
+
+STRATEGIES = tuple(STAGES)
 
 MARGINS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
 

@@ -1,0 +1,81 @@
+"""The curriculum's training stages (spec §5), one registry entry each: everything the training loop,
+the presets, the grid and the report need to know about a stage, in one place.
+
+A stage names its strategy class (the loss terms per batch, :mod:`occkd_core.strategies`), where its
+training starts, whether the frozen teacher runs beside it, whether it is a *distilled* student (one
+node per point of its hyperparameter grid, the best on validation enters fusion and the significance
+tests), the preset fields it cannot do without, its relative cost per training image (for scheduling)
+and its name in the papers' tables. Adding a distillation method is its loss, its strategy class and
+one entry here (plus its values in the presets and its tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from occkd_core.strategies import StandardKDStrategy, SupervisedStrategy, TripletKDStrategy
+
+StartsFrom = Literal["weights", "teacher", "student"]
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One curriculum stage (spec §5)."""
+
+    name: str
+    strategy: type[SupervisedStrategy]
+    # "weights": pre-trained weights or random init (the teacher, spec §5 step 1); "teacher": the teacher's
+    # best checkpoint (the students, step 2); "student": the main student's (distillation, step 3).
+    starts_from: StartsFrom
+    needs_teacher: bool = False  # the frozen teacher runs beside the trained model (spec §15 #34)
+    distilled: bool = False  # a distilled student: a grid of nodes, the best one per kind enters fusion (§8)
+    required: tuple[str, ...] = ()  # TrainSpec fields a preset must set for this stage
+    cost: float = 1.0  # work per training image relative to plain supervised training (scheduling)
+    paper_name: str = ""  # the strategy's name in the papers' results (grid/paper_results.json)
+
+    def __post_init__(self) -> None:
+        if self.distilled and (self.starts_from != "student" or not self.needs_teacher):
+            raise ValueError(f"stage {self.name!r}: a distilled stage starts from the student and needs the teacher")
+
+
+#: Stage name -> what it is, in curriculum order. Read through :func:`get_stage` / :func:`distilled_stages`.
+STAGES: dict[str, StageInfo] = {
+    "teacher": StageInfo("teacher", SupervisedStrategy, starts_from="weights", paper_name="teacher"),
+    "student": StageInfo("student", SupervisedStrategy, starts_from="teacher", paper_name="student"),
+    # KD runs the frozen teacher too (×1.35); triplet KD also forwards the negatives and re-embeds the
+    # training set for mining each epoch (×2.4): measured ratios of epoch times at the mini preset.
+    "standard_kd": StageInfo("standard_kd", StandardKDStrategy, starts_from="student", needs_teacher=True,
+                             distilled=True, required=("lam",), cost=1.35, paper_name="standard_ts"),
+    "triplet_kd": StageInfo("triplet_kd", TripletKDStrategy, starts_from="student", needs_teacher=True,
+                            distilled=True, required=("lam", "margin", "pool_fraction"), cost=2.4,
+                            paper_name="triplet_ts"),
+}
+
+
+def get_stage(name: str) -> StageInfo:
+    """The stage called ``name``, or a ValueError listing the valid names."""
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; valid names: {', '.join(STAGES)}") from None
+
+
+def stage_names() -> tuple[str, ...]:
+    return tuple(STAGES)
+
+
+def distilled_stages() -> tuple[str, ...]:
+    """The distilled students' stages, in registry order (their embeddings are fused, spec §8)."""
+    return tuple(name for name, stage in STAGES.items() if stage.distilled)
+
+
+def stage_starting_from(origin: StartsFrom) -> str:
+    """The one stage that starts from ``origin`` ("weights": the teacher; "teacher": the student)."""
+    names = [name for name, stage in STAGES.items() if stage.starts_from == origin]
+    if len(names) != 1:
+        raise ValueError(f"the curriculum needs exactly one stage starting from {origin!r}, found {names}")
+    return names[0]
+
+
+__all__ = ["STAGES", "StageInfo", "distilled_stages", "get_stage", "stage_names", "stage_starting_from"]

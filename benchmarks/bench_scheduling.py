@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine_line, markdown_table  # noqa: E402
-from grid.graph import ABLATION_SUFFIX, Node, StageGraph, default_resources, expand_graph  # noqa: E402
+from grid.graph import ABLATION_SUFFIX, Edge, StageGraph, default_resources, expand_graph  # noqa: E402
 from occkd_core.presets import load_preset  # noqa: E402
 from occkd_core.stages import get_stage  # noqa: E402
 from occkd_core.models import ARCHITECTURES  # noqa: E402
@@ -69,7 +69,8 @@ def with_barriers(graph: StageGraph) -> StageGraph:
     nodes = {}
     for level in sorted(levels):  # topological order: stage by stage
         for key in levels[level]:
-            nodes[key] = Node(**{**graph.nodes[key].__dict__, "parents": tuple(levels.get(level - 1, []))})
+            barrier = tuple(Edge("barrier", parent) for parent in levels.get(level - 1, []))
+            nodes[key] = graph.nodes[key].replace(parents=barrier)
     return StageGraph(nodes=nodes)
 
 
@@ -98,7 +99,7 @@ def simulate(graph: StageGraph, seconds: dict[str, float], num_nodes: int = NUM_
             started = False
             for key in pending:
                 node = graph.nodes[key]
-                if not all(p in done for p in node.parents):
+                if not all(p in done for p in node.parent_keys):
                     continue
                 res = node.resources
                 slot = next((i for i, (c, g) in enumerate(free) if c >= res.cpus and g >= res.gpus - 1e-9), None)
@@ -128,10 +129,10 @@ def run_on_ray(graph: StageGraph, seconds: dict[str, float], storage: Path, reus
         time.sleep(config["node"]["sleep_s"])
 
     resources = {k: n.resources for k, n in graph.nodes.items()}
-    nodes = {k: Node(**{**n.__dict__, "params": {}}) for k, n in graph.nodes.items()}  # keep configs small
+    nodes = {k: n.replace(params={}) for k, n in graph.nodes.items()}  # keep configs small
     slim = StageGraph(nodes=nodes)
     settings = RunSettings(storage=str(storage), data_paths={})
-    searcher = DependencySearcher(slim, list(slim.nodes), set(), settings, resources)
+    searcher = DependencySearcher(slim, list(slim.nodes), set(), settings)
     config_of = searcher._config
 
     def config_with_sleep(key: str) -> dict:

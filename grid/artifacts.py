@@ -15,7 +15,6 @@ partial or corrupted file makes the node incomplete, so the next invocation runs
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from occkd_core.checkpoints import file_sha256
+from occkd_core.files import atomic_write, atomic_write_bytes, file_sha256
 from occkd_core.evaluation import Predictions
 
 RESULT_FILE = "result.json"
@@ -34,17 +33,6 @@ ARTIFACTS = {"train": ["train/best.pt", "predictions.parquet", "test_plot.png", 
 
 def node_dir(storage: Path, node_hash: str) -> Path:
     return Path(storage) / "nodes" / node_hash
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def write_result(directory: Path, result: dict[str, Any], files: list[str]) -> Path:
@@ -69,9 +57,8 @@ def read_result(directory: Path, verify: bool = True) -> dict[str, Any] | None:
 
 
 def save_numpy(path: Path, array: np.ndarray) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        np.save(tmp, array)
     return path
 
 
@@ -101,9 +88,8 @@ def write_predictions(path: Path, rows: list[tuple[str, str, Predictions]]) -> P
             pa.array(preds.outputs.astype(np.float32).ravel()), preds.outputs.shape[1])
         tables.append(pa.table(columns))
     table = pa.concat_tables(tables) if tables else pa.table({})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 

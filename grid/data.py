@@ -3,64 +3,50 @@
 With no data root, every task uses the built-in synthetic faces (one store holds labels for all
 three tasks). With ``--data-root DIR``, the data sets are read in their authors' formats from DIR
 (``ferplus/``, ``affectnet/``, ``utkface/``; see :func:`occkd_core.data.sources.find_sources`) and
-converted once into stores cached on the storage path by the source files' checksums.
+converted once into stores cached on the storage path by the source files' checksums. Both caches are
+the core's (:mod:`occkd_core.data.sources`); this module only picks the preset's settings.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from occkd_core.data import make_synthetic_faces, open_face_store, write_face_store
-from occkd_core.data.sources import prepare_real_data
+from occkd_core.data import open_face_store
+from occkd_core.data.sources import prepare_real_data, prepare_synthetic_data, real_store_path
 from occkd_core.presets import Preset
-
-#: Bump when the synthetic generator changes what it draws (part of the data fingerprint).
-SYNTHETIC_VERSION = 1
 
 
 @dataclass(frozen=True)
 class PreparedData:
     path: Path
     fingerprint: str
-    num_train: int
-
-
-def synthetic_fingerprint(preset: Preset) -> str:
-    settings = {"version": SYNTHETIC_VERSION, "num_faces": preset.data.num_faces,
-                "image_size": preset.data.image_size, "seed": preset.data.seed}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    num_train: int  # for the scheduler's cost model; 0 when a dry run finds a store not yet converted
 
 
 def prepare_data(preset: Preset, tasks: list[str], storage: Path, data_root: Path | None = None,
                  *, write: bool = True) -> dict[str, PreparedData]:
-    """Per task, the prepared store (written now if absent and ``write``), its fingerprint and size."""
+    """Per task, the prepared store (converted now if absent and ``write``; with ``write=False`` nothing
+    is converted or written, for --dry-run), its fingerprint and training-set size."""
+    cache = Path(storage) / "data"
     if data_root is None:
         if preset.data.source != "synthetic":
             raise ValueError(f"preset {preset.name!r} trains on real data: pass --data-root DIR")
-        fingerprint = synthetic_fingerprint(preset)
-        path = Path(storage) / "data" / f"synthetic-{fingerprint}.arrow"
-        num_train = round(preset.data.num_faces * 0.6)
-        if write and not path.exists():
-            data = make_synthetic_faces(preset.data.num_faces, image_size=preset.data.image_size,
-                                        seed=preset.data.seed)
-            write_face_store(path, data)
-        if path.exists():
-            num_train = len(open_face_store(path).split("train"))
-        return {task: PreparedData(path, fingerprint, num_train) for task in tasks}
+        store = prepare_synthetic_data(preset.data.num_faces, preset.data.image_size, preset.data.seed, cache,
+                                       write=write)
+        return {task: PreparedData(store.path, store.fingerprint, store.num_train) for task in tasks}
     root = Path(data_root)
     if not root.is_dir():
         raise ValueError(f"data root {str(root)!r} is not a readable directory")
-    prepared = {}
     # Every architecture of the preset, not only this run's: a later run with more --archs then finds
     # the same store and the same node hashes. UTKFace and the FER+ ∪ AffectNet union are stored at this
     # size (AffectNet crops are resized once from their originals, not upsampled from 48 px per batch);
     # FER+ alone stays at its native 48 px, which every network resizes on the device.
     max_input_size = max(settings.input_size for settings in preset.models.values())
+    options = {"max_input_size": max_input_size, "union_size": max_input_size, "label_rule": preset.data.label_rule}
+    prepared = {}
     for task in tasks:
-        path = prepare_real_data(task, root, Path(storage) / "data", max_input_size=max_input_size,
-                                 union_size=max_input_size, label_rule=preset.data.label_rule)
-        prepared[task] = PreparedData(path, path.stem, len(open_face_store(path).split("train")))
+        path = prepare_real_data(task, root, cache, **options) if write else real_store_path(task, root, cache, **options)
+        num_train = len(open_face_store(path).split("train")) if path.is_file() else 0
+        prepared[task] = PreparedData(path, path.stem, num_train)
     return prepared

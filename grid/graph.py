@@ -9,6 +9,7 @@ spec and its parents' hashes: the key under which its outputs are stored, so a r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -52,6 +53,15 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Edge:
+    """A dependency: node ``key`` is the parent that plays ``role`` for its child."""
+
+    role: str  # "teacher" | "student" (the parent checkpoints a stage starts from or runs beside), a
+    # distilled stage (a fusion node's candidates), "fusion" (the significance node's fused models)
+    key: str
+
+
+@dataclass(frozen=True)
 class Node:
     key: str  # readable and unique, e.g. "fer/vggface/triplet_kd[margin=0.1]"
     kind: str  # "train" | "fusion" | "significance"
@@ -61,7 +71,7 @@ class Node:
     train_faces: str  # full | lower | upper | full+lower | full+upper (spec §0 codes)
     seed: int
     params: Mapping[str, Any]  # the resolved spec: a StageSpec dict for training nodes
-    parents: tuple[str, ...]
+    parents: tuple[Edge, ...]
     resources: Resources
     cost: float  # estimated relative work, for scheduling priority and the benchmark's cost model
     hash: str = ""
@@ -74,13 +84,35 @@ class Node:
     def run_name(self) -> str:
         return self.key
 
+    @property
+    def parent_keys(self) -> tuple[str, ...]:
+        return tuple(edge.key for edge in self.parents)
+
+    def replace(self, **changes: Any) -> "Node":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, for a Ray trial's config (JSON-able); :meth:`from_dict` reads it back."""
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                "params": dict(self.params), "grid_point": dict(self.grid_point), "init": dict(self.init),
+                "parents": [[edge.role, edge.key] for edge in self.parents], "resources": self.resources.as_dict()}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "Node":
+        return cls(**{**raw, "parents": tuple(Edge(role, key) for role, key in raw["parents"]),
+                      "resources": Resources(**raw["resources"])})
+
 
 @dataclass(frozen=True)
 class StageGraph:
     nodes: Mapping[str, Node]  # key -> node, in topological order
 
+    def with_resources(self, resources: Mapping[str, Resources]) -> "StageGraph":
+        """The same graph with each node's resources replaced (as fitted to a cluster); hashes unchanged."""
+        return StageGraph(nodes={k: n.replace(resources=resources.get(k, n.resources)) for k, n in self.nodes.items()})
+
     def children(self, key: str) -> list[str]:
-        return [k for k, n in self.nodes.items() if key in n.parents]
+        return [k for k, n in self.nodes.items() if key in n.parent_keys]
 
     def descendants(self, key: str) -> set[str]:
         found: set[str] = set()
@@ -142,13 +174,13 @@ def expand_graph(
     nodes: dict[str, Node] = {}
 
     def add(node: Node) -> Node:
-        parent_hashes = [nodes[p].hash for p in node.parents]
+        parent_hashes = [nodes[p].hash for p in node.parent_keys]
         payload = {"version": GRAPH_VERSION, "kind": node.kind, "strategy": node.strategy,
                    "params": node.params, "parents": parent_hashes, "data": data_fingerprints[node.task]}
         if node.init:
             payload["init"] = {k: v for k, v in node.init.items() if k != "file"}
         digest = _hash(payload)
-        node = Node(**{**node.__dict__, "hash": digest})
+        node = node.replace(hash=digest)
         if node.key in nodes:
             raise ValueError(f"duplicate node key {node.key}")
         nodes[node.key] = node
@@ -158,13 +190,14 @@ def expand_graph(
         seed_suffix = f"/seed{seed}" if seeds > 1 else ""
         for task in tasks:
             info = get_task(task)
-            fusion_keys, student_keys = [], []
+            fusion_edges: list[Edge] = []
+            student_edges: list[Edge] = []
             for arch in archs:
                 settings = preset.arch(arch)
                 base = f"{task}/{arch}"
                 per_image = get_architecture(arch).cost * (settings.input_size / 224) ** 2 * settings.width_mult ** 2
 
-                def train_node(strategy: str, stage: str, visible: str, faces: str, parents: tuple[str, ...],
+                def train_node(strategy: str, stage: str, visible: str, faces: str, parents: tuple[Edge, ...],
                                spec: TrainSpec, point: Mapping[str, Any], init: Mapping[str, str] | None = None) -> Node:
                     stage_spec = StageSpec(task=task, arch=arch, strategy=stage, train_visible=visible,
                                            input_size=settings.input_size, width_mult=settings.width_mult,
@@ -181,31 +214,31 @@ def expand_graph(
                 teacher = train_node(first, first, "full", "full", (), preset.train_spec(task, arch, first),
                                      {}, teacher_init(preset, task, arch, weights or {}, from_scratch))
                 student_spec = preset.train_spec(task, arch, second)
-                main = train_node(second, second, info.main_visible, info.main_visible, (teacher.key,),
-                                  student_spec, {})
+                main = train_node(second, second, info.main_visible, info.main_visible,
+                                  (Edge("teacher", teacher.key),), student_spec, {})
                 train_node(second + ABLATION_SUFFIX, second, info.ablation_visible, info.ablation_visible,
-                           (teacher.key,), student_spec, {})
-                distilled: list[str] = []
+                           (Edge("teacher", teacher.key),), student_spec, {})
+                distilled: list[Edge] = []
                 for strategy in distilled_stages():
                     specs = preset.grid(task, arch, strategy)
                     for spec, point in zip(specs, _grid_points(specs)):
                         node = train_node(strategy, strategy, info.main_visible, f"full+{info.main_visible}",
-                                          (teacher.key, main.key), spec, point)
-                        distilled.append(node.key)
+                                          (Edge("teacher", teacher.key), Edge("student", main.key)), spec, point)
+                        distilled.append(Edge(strategy, node.key))
                 fusion = add(Node(key=f"{base}/fusion{seed_suffix}", kind="fusion", task=task, arch=arch,
                                   strategy="fusion", train_faces=f"full+{info.main_visible}", seed=seed,
                                   params={"Cs": list(preset.fusion_Cs), "visible": info.main_visible,
                                           "kind": info.kind,
                                           **({"svr_kernels": list(preset.svr_kernels)}
                                              if info.kind == "regression" else {})},
-                                  parents=(main.key, *distilled), resources=resources["fusion"],
+                                  parents=(Edge("student", main.key), *distilled), resources=resources["fusion"],
                                   cost=train_sizes[task] * 1e-3))
-                fusion_keys.append(fusion.key)
-                student_keys.append(main.key)
+                fusion_edges.append(Edge("fusion", fusion.key))
+                student_edges.append(Edge("student", main.key))
             add(Node(key=f"{task}/significance{seed_suffix}", kind="significance", task=task, arch=None,
                      strategy="significance", train_faces="-", seed=seed,
                      params={"alpha": 0.05, "visible": info.main_visible},
-                     parents=tuple(student_keys + fusion_keys),
+                     parents=tuple(student_edges + fusion_edges),
                      resources=resources["significance"], cost=1.0))
     return StageGraph(nodes=nodes)
 
@@ -241,7 +274,7 @@ def describe_graph(graph: StageGraph) -> str:
         res = node.resources
         gpu = f" gpu={res.gpus:g}" if res.gpus else ""
         workers = f" workers={res.workers}" if res.workers > 1 else ""
-        parents = ", ".join(node.parents) if node.parents else "-"
+        parents = ", ".join(node.parent_keys) if node.parents else "-"
         if node.init:
             sha = f" sha256 {node.init['sha256'][:12]}" if "sha256" in node.init else ""
             parents = f"{node.init['weights']}{sha}"

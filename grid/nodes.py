@@ -1,8 +1,12 @@
 """What each kind of grid node does, on whichever Ray worker runs it.
 
-A node reads its parents' sealed outputs from the storage path, calls :mod:`occkd_core`, writes its
-own outputs and seals them with ``result.json`` (:mod:`grid.artifacts`). Nothing here talks to
-MLflow: a node returns its result and the driver records it.
+A node reads its parents' sealed outputs from the storage path, calls :mod:`occkd_core` (training,
+fusion, the comparison procedure), writes its own outputs and seals them with ``result.json``
+(:mod:`grid.artifacts`). Nothing here computes a loss or a test statistic, and nothing talks to MLflow:
+a node returns its result and the driver records it.
+
+A result holds its test scores as rows, ``{"model", "test_set", "visible", "metric", "value"}``
+(:func:`score_rows`), and its other figures (best epoch, validation score, chosen C) under "metrics".
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,18 +24,30 @@ import torch
 from grid.artifacts import (
     RESULT_FILE, atomic_write_bytes, node_dir, read_predictions, read_result, save_numpy, write_predictions, write_result,
 )
+from grid.graph import Node
 from occkd_core.checkpoints import load_model
 from occkd_core.data import FaceData, open_face_store
 from occkd_core.evaluation import Predictions, evaluate_conditions, predict, task_metrics
-from occkd_core.fusion import concat_embeddings, fit_fusion
+from occkd_core.fusion import fit_fusion_variants, fusion_variants
 from occkd_core.gradcam import save_split_gradcam
+from occkd_core.plots import save_test_plot
 from occkd_core.preprocess import input_spec_for
 from occkd_core.stages import distilled_stages, get_stage
-from occkd_core.stats import judge_comparisons, mcnemar_test, wilcoxon_test
+from occkd_core.stats import compare_to_baseline, judge_comparisons
 from occkd_core.tasks import get_task
 from occkd_core.training import EpochRecord, StageSpec, train_stage
 
 Report = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class ParentOutput:
+    """A parent's sealed outputs as its child sees them: the role it plays (:class:`grid.graph.Edge`)."""
+
+    role: str
+    key: str
+    arch: str | None
+    directory: Path
 
 
 def fresh_node_dir(storage: Path, node_hash: str) -> Path:
@@ -48,16 +65,22 @@ def test_sets(data: FaceData) -> list[str]:
     return ["test"] + sorted(name for name in data.splits if name.startswith("test_"))
 
 
-def metric_prefix(test_set: str, visible: str) -> str:
-    """``test_lower_`` for the main test set, ``test_affectnet_lower_`` for an extra one."""
-    return f"{test_set}_{visible}_"
+def score_rows(model: str, test_set: str, visible: str, metrics: Mapping[str, float]) -> list[dict[str, Any]]:
+    """One row per metric of one model on one test set under one visibility."""
+    return [{"model": model, "test_set": test_set, "visible": visible, "metric": name, "value": float(value)}
+            for name, value in metrics.items()]
 
 
-def flat_metrics(test_set: str, visible: str, metrics: Mapping[str, float]) -> dict[str, float]:
-    return {metric_prefix(test_set, visible) + name: value for name, value in metrics.items()}
+def _one(parents: Sequence[ParentOutput], role: str) -> Path:
+    found = [p.directory for p in parents if p.role == role]
+    if len(found) != 1:
+        raise ValueError(f"expected one parent in the role {role!r}, got {len(found)}")
+    return found[0]
 
 
-def run_train_node(node: Mapping[str, Any], storage: Path, data_path: Path, parent_dirs: Mapping[str, Path],
+# -- training nodes ----------------------------------------------------------------------------------------
+
+def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence[ParentOutput],
                    *, device: torch.device, report: Report, pretrained: Path | None = None,
                    is_writer: bool = True, started_at: float | None = None) -> dict[str, Any]:
     """Train one stage, evaluate its best checkpoint on every test set × visibility, seal the outputs.
@@ -66,14 +89,12 @@ def run_train_node(node: Mapping[str, Any], storage: Path, data_path: Path, pare
     last training steps it goes into ``result.json``'s "timing", which measures per-node overhead."""
     started = time.perf_counter()
     started_at = started_at or time.time()
-    spec = StageSpec.from_dict(node["params"])
-    task = spec.task_info
-    data = open_face_store(data_path)
-    out = fresh_node_dir(storage, node["hash"]) if is_writer else node_dir(storage, node["hash"])
-    parents = {parent_strategy(key): Path(d) for key, d in parent_dirs.items()}
+    spec = StageSpec.from_dict(node.params)
     stage = get_stage(spec.strategy)  # where it starts and whether the teacher runs beside it
-    init = parents[stage.starts_from] / "train" / "best.pt" if stage.starts_from != "weights" else None
-    teacher = parents["teacher"] / "train" / "best.pt" if stage.needs_teacher else None
+    data = open_face_store(data_path)
+    out = fresh_node_dir(storage, node.hash) if is_writer else node_dir(storage, node.hash)
+    init = _one(parents, stage.starts_from) / "train" / "best.pt" if stage.starts_from != "weights" else None
+    teacher = _one(parents, "teacher") / "train" / "best.pt" if stage.needs_teacher else None
 
     def on_epoch(record: EpochRecord) -> None:
         metrics = {"epoch": record.epoch, "lr": record.lr, "train_loss": record.train_loss,
@@ -90,33 +111,22 @@ def run_train_node(node: Mapping[str, Any], storage: Path, data_path: Path, pare
     if not is_writer:
         return {}
     model, _ = load_model(result.best_checkpoint, device)
-    input_spec = input_spec_for(spec.arch, spec.input_size)
-    metrics: dict[str, float] = {"best_epoch": result.best_epoch, "val_score": result.best_val_score}
-    rows = []
-    distilled = stage.distilled
-    for test_set in test_sets(data):
-        for visible, (preds, values) in evaluate_conditions(model, data.split(test_set), task, input_spec,
-                                                           device=device).items():
-            rows.append((test_set, node["strategy"], preds))
-            metrics.update(flat_metrics(test_set, visible, values))
-    files = ["train/best.pt", "predictions.parquet"]
+    files = ["train/best.pt", "predictions.parquet", "test_plot.png"]
+    rows, scores, embeddings = _evaluate(model, spec, node.strategy, data, device, with_embeddings=stage.distilled)
     write_predictions(out / "predictions.parquet", rows)
-    if distilled:  # fusion (spec §8) needs the distilled students' embeddings of the faces they see
-        for split_name in ["train", "val", *test_sets(data)]:
-            preds = predict(model, data.split(split_name), task, spec.train_visible, input_spec, device=device,
-                            with_embeddings=True)
-            save_numpy(out / f"embeddings_{split_name}.npy", preds.embeddings.astype(np.float32))
+    if stage.distilled:  # fusion (spec §8) reads the distilled students' embeddings of the faces they see
+        for split_name, array in embeddings.items():
+            save_numpy(out / f"embeddings_{split_name}.npy", array)
             files.append(f"embeddings_{split_name}.npy")
-    if distilled:  # where the distilled student looks on its half of the face (spec §13)
-        test = data.split("test")
-        save_split_gradcam(out / "gradcam.png", model, test.images[:6], spec.train_visible, input_spec)
+        # where the distilled student looks on its half of the face (spec §13)
+        save_split_gradcam(out / "gradcam.png", model, data.split("test").images[:6], spec.train_visible,
+                           input_spec_for(spec.arch, spec.input_size))
         files.append("gradcam.png")
-    plot_path = out / "test_plot.png"
     main_preds = next(p for (ts, _, p) in rows if ts == "test" and p.visible == spec.train_visible)
-    save_test_plot(plot_path, main_preds, task.class_names, title=node["key"])
-    files.append("test_plot.png")
-    summary = {"key": node["key"], "hash": node["hash"], "kind": "train", "strategy": node["strategy"],
-               "metrics": metrics, "val_score": result.best_val_score, "best_epoch": result.best_epoch,
+    save_test_plot(out / "test_plot.png", main_preds, spec.task_info.class_names, title=node.key)
+    summary = {"key": node.key, "hash": node.hash, "kind": "train", "strategy": node.strategy,
+               "metrics": {"best_epoch": result.best_epoch, "val_score": result.best_val_score},
+               "scores": scores, "val_score": result.best_val_score, "best_epoch": result.best_epoch,
                "epochs_run": len(result.history), "seconds": time.perf_counter() - started,
                "timing": {"started_at": started_at, "first_step_at": result.first_step_at,
                           "last_step_at": result.last_step_at, "finished_at": time.time()}}
@@ -124,165 +134,125 @@ def run_train_node(node: Mapping[str, Any], storage: Path, data_path: Path, pare
     return summary
 
 
-def parent_strategy(key: str) -> str:
-    """'fer/vggf/teacher' -> 'teacher' (grid points and seeds stripped)."""
-    return key.split("/")[2].split("[")[0]
+def _evaluate(model: torch.nn.Module, spec: StageSpec, model_name: str, data: FaceData, device: torch.device, *,
+              with_embeddings: bool) -> tuple[list[tuple[str, str, Predictions]], list[dict[str, Any]],
+                                              dict[str, np.ndarray]]:
+    """Predictions and scores on every test set × visibility, and (``with_embeddings``) the embeddings of
+    every split under the faces the model trained on, each split predicted once."""
+    task, input_spec = spec.task_info, input_spec_for(spec.arch, spec.input_size)
+    rows, scores, embeddings = [], [], {}
+    for split_name in ["train", "val"] if with_embeddings else []:
+        preds = predict(model, data.split(split_name), task, spec.train_visible, input_spec, device=device,
+                        with_embeddings=True)
+        embeddings[split_name] = preds.embeddings.astype(np.float32)
+    for test_set in test_sets(data):
+        for visible, (preds, values) in evaluate_conditions(model, data.split(test_set), task, input_spec,
+                                                           device=device, with_embeddings=with_embeddings).items():
+            rows.append((test_set, model_name, preds))
+            scores += score_rows(model_name, test_set, visible, values)
+            if with_embeddings and visible == spec.train_visible:
+                embeddings[test_set] = preds.embeddings.astype(np.float32)
+    return rows, scores, embeddings
 
 
-def run_fusion_node(node: Mapping[str, Any], storage: Path, data_path: Path,
-                    parent_dirs: Mapping[str, Path], *, started_at: float | None = None) -> dict[str, Any]:
-    """Pick the best KD node of each kind by validation, fuse their embeddings with an SVM / ε-SVR (spec §8),
-    and fit the single-embedding SVMs of the Table 4 ablation."""
+# -- fusion ------------------------------------------------------------------------------------------------
+
+def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequence[ParentOutput],
+                    *, started_at: float | None = None) -> dict[str, Any]:
+    """Pick the best node of each distilled stage by validation, then fit the fusion variants on their
+    embeddings (spec §8; :func:`occkd_core.fusion.fusion_variants`) and predict every test set."""
     started = time.perf_counter()
     started_at = started_at or time.time()
-    task = get_task(node["task"])
+    task = get_task(node.task)
     data = open_face_store(data_path)
-    out = fresh_node_dir(storage, node["hash"])
-    chosen: dict[str, tuple[str, Path, dict]] = {}
-    for key, directory in parent_dirs.items():
-        strategy = parent_strategy(key)
-        if strategy not in distilled_stages():
+    out = fresh_node_dir(storage, node.hash)
+    chosen: dict[str, tuple[ParentOutput, dict]] = {}
+    for parent in parents:
+        if parent.role not in distilled_stages():
             continue
-        result = read_result(Path(directory), verify=False)
+        result = read_result(parent.directory, verify=False)
         if result is None:
-            raise RuntimeError(f"parent {key} has no result in {directory}")
-        if strategy not in chosen or result["val_score"] > chosen[strategy][2]["val_score"]:
-            chosen[strategy] = (key, Path(directory), result)
-    missing = set(distilled_stages()) - set(chosen)
+            raise RuntimeError(f"parent {parent.key} has no result in {parent.directory}")
+        if parent.role not in chosen or result["val_score"] > chosen[parent.role][1]["val_score"]:
+            chosen[parent.role] = (parent, result)
+    missing = [stage for stage in distilled_stages() if stage not in chosen]
     if missing:
-        raise RuntimeError(f"fusion {node['key']} is missing parents of kind {sorted(missing)}")
+        raise RuntimeError(f"fusion {node.key} is missing parents of kind {missing}")
     splits = ["train", "val", *test_sets(data)]
-    embeddings = {s: {k: np.load(chosen[k][1] / f"embeddings_{s}.npy") for k in chosen} for s in splits}
+    embeddings = {stage: {s: np.load(parent.directory / f"embeddings_{s}.npy") for s in splits}
+                  for stage, (parent, _) in chosen.items()}
     labels = {s: data.split(s).labels(task.name) for s in splits}
-    visible = node["params"]["visible"]
-    variants = fusion_variants(node["params"].get("svr_kernels", [None]))
-    metrics: dict[str, float] = {}
-    rows, fitted = [], {}
-    for name, (members, kernel) in variants.items():
-        features = {s: concat_embeddings(*(embeddings[s][m] for m in members)) for s in splits}
-        fit = fit_fusion(features["train"], labels["train"], features["val"], labels["val"], kind=task.kind,
-                         Cs=tuple(node["params"]["Cs"]), kernel=kernel)
-        fitted[name] = {"C": fit.C, "val_score": fit.val_score, "kernel": kernel or "default",
-                        "val_scores": {str(c): v for c, v in fit.val_scores.items()}}
-        prefix = "" if name == "fusion" else f"{name}_"
-        for test_set in test_sets(data):
-            outputs = fit.predict(features[test_set])
-            preds = _fusion_predictions(outputs, labels[test_set], visible, task.num_outputs)
+    visible = node.params["visible"]
+    variants = fusion_variants(distilled_stages(), node.params.get("svr_kernels", [None]))
+    fused = fit_fusion_variants(embeddings, labels, variants, kind=task.kind, num_outputs=task.num_outputs,
+                                Cs=tuple(node.params["Cs"]), predict_splits=test_sets(data))
+    rows, scores, fitted = [], [], {}
+    for model in fused:
+        name = model.variant.name
+        fitted[name] = {"C": model.fit.C, "val_score": model.fit.val_score, "kernel": model.variant.kernel or "default",
+                        "members": list(model.variant.members),
+                        "val_scores": {str(c): v for c, v in model.fit.val_scores.items()}}
+        for test_set, outputs in model.outputs.items():
+            preds = Predictions(visible=visible, outputs=outputs, targets=labels[test_set])
             rows.append((test_set, name, preds))
-            metrics.update({prefix + k: v for k, v in flat_metrics(test_set, visible, task_metrics(task, preds)).items()})
-    metrics["C"] = fitted["fusion"]["C"]
-    metrics["val_score"] = fitted["fusion"]["val_score"]
+            scores += score_rows(name, test_set, visible, task_metrics(task, preds))
     write_predictions(out / "predictions.parquet", rows)
     save_test_plot(out / "test_plot.png", next(p for ts, n, p in rows if ts == "test" and n == "fusion"),
-                   task.class_names, title=node["key"])
-    summary = {"key": node["key"], "hash": node["hash"], "kind": "fusion", "strategy": "fusion",
-               "metrics": metrics, "val_score": metrics["val_score"], "fitted": fitted,
-               "selected": {k: {"key": v[0], "hash": v[2]["hash"], "val_score": v[2]["val_score"]}
-                            for k, v in chosen.items()},
+                   task.class_names, title=node.key)
+    metrics = {"C": fitted["fusion"]["C"], "val_score": fitted["fusion"]["val_score"]}
+    summary = {"key": node.key, "hash": node.hash, "kind": "fusion", "strategy": "fusion",
+               "metrics": metrics, "scores": scores, "val_score": metrics["val_score"], "fitted": fitted,
+               "selected": {stage: {"key": parent.key, "hash": result["hash"], "val_score": result["val_score"]}
+                            for stage, (parent, result) in chosen.items()},
                "seconds": time.perf_counter() - started,
                "timing": {"started_at": started_at, "finished_at": time.time()}}
     write_result(out, summary, ["predictions.parquet", "test_plot.png"])
     return summary
 
 
-def fusion_variants(svr_kernels: list[str | None]) -> dict[str, tuple[tuple[str, ...], str | None]]:
-    """Name -> (distilled students whose embeddings are concatenated, kernel; None = the task's default).
-    "fusion" is the papers' model (spec §8) with the first kernel; each further ε-SVR kernel of the age
-    task gives "fusion_<kernel>"; the single-embedding SVMs are the Table 4 ablation."""
-    every = distilled_stages()
-    variants = {"fusion": (every, svr_kernels[0])}
-    variants.update({f"fusion_{kernel}": (every, kernel) for kernel in svr_kernels[1:]})
-    variants.update({f"{stage}_svm": ((stage,), svr_kernels[0]) for stage in every})
-    return variants
+# -- significance ------------------------------------------------------------------------------------------
 
-
-def _fusion_predictions(outputs: np.ndarray, targets: np.ndarray, visible: str, num_outputs: int) -> Predictions:
-    if num_outputs == 1:
-        return Predictions(visible=visible, outputs=outputs.reshape(-1, 1).astype(np.float32), targets=targets)
-    one_hot = np.zeros((len(outputs), num_outputs), dtype=np.float32)  # SVM decisions as one-hot "logits"
-    one_hot[np.arange(len(outputs)), outputs.astype(np.int64)] = 1.0
-    return Predictions(visible=visible, outputs=one_hot, targets=targets)
-
-
-def run_significance_node(node: Mapping[str, Any], storage: Path, data_path: Path,
-                          parent_dirs: Mapping[str, Path], *, started_at: float | None = None) -> dict[str, Any]:
-    """Each distilled or fused model against the main student of its architecture on the same test faces:
-    McNemar on per-sample correctness (classification) or Wilcoxon on absolute errors (age), then Holm
-    over the task's family of tests (spec §12)."""
+def run_significance_node(node: Node, storage: Path, data_path: Path, parents: Sequence[ParentOutput],
+                          *, started_at: float | None = None) -> dict[str, Any]:
+    """Each selected distilled student and each fused model against the main student of its architecture,
+    on the same test faces (:func:`occkd_core.stats.compare_to_baseline`), judged by the papers' rule and
+    by Holm over the task's comparisons (:func:`occkd_core.stats.judge_comparisons`, spec §12)."""
     started_at = started_at or time.time()
-    task = get_task(node["task"])
+    task = get_task(node.task)
     data = open_face_store(data_path)
-    visible = node["params"]["visible"]
-    alpha = float(node["params"]["alpha"])
-    out = fresh_node_dir(storage, node["hash"])
-    students = {key.split("/")[1]: Path(d) for key, d in parent_dirs.items() if parent_strategy(key) == "student"}
-    fusions = {key.split("/")[1]: Path(d) for key, d in parent_dirs.items() if parent_strategy(key) == "fusion"}
+    visible = node.params["visible"]
+    alpha = float(node.params["alpha"])
+    out = fresh_node_dir(storage, node.hash)
+    students = {p.arch: p.directory for p in parents if p.role == "student"}
+    fusions = {p.arch: p.directory for p in parents if p.role == "fusion"}
+    column = "correct" if task.is_classification else "abs_error"
     comparisons = []
     for arch, fusion_dir in sorted(fusions.items()):
         fusion = read_result(fusion_dir, verify=False)
-        candidates = {s: (node_dir(storage, info["hash"]) / "predictions.parquet", s)
-                      for s, info in fusion["selected"].items()}
-        for name in fusion["fitted"]:  # "fusion" and its kernel variants ("fusion_linear" for age)
-            if name.startswith("fusion"):
-                candidates[name] = (fusion_dir / "predictions.parquet", name)
+        candidates = {stage: (node_dir(storage, info["hash"]) / "predictions.parquet", stage)
+                      for stage, info in fusion["selected"].items()}
+        candidates.update({name: (fusion_dir / "predictions.parquet", name)  # "fusion" and its kernel variants
+                           for name in fusion["fitted"] if name.startswith("fusion")})
         for test_set in test_sets(data):
             base = read_predictions(students[arch] / "predictions.parquet", test_set=test_set, visible=visible)
             for name, (path, model_name) in candidates.items():
                 preds = read_predictions(path, test_set=test_set, visible=visible, model=model_name)
-                row = {"task": task.name, "arch": arch, "test_set": test_set, "model": name, "baseline": "student",
-                       "visible": visible}
-                if task.is_classification:
-                    model_ok, base_ok = preds["correct"].to_numpy(), base["correct"].to_numpy()
-                    test = mcnemar_test(model_ok, base_ok, alpha=alpha)
-                    row.update(test="mcnemar", b=test.b, c=test.c, statistic=test.statistic, pvalue=test.pvalue,
-                               exact=test.exact, metric="accuracy", model_value=100 * model_ok.mean(),
-                               baseline_value=100 * base_ok.mean())
-                else:
-                    model_err, base_err = preds["abs_error"].to_numpy(), base["abs_error"].to_numpy()
-                    test = wilcoxon_test(model_err, base_err)
-                    row.update(test="wilcoxon", statistic=test.statistic, pvalue=test.pvalue, metric="mae",
-                               model_value=float(model_err.mean()), baseline_value=float(base_err.mean()))
-                comparisons.append(row)
+                comparison = compare_to_baseline(task.kind, preds[column].to_numpy(), base[column].to_numpy(),
+                                                 alpha=alpha)
+                comparisons.append({"task": task.name, "arch": arch, "test_set": test_set, "model": name,
+                                    "baseline": "student", "visible": visible, **comparison.to_dict(),
+                                    "improved": comparison.improved})
     if comparisons:
-        improved = [(row["model_value"] > row["baseline_value"]) if task.is_classification else
-                    (row["model_value"] < row["baseline_value"]) for row in comparisons]
         # Both readings: the papers' († where p < α, uncorrected) and Holm's over the task's family.
-        for row, verdict in zip(comparisons, judge_comparisons([c["pvalue"] for c in comparisons], improved,
-                                                               alpha=alpha)):
-            row.update(improved=verdict.improved, significant_paper=verdict.significant, dagger=verdict.dagger,
-                       verdict_paper=verdict.verdict, pvalue_holm=verdict.pvalue_holm,
-                       significant=verdict.significant_holm, verdict=verdict.verdict_holm)
+        for row, verdict in zip(comparisons, judge_comparisons([c["pvalue"] for c in comparisons],
+                                                               [c["improved"] for c in comparisons], alpha=alpha)):
+            row.update(significant_paper=verdict.significant, dagger=verdict.dagger, verdict_paper=verdict.verdict,
+                       pvalue_holm=verdict.pvalue_holm, significant=verdict.significant_holm,
+                       verdict=verdict.verdict_holm)
     atomic_write_bytes(out / "comparisons.json", json.dumps(comparisons, indent=1, default=float).encode())
-    summary = {"key": node["key"], "hash": node["hash"], "kind": "significance", "strategy": "significance",
-               "comparisons": comparisons, "metrics": {},
+    summary = {"key": node.key, "hash": node.hash, "kind": "significance", "strategy": "significance",
+               "comparisons": comparisons, "metrics": {}, "scores": [],
                "timing": {"started_at": started_at, "finished_at": time.time()}}
     write_result(out, summary, ["comparisons.json"])
     return summary
 
-
-def save_test_plot(path: Path, preds: Predictions, class_names: tuple[str, ...], title: str) -> Path:
-    """Confusion matrix (classification) or predicted-vs-true ages (regression), as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    if preds.outputs.shape[1] > 1:
-        ConfusionMatrixDisplay.from_predictions(preds.targets, preds.predicted, labels=list(range(len(class_names))),
-                                                display_labels=list(class_names), ax=ax, colorbar=False,
-                                                xticks_rotation=45)
-    else:
-        ax.scatter(preds.targets, preds.predicted, s=4, alpha=0.5)
-        lim = [0, float(max(preds.targets.max(), preds.predicted.max()) + 5)]
-        ax.plot(lim, lim, "k--", lw=1)
-        ax.set_xlabel("true age (years)")
-        ax.set_ylabel("predicted age (years)")
-    ax.set_title(f"{title} ({preds.visible} faces)", fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
-    return path

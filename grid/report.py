@@ -26,21 +26,23 @@ from occkd_core.stages import STAGES, distilled_stages, stage_starting_from
 from occkd_core.tasks import get_task
 
 PAPER_RESULTS = Path(__file__).parent / "paper_results.json"
-#: Report rows (node strategies and the fusion node's variants) -> the strategy's name in the papers'
-#: results, from the stage registry: the ablation student is a student there, each distilled stage has
-#: its single-embedding SVM (Table 4), and every ε-SVR kernel's fusion is compared with the papers' one.
-PAPER_STRATEGY = {
-    **{name: stage.paper_name for name, stage in STAGES.items()},
-    stage_starting_from("teacher") + ABLATION_SUFFIX: STAGES[stage_starting_from("teacher")].paper_name,
-    **{f"{name}_svm": f"{STAGES[name].paper_name}_svm" for name in distilled_stages()},
-    "fusion": "fusion", **{f"fusion_{kernel}": "fusion" for kernel in SVR_KERNELS},
-}
+def paper_strategy_names() -> dict[str, str]:
+    """Report rows (node strategies and the fusion node's variants) -> the strategy's name in the papers'
+    results, from the stage registry: the ablation student is a student there, each distilled stage has
+    its single-embedding SVM (Table 4), and every ε-SVR kernel's fusion is compared with the papers' one."""
+    student = stage_starting_from("teacher")
+    return {**{name: stage.paper_name for name, stage in STAGES.items()},
+            student + ABLATION_SUFFIX: STAGES[student].paper_name,
+            **{f"{name}_svm": f"{STAGES[name].paper_name}_svm" for name in distilled_stages()},
+            "fusion": "fusion", **{f"fusion_{kernel}": "fusion" for kernel in SVR_KERNELS}}
+
+
+def row_order() -> tuple[str, ...]:
+    """Rows of a report table in curriculum order (read from the registries at each call)."""
+    return (*node_order()[:-2], *(f"{name}_svm" for name in distilled_stages()), "fusion",
+            *(f"fusion_{kernel}" for kernel in SVR_KERNELS))
 PAPER_DATASET = {("fer", "test"): "FER+", ("fer", "test_affectnet"): "AffectNet",
                  ("gender", "test"): "UTKFace", ("age", "test"): "UTKFace"}
-ROW_ORDER = (*node_order()[:-2], *(f"{name}_svm" for name in distilled_stages()), "fusion",
-             *(f"fusion_{kernel}" for kernel in SVR_KERNELS))
-#: Metric-name prefixes of the fusion node's variants ("standard_kd_svm_test_lower_accuracy").
-VARIANT_PREFIXES = tuple(f"{row}_" for row in ROW_ORDER if row.endswith("_svm") or row.startswith("fusion_"))
 CSV_COLUMNS = ("task", "arch", "model", "train_faces", "test_set", "test_faces", "metric", "value", "std",
                "num_seeds", "paper_value", "paper_significant", "pvalue", "dagger", "verdict_uncorrected",
                "pvalue_holm", "verdict_holm")
@@ -72,18 +74,16 @@ def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) ->
         selected = _selected_keys(graph, results, node.task, node.arch, node.seed)
         if node.strategy in distilled_stages() and key not in selected:
             continue  # only the grid point chosen on validation enters the table
-        for metric_key, value in result["metrics"].items():
-            parsed = _parse_metric(metric_key, node.strategy)
-            if parsed is None:
-                continue
-            model, test_set, visible, metric = parsed
-            if metric == "weighted_accuracy" and node.task != "fer":
+        for score in result.get("scores", []):
+            if score["metric"] == "weighted_accuracy" and node.task != "fer":
                 continue  # the papers report weighted accuracy for FER+ only (spec §11)
-            values[(node.task, node.arch, model, node.train_faces, test_set, visible, metric)].append(float(value))
+            values[(node.task, node.arch, score["model"], node.train_faces, score["test_set"], score["visible"],
+                    score["metric"])].append(float(score["value"]))
     rows = []
+    paper_names = paper_strategy_names()
     for (task, arch, model, train_faces, test_set, visible, metric), vals in values.items():
         dataset = PAPER_DATASET.get((task, test_set))
-        record = paper.get((dataset, get_architecture(arch).paper_name, PAPER_STRATEGY[model], train_faces, visible,
+        record = paper.get((dataset, get_architecture(arch).paper_name, paper_names[model], train_faces, visible,
                             metric))
         verdict_rows = [v for (t, a, m, ts, _), v in verdicts.items() if (t, a, m, ts) == (task, arch, model, test_set)
                         and v["visible"] == visible and v["metric"] == ("accuracy" if metric != "mae" else "mae")]
@@ -101,7 +101,7 @@ def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) ->
             "pvalue_holm": ";".join(f"{v['pvalue_holm']:.3g}" for v in verdict_rows),
             "verdict_holm": ";".join(v["verdict"] for v in verdict_rows),
         })
-    order = {name: i for i, name in enumerate(ROW_ORDER)}
+    order = {name: i for i, name in enumerate(row_order())}
     rows.sort(key=lambda r: (r["task"], r["test_set"], r["arch"], order.get(r["model"], 99), r["test_faces"], r["metric"]))
     return rows
 
@@ -112,23 +112,6 @@ def _selected_keys(graph: StageGraph, results: Mapping[str, Mapping[str, Any]], 
         if node.strategy == "fusion" and (node.task, node.arch, node.seed) == (task, arch, seed) and key in results:
             return {info["key"] for info in results[key].get("selected", {}).values()}
     return set()
-
-
-def _parse_metric(name: str, strategy: str) -> tuple[str, str, str, str] | None:
-    """'test_lower_accuracy' -> (strategy, 'test', 'lower', 'accuracy'); fusion files also hold
-    'standard_kd_svm_test_affectnet_lower_accuracy'."""
-    model = strategy
-    for prefix in VARIANT_PREFIXES:
-        if name.startswith(prefix):
-            model, name = prefix[:-1], name[len(prefix):]
-    if not name.startswith("test"):
-        return None
-    for visible in ("full", "lower", "upper"):
-        marker = f"_{visible}_"
-        if marker in name:
-            test_set, metric = name.split(marker, 1)
-            return model, test_set, visible, metric
-    return None
 
 
 def write_report(rows: list[dict[str, Any]], out_dir: Path, *, title: str, setting: str) -> list[Path]:

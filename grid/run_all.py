@@ -9,11 +9,13 @@ the same command skips finished nodes and resumes interrupted ones from their la
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -25,8 +27,9 @@ from grid.progress import quiet_ray_environment  # noqa: E402
 quiet_ray_environment()  # before Ray is imported
 
 from grid.artifacts import ARTIFACTS, node_dir, read_result  # noqa: E402
-from grid.data import prepare_data  # noqa: E402
-from grid.graph import Node, StageGraph, default_resources, describe_graph, expand_graph  # noqa: E402
+from occkd_core.files import atomic_write_bytes  # noqa: E402
+from grid.data import PreparedData, prepare_data  # noqa: E402
+from grid.graph import StageGraph, default_resources, describe_graph, expand_graph  # noqa: E402
 from grid.progress import Progress  # noqa: E402
 from grid.report import collect_rows, write_report  # noqa: E402
 from grid.timeline import node_timeline, overheads, summary_line, write_timeline  # noqa: E402
@@ -35,7 +38,27 @@ from occkd_core.pretrained import FROM_SCRATCH, PRETRAINED, WeightsFile, get_pre
 from occkd_core.models import ARCHITECTURES, get_architecture  # noqa: E402
 from occkd_core.tasks import TASKS, get_task  # noqa: E402
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class GridSpec:
+    """What one invocation runs, resolved and checked once from the command line."""
+
+    tasks: tuple[str, ...]
+    archs: tuple[str, ...]
+    preset: Preset
+    data_root: Path | None
+    storage: Path  # absolute
+    tracking_uri: str | None  # None: sqlite:///mlflow.db in the working directory (resolved in main)
+    experiment: str
+    ray_address: str | None
+    seeds: int
+    weights: Mapping[str, str]  # pre-trained weights name -> the file as given
+    from_scratch: bool
+    max_failures: int
+    ray_train: str
+    dry_run: bool
+
+
+def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tasks", required=True,
@@ -46,7 +69,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"built-in preset ({', '.join(builtin_presets())}) or a preset YAML path. "
                              "smoke runs on the built-in synthetic faces in minutes on a laptop; paper is spec §10")
     parser.add_argument("--data-root", type=Path, default=None,
-                        help="directory of prepared data (fer.arrow, utkface.arrow); default: synthetic faces")
+                        help="directory holding the data sets as their authors distribute them (ferplus/, "
+                             "optionally affectnet/, utkface/), converted once into cached stores under "
+                             "--storage; default: the built-in synthetic faces")
     parser.add_argument("--storage", type=Path, default=Path("occkd_runs"),
                         help="where nodes write checkpoints, predictions and reports; on a multi-node cluster "
                              "a shared filesystem path that every node mounts at the same place")
@@ -71,17 +96,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the stage graph with resources and exit")
     args = parser.parse_args(argv)
     try:
-        args.tasks = [get_task(t.strip()).name for t in args.tasks.split(",") if t.strip()]
-        args.archs = [get_architecture(a.strip()).name for a in args.archs.split(",") if a.strip()]
-        args.preset_obj = load_preset(args.preset)
-        args.weights = dict(_parse_weight(w) for w in args.weights)
+        tasks = tuple(get_task(t.strip()).name for t in args.tasks.split(",") if t.strip())
+        archs = tuple(get_architecture(a.strip()).name for a in args.archs.split(",") if a.strip())
+        preset = load_preset(args.preset)
+        weights = dict(_parse_weight(w) for w in args.weights)
     except ValueError as err:
         parser.error(str(err))
-    if not args.tasks or not args.archs:
+    if not tasks or not archs:
         parser.error("--tasks and --archs need at least one name each")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
-    return args
+    return GridSpec(tasks=tasks, archs=archs, preset=preset, data_root=args.data_root,
+                    storage=args.storage.resolve(), tracking_uri=args.tracking_uri,
+                    experiment=args.experiment or f"occkd-{preset.name}", ray_address=args.ray_address,
+                    seeds=args.seeds, weights=weights, from_scratch=args.from_scratch,
+                    max_failures=args.max_failures, ray_train=args.ray_train, dry_run=args.dry_run)
 
 
 def _fault_injection() -> dict[str, Any] | None:
@@ -154,38 +183,88 @@ def describe_init(graph: StageGraph, preset: Preset, from_scratch: bool) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    preset, storage = args.preset_obj, args.storage.resolve()
-    if not args.dry_run:
+    spec = parse_args(argv)
+    if not spec.dry_run:
         from grid.tracking import check_tracking_uri, default_tracking_uri
 
-        args.tracking_uri = args.tracking_uri or default_tracking_uri(Path.cwd())
+        spec = dataclasses.replace(spec, tracking_uri=spec.tracking_uri or default_tracking_uri(Path.cwd()))
         try:
-            check_tracking_uri(args.tracking_uri)
+            check_tracking_uri(spec.tracking_uri)
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     try:
-        weights = resolve_weights(preset, args.tasks, args.archs, args.weights, args.from_scratch)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        prepared = prepare_data(preset, args.tasks, storage, args.data_root, write=not args.dry_run)
+        weights = resolve_weights(spec.preset, list(spec.tasks), list(spec.archs), spec.weights, spec.from_scratch)
+        prepared = prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=not spec.dry_run)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    graph = expand_graph(preset, args.tasks, args.archs, seeds=args.seeds,
+    graph = expand_graph(spec.preset, spec.tasks, spec.archs, seeds=spec.seeds,
                          train_sizes={t: p.num_train for t, p in prepared.items()},
                          data_fingerprints={t: p.fingerprint for t, p in prepared.items()},
-                         weights=weights, from_scratch=args.from_scratch)
-    if args.dry_run:
+                         weights=weights, from_scratch=spec.from_scratch)
+    if spec.dry_run:
         print(describe_graph(graph))
         return 0
-    return run_graph(args, graph, prepared, storage)
+    return run_graph(spec, graph, prepared)
 
 
-def run_graph(args: argparse.Namespace, graph: StageGraph, prepared: dict, storage: Path) -> int:
+@dataclass
+class RayOutcome:
+    """What running the remaining nodes on Ray left behind, for the report and the exit status."""
+
+    graph: StageGraph  # with the resources the cluster could give
+    failed: dict[str, str] = field(default_factory=dict)  # node key -> reason
+    blocked: dict[str, str] = field(default_factory=dict)  # node key -> the failed ancestor
+    ready_at: dict[str, float] = field(default_factory=dict)  # node key -> handed to Tune (wall clock)
+    completed_at: dict[str, float] = field(default_factory=dict)
+    started_at: float = 0.0
+
+
+def run_graph(spec: GridSpec, graph: StageGraph, prepared: Mapping[str, PreparedData]) -> int:
+    """Resume what is done, run the rest on Ray, write the report; the exit status (0, 1: nodes failed, 2)."""
+    from grid.tracking import Tracker
+
+    started = time.monotonic()
+    try:
+        tracker = Tracker(spec.tracking_uri, spec.experiment, run_name=f"grid {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                          params={"tasks": ",".join(spec.tasks), "archs": ",".join(spec.archs),
+                                  "preset": spec.preset.name, "seeds": spec.seeds,
+                                  "data_root": str(spec.data_root or "synthetic"), "storage": str(spec.storage),
+                                  "from_scratch": spec.from_scratch,
+                                  "weights": {n.key: dict(n.init) for n in graph.nodes.values() if n.init}})
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if tracker.closed_stale:
+        print(f"closed {tracker.closed_stale} MLflow run(s) left RUNNING by an interrupted invocation as FAILED")
+    results = resume(graph, spec.storage, tracker)
+    to_run = [k for k in graph.nodes if k not in results]
+    progress = Progress(graph, skipped=set(results))
+    print(f"{len(graph.nodes)} nodes: {len(results)} already complete, {len(to_run)} to run "
+          f"(storage {spec.storage}, MLflow {spec.tracking_uri})")
+    outcome = (run_on_ray(spec, graph, to_run, results, prepared, tracker, progress) if to_run
+               else RayOutcome(graph=graph))
+    return write_outputs(spec, outcome, results, tracker, progress, started)
+
+
+def resume(graph: StageGraph, storage: Path, tracker: Any) -> dict[str, dict[str, Any]]:
+    """The sealed results already on storage (checksums verified); any the MLflow store lacks (the driver
+    was killed after a node sealed) are recorded now."""
+    results: dict[str, dict[str, Any]] = {}
+    recorded = tracker.finished_hashes()
+    for key, node in graph.nodes.items():
+        result = read_result(node_dir(storage, node.hash))
+        if result is not None:
+            results[key] = result
+            if node.hash not in recorded:
+                tracker.finish_node(node, result, node_dir(storage, node.hash), ARTIFACTS[node.kind])
+    return results
+
+
+def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: dict[str, dict[str, Any]],
+               prepared: Mapping[str, PreparedData], tracker: Any, progress: Progress) -> RayOutcome:
+    """One Tune experiment over the nodes still to run; ``results`` gains each node as it seals."""
     import ray
     from ray import tune
 
@@ -193,94 +272,61 @@ def run_graph(args: argparse.Namespace, graph: StageGraph, prepared: dict, stora
     from grid.scheduler import (
         DependencySearcher, RunSettings, fit_resources, max_concurrency, run_node_trial, trial_resources,
     )
-    from grid.tracking import Tracker
 
-    preset = args.preset_obj
-    started = time.monotonic()
-    tracking_uri = args.tracking_uri  # resolved and checked in main()
-    try:
-        tracker = Tracker(tracking_uri, args.experiment or f"occkd-{preset.name}",
-                          run_name=f"grid {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                          params={"tasks": ",".join(args.tasks), "archs": ",".join(args.archs), "preset": preset.name,
-                                  "seeds": args.seeds, "data_root": str(args.data_root or "synthetic"),
-                                  "storage": str(storage), "from_scratch": args.from_scratch,
-                                  "weights": {n.key: dict(n.init) for n in graph.nodes.values() if n.init}})
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if tracker.closed_stale:
-        print(f"closed {tracker.closed_stale} MLflow run(s) left RUNNING by an interrupted invocation as FAILED")
+    ray.init(address=spec.ray_address, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR", configure_logging=True)
+    cluster = ray.cluster_resources()
+    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+    # The preset's requests, fitted to this cluster once, into the graph that the searcher and trials read.
+    wanted = default_resources(spec.preset, spec.archs)
+    graph = graph.with_resources({k: fit_resources(wanted[n.arch] if n.kind == "train" else wanted[n.kind], cluster,
+                                                   largest) for k, n in graph.nodes.items()})
+    concurrency = max_concurrency([graph.nodes[k].resources for k in to_run], cluster)
+    settings = RunSettings(storage=str(spec.storage), data_paths={t: str(p.path) for t, p in prepared.items()},
+                           ray_train=spec.ray_train, fault_injection=_fault_injection())
+    outcome = RayOutcome(graph=graph, started_at=time.time())
+    searcher = DependencySearcher(graph, to_run, set(results), settings)
+    callback = GridCallback(graph, tracker, progress, spec.storage, results, outcome.failed)
+    tuner = tune.Tuner(
+        tune.with_resources(run_node_trial, resources=trial_resources),
+        # reuse_actors: a trial process (Ray worker, torch and the data libraries imported) runs the
+        # next node with the same resource request instead of a new process starting from scratch.
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(to_run),
+                                    max_concurrent_trials=concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(name=f"grid-{int(time.time())}", storage_path=str(spec.storage / "ray_results"),
+                                  failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                  callbacks=[callback], verbose=0),
+    )
+    print(f"running on Ray: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs, "
+          f"up to {concurrency} nodes at once")
+    logging.getLogger("ray").setLevel(logging.CRITICAL)  # failures are summarised below, once
+    tuner.fit()
+    outcome.blocked.update(searcher.blocked)
+    outcome.ready_at.update(searcher.ready_at)
+    outcome.completed_at.update(searcher.completed_at)
+    for key, reason in searcher.failed.items():
+        outcome.failed.setdefault(key, reason)
+    ray.shutdown()
+    return outcome
 
-    # -- what is already done ----------------------------------------------------------------------
-    results: dict[str, dict[str, Any]] = {}
-    recorded = tracker.finished_hashes()
-    for key, node in graph.nodes.items():
-        result = read_result(node_dir(storage, node.hash))
-        if result is not None:
-            results[key] = result
-            if node.hash not in recorded:  # finished on disk but never recorded (driver killed at the end)
-                tracker.finish_node(node, result, node_dir(storage, node.hash), ARTIFACTS[node.kind])
-    to_run = [k for k in graph.nodes if k not in results]
-    progress = Progress(graph, skipped=set(results))
-    print(f"{len(graph.nodes)} nodes: {len(results)} already complete, {len(to_run)} to run "
-          f"(storage {storage}, MLflow {tracking_uri})")
 
-    failed: dict[str, str] = {}
-    blocked: dict[str, str] = {}
-    ready_at: dict[str, float] = {}
-    completed_at: dict[str, float] = {}
-    grid_started_at = time.time()
-    if to_run:
-        ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR", configure_logging=True)
-        cluster = ray.cluster_resources()
-        largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
-        wanted = default_resources(preset, args.archs)
-        resources = {k: fit_resources(wanted[n.arch] if n.kind == "train" else wanted[n.kind], cluster, largest)
-                     for k, n in graph.nodes.items()}
-        graph = StageGraph(nodes={k: Node(**{**n.__dict__, "resources": resources[k]}) for k, n in graph.nodes.items()})
-        concurrency = max_concurrency([resources[k] for k in to_run], cluster)
-        settings = RunSettings(storage=str(storage), data_paths={t: str(p.path) for t, p in prepared.items()},
-                               ray_train=args.ray_train,
-                               fault_injection=_fault_injection())
-        searcher = DependencySearcher(graph, to_run, set(results), settings, resources)
-        callback = GridCallback(graph, tracker, progress, storage, results, failed)
-        tuner = tune.Tuner(
-            tune.with_resources(run_node_trial, resources=trial_resources),
-            # reuse_actors: a trial process (Ray worker, torch and the data libraries imported) runs the
-            # next node with the same resource request instead of a new process starting from scratch.
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(to_run),
-                                        max_concurrent_trials=concurrency, reuse_actors=True),
-            run_config=tune.RunConfig(name=f"grid-{int(time.time())}", storage_path=str(storage / "ray_results"),
-                                      failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                                      callbacks=[callback], verbose=0),
-        )
-        print(f"running on Ray: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs, "
-              f"up to {concurrency} nodes at once")
-        logging.getLogger("ray").setLevel(logging.CRITICAL)  # failures are summarised below, once
-        tuner.fit()
-        blocked = dict(searcher.blocked)
-        ready_at, completed_at = searcher.ready_at, searcher.completed_at
-        for key, reason in searcher.failed.items():
-            failed.setdefault(key, reason)
-        ray.shutdown()
-
-    # -- report -------------------------------------------------------------------------------------------
-    rows = collect_rows(graph, results)
-    report_dir = storage / "reports" / (args.experiment or f"occkd-{preset.name}")
-    setting = (f"Preset `{preset.name}`: {preset.description} Data: "
-               f"{args.data_root or 'built-in synthetic faces'}. Seeds: {args.seeds}. "
-               + describe_init(graph, preset, args.from_scratch))
-    paths = write_report(rows, report_dir, title="occkd report", setting=setting)
-    if ready_at:  # where this invocation's wall time went, node by node
-        timeline = node_timeline(graph, results, ready_at, completed_at, origin=grid_started_at)
+def write_outputs(spec: GridSpec, outcome: RayOutcome, results: Mapping[str, dict[str, Any]], tracker: Any,
+                  progress: Progress, started: float) -> int:
+    """The report, the timeline of this invocation, the parent run's status and the exit summary."""
+    graph = outcome.graph
+    report_dir = spec.storage / "reports" / spec.experiment
+    setting = (f"Preset `{spec.preset.name}`: {spec.preset.description} Data: "
+               f"{spec.data_root or 'built-in synthetic faces'}. Seeds: {spec.seeds}. "
+               + describe_init(graph, spec.preset, spec.from_scratch))
+    paths = write_report(collect_rows(graph, results), report_dir, title="occkd report", setting=setting)
+    if outcome.ready_at:  # where this invocation's wall time went, node by node
+        timeline = node_timeline(graph, results, outcome.ready_at, outcome.completed_at, origin=outcome.started_at)
         paths.append(write_timeline(timeline, report_dir / "timeline.csv"))
         stats = overheads(graph, timeline)
-        (report_dir / "overheads.json").write_text(json.dumps(stats, indent=1))
-        paths.append(report_dir / "overheads.json")
+        paths.append(atomic_write_bytes(report_dir / "overheads.json", json.dumps(stats, indent=1).encode()))
         print(summary_line(stats))
-    status = "FAILED" if failed or blocked else "FINISHED"
-    tracker.finish(status, artifacts=paths)
+    failed, blocked = outcome.failed, outcome.blocked
+    tracker.finish("FAILED" if failed or blocked else "FINISHED", artifacts=paths)
     print(progress.summary_line())
     print(f"report: {paths[0]}  (CSV: {paths[1]}); {time.monotonic() - started:.0f} s")
     if failed or blocked:

@@ -18,13 +18,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ray import tune
 from ray.tune.search import Searcher
 
 from grid.artifacts import node_dir
-from grid.graph import Resources, StageGraph
+from grid.graph import Node, Resources, StageGraph
+
+if TYPE_CHECKING:
+    from grid.nodes import ParentOutput
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,9 @@ class RunSettings:
 class DependencySearcher(Searcher):
     """Suggests nodes whose parents are all done; a node that errors blocks its descendants."""
 
-    def __init__(self, graph: StageGraph, to_run: list[str], done: set[str], settings: RunSettings,
-                 resources: Mapping[str, Resources]) -> None:
+    def __init__(self, graph: StageGraph, to_run: list[str], done: set[str], settings: RunSettings) -> None:
         super().__init__(metric=None, mode=None)
-        self.graph, self.settings, self.resources = graph, settings, resources
+        self.graph, self.settings = graph, settings
         self.pending = list(to_run)
         self.done = set(done)
         self.running: dict[str, str] = {}  # trial_id -> node key
@@ -57,7 +59,7 @@ class DependencySearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         for key in self.pending:
-            if all(p in self.done for p in self.graph.nodes[key].parents):
+            if all(p in self.done for p in self.graph.nodes[key].parent_keys):
                 self.pending.remove(key)
                 self.running[trial_id] = key
                 self.ready_at[key] = time.time()
@@ -68,10 +70,12 @@ class DependencySearcher(Searcher):
 
     def _config(self, key: str) -> dict[str, Any]:
         node = self.graph.nodes[key]
+        storage = Path(self.settings.storage)
         return {
-            "node": {**node.__dict__, "resources": self.resources[key].as_dict(), "params": dict(node.params)},
-            "parent_dirs": {p: str(node_dir(Path(self.settings.storage), self.graph.nodes[p].hash))
-                            for p in node.parents},
+            "node": node.to_dict(),
+            "parents": [{"role": edge.role, "key": edge.key, "arch": self.graph.nodes[edge.key].arch,
+                         "directory": str(node_dir(storage, self.graph.nodes[edge.key].hash))}
+                        for edge in node.parents],
             "settings": self.settings.__dict__,
         }
 
@@ -92,7 +96,8 @@ class DependencySearcher(Searcher):
 
 def trial_resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
     """A one-worker node holds its CPUs/GPU in the trial itself; a Train node's trial holds a sliver of
-    CPU and its TorchTrainer asks for the workers (NOTES.md: give trial drivers a tiny share)."""
+    CPU and its TorchTrainer asks for the workers (with trial drivers holding
+    0.5 CPU each, Train worker groups on a 2-core machine could not be placed and timed out)."""
     res = config["node"]["resources"]
     if _uses_train(config):
         return tune.PlacementGroupFactory([{"CPU": 0.01}])
@@ -133,25 +138,25 @@ def run_node_trial(config: dict[str, Any]) -> None:
 
     from grid import nodes
 
-    node, settings = config["node"], config["settings"]
+    node, settings = Node.from_dict(config["node"]), config["settings"]
     storage = Path(settings["storage"])
-    parent_dirs = {k: Path(v) for k, v in config["parent_dirs"].items()}
-    data_path = Path(settings["data_paths"][node["task"]])
+    parents = _parent_outputs(config)
+    data_path = Path(settings["data_paths"][node.task])
     _maybe_inject_fault(node, settings, storage)
-    if node["kind"] == "train" and _uses_train(config):
+    if node.kind == "train" and _uses_train(config):
         _run_with_torch_trainer({**config, "trial_started_at": started_at})
-    elif node["kind"] == "train":
-        torch.set_num_threads(max(1, int(node["resources"]["cpus"])))
+    elif node.kind == "train":
+        torch.set_num_threads(max(1, int(node.resources.cpus)))
         import ray
 
         device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
-        nodes.run_train_node(node, storage, data_path, parent_dirs, device=device, report=tune.report,
+        nodes.run_train_node(node, storage, data_path, parents, device=device, report=tune.report,
                              pretrained=_pretrained_file(node), started_at=started_at)
-    elif node["kind"] == "fusion":
-        torch.set_num_threads(max(1, int(node["resources"]["cpus"])))
-        nodes.run_fusion_node(node, storage, data_path, parent_dirs, started_at=started_at)
+    elif node.kind == "fusion":
+        torch.set_num_threads(max(1, int(node.resources.cpus)))
+        nodes.run_fusion_node(node, storage, data_path, parents, started_at=started_at)
     else:
-        nodes.run_significance_node(node, storage, data_path, parent_dirs, started_at=started_at)
+        nodes.run_significance_node(node, storage, data_path, parents, started_at=started_at)
     tune.report({"event": "done"})
 
 
@@ -163,20 +168,27 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
 
     from grid import nodes
 
-    node, settings = config["node"], config["settings"]
+    node, settings = Node.from_dict(config["node"]), config["settings"]
     context = ray.train.get_context()
-    torch.set_num_threads(max(1, int(node["resources"]["cpus"])))
-    nodes.run_train_node(node, Path(settings["storage"]), Path(settings["data_paths"][node["task"]]),
-                         {k: Path(v) for k, v in config["parent_dirs"].items()},
+    torch.set_num_threads(max(1, int(node.resources.cpus)))
+    nodes.run_train_node(node, Path(settings["storage"]), Path(settings["data_paths"][node.task]),
+                         _parent_outputs(config),
                          device=ray.train.torch.get_device(), report=ray.train.report,
                          pretrained=_pretrained_file(node),
                          is_writer=context.get_world_rank() == 0, started_at=config.get("trial_started_at"))
 
 
-def _pretrained_file(node: Mapping[str, Any]) -> Path | None:
+def _pretrained_file(node: Node) -> Path | None:
     """A teacher's starting weights file, or None (from scratch, or not a teacher)."""
-    path = (node.get("init") or {}).get("file")
+    path = node.init.get("file")
     return Path(path) if path else None
+
+
+def _parent_outputs(config: Mapping[str, Any]) -> list[ParentOutput]:
+    from grid.nodes import ParentOutput  # noqa: F811 (imported here: the driver never needs grid.nodes)
+
+    return [ParentOutput(role=p["role"], key=p["key"], arch=p["arch"], directory=Path(p["directory"]))
+            for p in config["parents"]]
 
 
 def _run_with_torch_trainer(config: dict[str, Any]) -> None:
@@ -200,14 +212,14 @@ def _run_with_torch_trainer(config: dict[str, Any]) -> None:
     trainer.fit()
 
 
-def _maybe_inject_fault(node: Mapping[str, Any], settings: Mapping[str, Any], storage: Path) -> None:
+def _maybe_inject_fault(node: Node, settings: Mapping[str, Any], storage: Path) -> None:
     """Tests only: fail this node's first ``times`` attempts, counted in a file on storage."""
     fault = settings.get("fault_injection")
-    if not fault or fault.get("node") != node["key"]:
+    if not fault or fault.get("node") != node.key:
         return
-    counter = storage / "fault_injection" / f"{node['hash']}.json"
+    counter = storage / "fault_injection" / f"{node.hash}.json"
     counter.parent.mkdir(parents=True, exist_ok=True)
     attempts = json.loads(counter.read_text())["attempts"] if counter.exists() else 0
     counter.write_text(json.dumps({"attempts": attempts + 1}))
     if attempts < int(fault.get("times", 1)):
-        raise RuntimeError(f"injected fault in {node['key']} (attempt {attempts + 1})")
+        raise RuntimeError(f"injected fault in {node.key} (attempt {attempts + 1})")

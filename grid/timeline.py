@@ -7,7 +7,7 @@ Times are wall-clock seconds since the grid started. For each node:
 * ``first_step`` / ``last_step``: its first and last optimiser steps (training nodes);
 * ``finished``: its outputs were sealed; ``completed``: the driver saw the trial end.
 
-Two overheads, both Ray/Tune and set-up cost rather than training:
+Three overheads, all Ray/Tune and set-up cost rather than training:
 
 * **start**: ``first_step − ready`` of a training node (trial start, imports, data, model, parents);
 * **handoff**: ``child.started − parent.last_step`` (a fusion parent: ``finished``) for each node and the
@@ -57,7 +57,7 @@ def overheads(graph: StageGraph, rows: list[dict[str, Any]]) -> dict[str, Any]:
     handoff: dict[str, float] = {}
     waited = 0
     for row in rows:
-        parents = [by_key[p] for p in graph.nodes[row["key"]].parents if p in by_key]
+        parents = [by_key[p] for p in graph.nodes[row["key"]].parent_keys if p in by_key]
         parents = [p for p in parents if p["completed"] is not None]
         if not parents or row["started"] is None:
             continue

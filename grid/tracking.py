@@ -1,5 +1,5 @@
-"""MLflow records of a grid invocation. Only the driver talks to MLflow (NOTES.md: concurrent trials
-logging the same params collide).
+"""MLflow records of a grid invocation. Only the driver talks to MLflow (trials logging the same params
+concurrently collide, a known problem of per-trial MLflow logging in Ray).
 
 One experiment per grid; one parent run per invocation; one child run per node, named like
 ``fer/vggface/triplet_kd``, tagged ``occkd.task/arch/strategy/train_faces/node`` (the node's content
@@ -98,7 +98,7 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=node.run_name, tags=tags)
         self._supersede(node, run.info.run_id)
         params = {"spec": node.params, "grid_point": node.grid_point, "resources": node.resources.as_dict(),
-                  "parents": ",".join(node.parents)}
+                  "parents": ",".join(f"{edge.role}={edge.key}" for edge in node.parents)}
         if node.init:  # a teacher: which weights it started from, the file and its sha256
             params["pretrained"] = dict(node.init)
         self._log_params(run.info.run_id, params)
@@ -128,7 +128,9 @@ class Tracker:
     def finish_node(self, node: Node, result: Mapping[str, Any], directory: Path, artifacts: Iterable[str]) -> None:
         run_id = self.node_runs.get(node.key) or self.start_node(node)
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in result.get("metrics", {}).items()
+        flat = {**result.get("metrics", {}), **{metric_name(row, node.strategy): row["value"]
+                                                for row in result.get("scores", [])}}
+        metrics = [Metric(k, float(v), now, 0) for k, v in flat.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for start in range(0, len(metrics), 500):
             self.client.log_batch(run_id, metrics=metrics[start : start + 500])
@@ -161,6 +163,13 @@ class Tracker:
         self.client.set_terminated(self.parent.info.run_id, status=status)
 
 
+def metric_name(row: Mapping[str, Any], node_strategy: str) -> str:
+    """A score row's MLflow name: ``test_lower_accuracy`` for the node's own model,
+    ``standard_kd_svm_test_affectnet_lower_accuracy`` for another model of the node (fusion's variants)."""
+    prefix = "" if row["model"] == node_strategy else f"{row['model']}_"
+    return f"{prefix}{row['test_set']}_{row['visible']}_{row['metric']}"
+
+
 def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
     """Fail fast, before anything is written, when the tracking store cannot be reached (MLflow's own
     client retries a dead server for minutes)."""
@@ -178,6 +187,6 @@ def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
 
 
 def default_tracking_uri(workdir: Path) -> str:
-    """A SQLite store in the working directory, so ``mlflow ui`` opens it (NOTES.md: the default since 3.7)."""
+    """A SQLite store in the working directory, so ``mlflow ui`` opens it (MLflow's default store since 3.7)."""
     return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
 

@@ -7,29 +7,22 @@ model is rebuilt from it.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from occkd_core.files import atomic_write
 from occkd_core.models import FaceNet, ModelSpec, build_model
 
 CHECKPOINT_FORMAT = 1
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """Save to ``path`` so that it is either complete or absent: write a temp file, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
+    """Save to ``path`` so that it is either complete or absent (:func:`occkd_core.files.atomic_write`)."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def unwrap(model: torch.nn.Module) -> FaceNet:
@@ -64,10 +57,3 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[FaceNet,
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), payload
 
-
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, mean_absolute_error
@@ -166,3 +166,60 @@ def fit_fusion(
             best, best_C, best_score = model, C, score
     assert best is not None  # the grid is non-empty and every score is finite
     return FusionResult(model=best, C=best_C, val_score=best_score, val_scores=val_scores)
+
+
+# -- the fusion node's models (spec §8; J Table 4) ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class FusionVariant:
+    """One model the fusion step fits: the distilled students whose embeddings it concatenates, and its kernel."""
+
+    name: str  # "fusion", "fusion_<kernel>" (further ε-SVR kernels), "<stage>_svm" (single embedding, Table 4)
+    members: tuple[str, ...]  # distilled stages, in registry order
+    kernel: str | None  # None: the task's default (linear SVM / RBF ε-SVR)
+
+
+def fusion_variants(distilled: Sequence[str], svr_kernels: Sequence[str | None] = (None,)) -> list[FusionVariant]:
+    """"fusion" is the papers' model, every distilled student's embedding concatenated, with the first
+    kernel; each further ε-SVR kernel (age) gives "fusion_<kernel>"; each distilled student alone gives
+    "<stage>_svm", the single-embedding SVMs of the journal's Table 4."""
+    members = tuple(distilled)
+    variants = [FusionVariant("fusion", members, svr_kernels[0])]
+    variants += [FusionVariant(f"fusion_{kernel}", members, kernel) for kernel in svr_kernels[1:]]
+    variants += [FusionVariant(f"{stage}_svm", (stage,), svr_kernels[0]) for stage in members]
+    return variants
+
+
+@dataclass(frozen=True)
+class FusedModel:
+    """A fitted fusion variant and its outputs on every split it was asked to predict."""
+
+    variant: FusionVariant
+    fit: FusionResult
+    outputs: dict[str, np.ndarray]  # split -> [N, K] one-hot class decisions, or [N, 1] ages
+
+
+def decision_outputs(predicted: np.ndarray, num_outputs: int) -> np.ndarray:
+    """SVM decisions as [N, K] one-hot "logits" (so accuracy and McNemar read them like a network's), or
+    SVR ages as [N, 1]."""
+    if num_outputs == 1:
+        return np.asarray(predicted, dtype=np.float32).reshape(-1, 1)
+    one_hot = np.zeros((len(predicted), num_outputs), dtype=np.float32)
+    one_hot[np.arange(len(predicted)), np.asarray(predicted).astype(np.int64)] = 1.0
+    return one_hot
+
+
+def fit_fusion_variants(embeddings: Mapping[str, Mapping[str, np.ndarray]], labels: Mapping[str, np.ndarray],
+                        variants: Sequence[FusionVariant], *, kind: TaskKind, num_outputs: int,
+                        Cs: Sequence[float] = FUSION_C_GRID, predict_splits: Sequence[str] = ("test",)) -> list[FusedModel]:
+    """Fit every variant on the "train" split's embeddings (stage -> split -> [N, D]), choose C on "val",
+    and predict ``predict_splits``."""
+    fused = []
+    for variant in variants:
+        features = {split: concat_embeddings(*(embeddings[stage][split] for stage in variant.members))
+                    for split in ("train", "val", *predict_splits)}
+        fit = fit_fusion(features["train"], labels["train"], features["val"], labels["val"], kind=kind, Cs=Cs,
+                         kernel=variant.kernel)
+        outputs = {split: decision_outputs(fit.predict(features[split]), num_outputs) for split in predict_splits}
+        fused.append(FusedModel(variant=variant, fit=fit, outputs=outputs))
+    return fused

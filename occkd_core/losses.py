@@ -5,7 +5,7 @@ leak gradients into the frozen teacher by mistake (spec §5 step 3, §15 #34). T
 functions return their *weighted* terms by name; the training objective is the sum of the values,
 and each term is logged on its own.
 
-Tags: J = journal paper, C = ICPR 2020 paper (see spec.md).
+Tags: J = journal paper, C = ICPR 2020 paper (docs/method.md).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from torchvision.models import resnet50
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from occkd_core.pretrained import read_weights_file
+from occkd_core.tasks import lookup
 
 #: Smallest input side every architecture handles: VGG-f's conv1 (11x11/4) and two 3x3/2 pools need 31 px
 #: to keep a non-empty map; 32 is the round number we promise for all three.
@@ -316,10 +317,7 @@ ARCHITECTURES: dict[str, ArchInfo] = {
 
 def get_architecture(name: str) -> ArchInfo:
     """The architecture called ``name``, or a ValueError listing the valid names."""
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; valid names: {', '.join(sorted(ARCHITECTURES))}") from None
+    return lookup("architecture", name, ARCHITECTURES)
 
 
 def build_model(spec: ModelSpec) -> FaceNet:

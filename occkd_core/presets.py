@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -189,11 +189,6 @@ class Preset:
                 if name != FROM_SCRATCH:
                     needed.setdefault(name, []).append(f"{task}/{arch}")
         return needed
-
-    def with_stage_overrides(self, **overrides: Any) -> "Preset":
-        """A copy with the given settings applied to every stage (e.g. epochs=1 for a quick check)."""
-        stages = {key: {**entry, **overrides} for key, entry in self.stages.items()}
-        return replace(self, stages=stages)
 
 
 TOP_LEVEL_KEYS = ("name", "description", "data", "models", "pretrained", "fusion", "stage_defaults", "stages",

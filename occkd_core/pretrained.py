@@ -21,7 +21,6 @@ Formats read by :func:`read_weights_file`:
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from torch import Tensor
+
+from occkd_core.files import file_sha256
 
 #: What a preset writes for a teacher that starts from random initialisation.
 FROM_SCRATCH = "from_scratch"
@@ -85,15 +86,6 @@ class WeightsFile:
             what = "is a folder" if path.is_dir() else ("is not a regular file" if path.exists() else "does not exist")
             raise FileNotFoundError(f"weights file {str(path)!r} for {name} {what}")
         return cls(name=name, path=str(path.resolve()), sha256=file_sha256(path))
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_weights_file(path: str | Path) -> Mapping[str, Any]:
@@ -224,5 +216,5 @@ def _dagnn_state(layers: Any, params: Any) -> dict[str, Tensor]:
     return state
 
 
-__all__ = ["FROM_SCRATCH", "PRETRAINED", "PretrainedWeights", "WeightsFile", "file_sha256", "get_pretrained",
+__all__ = ["FROM_SCRATCH", "PRETRAINED", "PretrainedWeights", "WeightsFile", "get_pretrained",
            "read_matconvnet", "read_weights_file"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from occkd_core.strategies import StandardKDStrategy, SupervisedStrategy, TripletKDStrategy
+from occkd_core.tasks import lookup
 
 StartsFrom = Literal["weights", "teacher", "student"]
 
@@ -55,10 +56,7 @@ STAGES: dict[str, StageInfo] = {
 
 def get_stage(name: str) -> StageInfo:
     """The stage called ``name``, or a ValueError listing the valid names."""
-    try:
-        return STAGES[name]
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; valid names: {', '.join(STAGES)}") from None
+    return lookup("strategy", name, STAGES)
 
 
 def stage_names() -> tuple[str, ...]:

@@ -182,3 +182,44 @@ def judge_comparisons(pvalues: Sequence[float], improved: Sequence[bool], *, alp
     return [Verdict(pvalue=float(p), improved=bool(better), significant=bool(p < alpha),
                     pvalue_holm=float(adj), significant_holm=bool(rej))
             for p, better, rej, adj in zip(pvalues, improved, reject, adjusted)]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One model against its baseline on the same test faces, by the task's paired test (spec §12)."""
+
+    test: str  # "mcnemar" (classification: per-sample correctness) | "wilcoxon" (regression: absolute errors)
+    metric: str  # "accuracy" (%) | "mae"
+    model_value: float
+    baseline_value: float
+    statistic: float
+    pvalue: float
+    b: int | None = None  # McNemar's discordant pairs: the model right and the baseline wrong
+    c: int | None = None  # ... and the reverse
+    exact: bool | None = None
+
+    @property
+    def improved(self) -> bool:
+        """The model's metric is better: higher accuracy, lower MAE."""
+        if self.metric == "mae":
+            return self.model_value < self.baseline_value
+        return self.model_value > self.baseline_value
+
+    def to_dict(self) -> dict[str, object]:
+        return {"test": self.test, "metric": self.metric, "model_value": self.model_value,
+                "baseline_value": self.baseline_value, "statistic": self.statistic, "pvalue": self.pvalue,
+                **({"b": self.b, "c": self.c, "exact": self.exact} if self.test == "mcnemar" else {})}
+
+
+def compare_to_baseline(kind: str, model: np.ndarray, baseline: np.ndarray, *, alpha: float = 0.05) -> Comparison:
+    """The papers' test for the task's kind: McNemar on per-sample correctness (``model`` / ``baseline``:
+    bool [N]) for classification, Wilcoxon signed-rank on absolute errors ([N], e.g. years) for regression."""
+    if kind == "classification":
+        test = mcnemar_test(model, baseline, alpha=alpha)
+        return Comparison("mcnemar", "accuracy", 100 * float(np.mean(model)), 100 * float(np.mean(baseline)),
+                          test.statistic, test.pvalue, b=test.b, c=test.c, exact=test.exact)
+    if kind == "regression":
+        result = wilcoxon_test(model, baseline)
+        return Comparison("wilcoxon", "mae", float(np.mean(model)), float(np.mean(baseline)), result.statistic,
+                          result.pvalue)
+    raise ValueError(f"unknown task kind {kind!r}; valid kinds: classification, regression")

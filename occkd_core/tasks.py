@@ -65,7 +65,9 @@ TASKS: dict[str, TaskInfo] = {
 _T = TypeVar("_T")
 
 
-def _lookup(kind: str, name: str, registry: Mapping[str, _T]) -> _T:
+def lookup(kind: str, name: str, registry: Mapping[str, _T]) -> _T:
+    """``registry[name]``, or a ValueError that names the ``kind`` and lists the valid names: how every
+    registry of occkd is read (tasks here, :mod:`occkd_core.stages`, architectures, pre-trained weights)."""
     try:
         return registry[name]
     except KeyError:
@@ -75,11 +77,11 @@ def _lookup(kind: str, name: str, registry: Mapping[str, _T]) -> _T:
 
 def get_task(name: str) -> TaskInfo:
     """The task called ``name``, or a ValueError listing the valid task names."""
-    return _lookup("task", name, TASKS)
+    return lookup("task", name, TASKS)
 
 
 def check_name(kind: Literal["visibility"], name: str) -> str:
     """Return ``name`` if it is a known visibility, else raise listing them. (Architectures and training
     stages have registries of their own: :mod:`occkd_core.models`, :mod:`occkd_core.stages`.)"""
     names = {"visibility": VISIBILITIES}[kind]
-    return _lookup(kind, name, {n: n for n in names})
+    return lookup(kind, name, {n: n for n in names})

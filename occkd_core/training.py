@@ -97,7 +97,6 @@ class EpochRecord:
 @dataclass(frozen=True)
 class TrainResult:
     best_checkpoint: Path
-    last_checkpoint: Path
     best_epoch: int
     best_val_score: float
     history: list[EpochRecord]
@@ -245,7 +244,7 @@ def train_stage(
             on_epoch(record)
     if world > 1:
         dist.barrier()
-    return TrainResult(best_checkpoint=best_path, last_checkpoint=last_path, best_epoch=best_epoch,
+    return TrainResult(best_checkpoint=best_path, best_epoch=best_epoch,
                        best_val_score=best_score, history=history, first_step_at=step_clock.get("first"),
                        last_step_at=step_clock.get("last"))
 

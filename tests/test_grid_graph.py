@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grid.graph import Resources, expand_graph
+from grid.graph import Edge, Node, Resources, expand_graph
 from grid.scheduler import fit_resources, max_concurrency
 from occkd_core.presets import load_preset
 from occkd_core.models import ARCHITECTURES
@@ -38,19 +38,22 @@ def test_edges_follow_the_curriculum():
     graph = full_graph("paper")
     n = graph.nodes
     assert n["fer/vggf/teacher"].parents == ()
-    assert n["fer/vggf/student"].parents == ("fer/vggf/teacher",)
+    assert n["fer/vggf/student"].parents == (Edge("teacher", "fer/vggf/teacher"),)
     assert n["fer/vggf/student"].train_faces == "lower" and n["gender/vggf/student"].train_faces == "upper"
     assert n["fer/vggf/student_ablation"].train_faces == "upper"
-    assert n["fer/vggf/standard_kd"].parents == ("fer/vggf/teacher", "fer/vggf/student")
+    assert n["fer/vggf/standard_kd"].parents == (Edge("teacher", "fer/vggf/teacher"), Edge("student", "fer/vggf/student"))
     assert n["fer/vggf/triplet_kd[margin=0.3]"].params["train"]["margin"] == 0.3
     fusion = n["age/resnet50/fusion"]
-    assert set(fusion.parents) == {"age/resnet50/student", "age/resnet50/standard_kd",
-                                   *(f"age/resnet50/triplet_kd[margin={m}]" for m in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5))}
-    assert set(n["gender/significance"].parents) == {f"gender/{a}/{s}" for a in ARCHITECTURES
+    assert set(fusion.parents) == {Edge("student", "age/resnet50/student"), Edge("standard_kd", "age/resnet50/standard_kd"),
+                                   *(Edge("triplet_kd", f"age/resnet50/triplet_kd[margin={m}]")
+                                     for m in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5))}
+    assert set(n["gender/significance"].parents) == {Edge(s, f"gender/{a}/{s}") for a in ARCHITECTURES
                                                      for s in ("student", "fusion")}
+    # A node crosses into its Ray trial as plain data and comes back the same.
+    assert all(Node.from_dict(json.loads(json.dumps(node.to_dict()))) == node for node in n.values())
     # Topological order: every parent comes before its child.
     order = list(n)
-    assert all(order.index(p) < order.index(k) for k, node in n.items() for p in node.parents)
+    assert all(order.index(p) < order.index(k) for k, node in n.items() for p in node.parent_keys)
 
 
 def test_hashes_change_with_a_parent_and_not_otherwise():
@@ -217,7 +220,7 @@ def test_a_preset_without_its_weights_fails_fast_with_one_line(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrained-smoke.yaml"]  # nothing written
     # With the file, or explicitly from scratch, the graph expands; the teacher's line names its start.
     weights = vggf_weights(tmp_path / "imagenet-vgg-f.pt", seed=0)
-    from occkd_core.pretrained import file_sha256
+    from occkd_core.files import file_sha256
 
     for extra, start in ((["--weights", f"vggf_imagenet={weights}"], f"vggf_imagenet sha256 {file_sha256(weights)[:12]}"),
                          (["--from-scratch"], "from_scratch")):
@@ -247,3 +250,14 @@ def test_weights_of_another_architecture_are_refused_before_anything_runs(tmp_pa
     # weights the preset never uses are refused too, rather than silently ignored
     assert main(["--tasks", "gender", "--archs", "vggf", "--weights", f"vggf_imagenet={weights}"]) == 2
     assert "preset 'smoke' starts none of the selected teachers from vggf_imagenet" in capsys.readouterr().err
+
+
+def test_a_dry_run_on_real_data_converts_and_writes_nothing(tmp_path: Path, monkeypatch, capsys):
+    from grid.run_all import main
+    from test_loaders import write_fer_pair
+
+    write_fer_pair(tmp_path / "data" / "ferplus")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--tasks", "fer", "--archs", "vggf", "--preset", "mini", "--data-root", "data", "--dry-run"]) == 0
+    assert "fer/vggf/teacher" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no store, no storage folder, no MLflow

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torchvision.models import resnet50
 
 from occkd_core.models import ModelSpec, build_model, load_pretrained
-from occkd_core.pretrained import PRETRAINED, WeightsFile, file_sha256, get_pretrained, read_matconvnet
+from occkd_core.files import file_sha256
+from occkd_core.pretrained import PRETRAINED, WeightsFile, get_pretrained, read_matconvnet
 
 
 def small(arch: str, outputs: int = 8, width: float = 0.125):

@@ -10,7 +10,7 @@ import pytest
 
 from grid.artifacts import node_dir, write_predictions, write_result
 from grid.graph import expand_graph
-from grid.nodes import run_significance_node
+from grid.nodes import ParentOutput, run_significance_node
 from grid.report import collect_rows, render_markdown, write_report
 from occkd_core.data import make_synthetic_faces, write_face_store
 from occkd_core.evaluation import Predictions
@@ -69,8 +69,9 @@ def significance_setup(tmp_path: Path):
         directory.mkdir(parents=True)
         model = "fusion" if node.strategy == "fusion" else node.strategy
         write_predictions(directory / "predictions.parquet", [("test", model, _gender_predictions(targets, ok))])
-        result = {"key": key, "hash": node.hash, "kind": node.kind, "strategy": node.strategy,
-                  "metrics": {"test_upper_accuracy": 100 * ok.mean()}, "val_score": 0.5}
+        result = {"key": key, "hash": node.hash, "kind": node.kind, "strategy": node.strategy, "metrics": {},
+                  "scores": [{"model": model, "test_set": "test", "visible": "upper", "metric": "accuracy",
+                              "value": 100 * ok.mean()}], "val_score": 0.5}
         if node.strategy == "fusion":
             result["fitted"] = {"fusion": {"C": 1.0}, "standard_kd_svm": {"C": 1.0}}
             result["selected"] = {s: {"key": k, "hash": nodes[k].hash, "val_score": 0.5}
@@ -79,8 +80,9 @@ def significance_setup(tmp_path: Path):
         write_result(directory, result, ["predictions.parquet"])
         results[key] = result
     significance = nodes["gender/significance"]
-    parent_dirs = {k: node_dir(storage, nodes[k].hash) for k in significance.parents}
-    results[significance.key] = run_significance_node(dict(significance.__dict__), storage, data_path, parent_dirs)
+    parents = [ParentOutput(edge.role, edge.key, nodes[edge.key].arch, node_dir(storage, nodes[edge.key].hash))
+               for edge in significance.parents]
+    results[significance.key] = run_significance_node(significance, storage, data_path, parents)
     return graph, results
 
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from grid.graph import Node, Resources, StageGraph
+from grid.graph import Edge, Node, Resources, StageGraph
 from grid.timeline import node_timeline, overheads, read_timeline, write_timeline
 
 
 def _node(key: str, kind: str, parents: tuple[str, ...]) -> Node:
     return Node(key=key, kind=kind, task="gender", arch="vggf", strategy=key, train_faces="full", seed=0,
-                params={}, parents=parents, resources=Resources(), cost=1.0)
+                params={}, parents=tuple(Edge(parent, parent) for parent in parents), resources=Resources(), cost=1.0)
 
 
 GRAPH = StageGraph(nodes={

@@ -41,8 +41,10 @@ from PIL import Image
 from occkd_core.data import affectnet
 from occkd_core.data.affectnet import load_affectnet
 from occkd_core.data.ferplus import LABEL_RULES, LabelRule, load_ferplus
+from occkd_core.data.synthetic import make_synthetic_faces, synthetic_split_sizes
 from occkd_core.data.store import SCHEMA_VERSION, FaceData, FaceSplit, open_face_store, write_face_store
 from occkd_core.data.utkface import UTKFACE_SIZE, load_utkface
+from occkd_core.files import file_sha256
 from occkd_core.tasks import get_task
 
 #: Bump when a loader changes what it produces from the same files, so old cached stores are not reused.
@@ -144,14 +146,6 @@ def _task_sources(task: str) -> TaskSources:
 
 # ---------------------------------------------------------------------------------------------- checksums
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _folder_digest(folder: Path) -> str:
     """sha256 of the sorted relative names and sizes of every file under ``folder`` (not their bytes)."""
     entries = []
@@ -170,10 +164,10 @@ def source_checksums(found: dict[str, Path], names: tuple[str, ...]) -> dict[str
     sums = {}
     if "ferplus" in names:
         sums["ferplus"] = hashlib.sha256(
-            (_file_digest(found["fer2013"]) + _file_digest(found["fer2013new"])).encode()).hexdigest()
+            (file_sha256(found["fer2013"]) + file_sha256(found["fer2013new"])).encode()).hexdigest()
     if "affectnet" in names:
         root = found["affectnet"]
-        parts = [_file_digest(root / affectnet.LIST_DIR / name) for name in affectnet.LIST_FILES.values()]
+        parts = [file_sha256(root / affectnet.LIST_DIR / name) for name in affectnet.LIST_FILES.values()]
         sums["affectnet"] = hashlib.sha256(
             ("".join(parts) + _folder_digest(root / affectnet.IMAGE_DIR)).encode()).hexdigest()
     if "utkface" in names:
@@ -243,6 +237,20 @@ def _convert_fer(found: dict[str, Path], settings: dict[str, Any], scratch: Path
     return FaceData(name="ferplus+affectnet", splits=splits, metadata=metadata)
 
 
+@dataclass(frozen=True)
+class _StorePlan:
+    path: Path
+    found: dict[str, Path]
+    settings: dict[str, Any]
+    checksums: dict[str, str]
+
+
+def real_store_path(task: str, data_root: Path, cache_dir: Path, **options: Any) -> Path:
+    """Where :func:`prepare_real_data` keeps (or would keep) the store of ``task``, without converting or
+    writing anything: its name is a checksum of the source files and the settings."""
+    return _plan(task, data_root, cache_dir, **options).path
+
+
 def prepare_real_data(task: str, data_root: Path, cache_dir: Path, *, label_rule: LabelRule = "majority",
                       union_size: int = 48, seed: int = 0, affectnet_cap_per_class: int = 15000,
                       max_input_size: int | None = None) -> Path:
@@ -251,6 +259,20 @@ def prepare_real_data(task: str, data_root: Path, cache_dir: Path, *, label_rule
     ``label_rule`` (FER+), ``union_size`` and ``affectnet_cap_per_class`` matter only for "fer" with
     AffectNet present; ``seed`` draws the AffectNet cap and the UTKFace split. See the module docstring.
     """
+    plan = _plan(task, data_root, cache_dir, label_rule=label_rule, union_size=union_size, seed=seed,
+                 affectnet_cap_per_class=affectnet_cap_per_class, max_input_size=max_input_size)
+    path, found, settings, checksums = plan.path, plan.found, plan.settings, plan.checksums
+    if path.is_file():
+        try:
+            open_face_store(path)  # O(1): a damaged or foreign file is converted again below
+            return path
+        except ValueError:
+            pass
+    return _convert_and_write(task, path, found, settings, checksums)
+
+
+def _plan(task: str, data_root: Path, cache_dir: Path, *, label_rule: LabelRule = "majority", union_size: int = 48,
+          seed: int = 0, affectnet_cap_per_class: int = 15000, max_input_size: int | None = None) -> _StorePlan:
     sources = _task_sources(task)
     if label_rule not in LABEL_RULES:
         raise ValueError(f"unknown FER+ label rule {label_rule!r}; valid rules: {', '.join(LABEL_RULES)}")
@@ -259,7 +281,6 @@ def prepare_real_data(task: str, data_root: Path, cache_dir: Path, *, label_rule
     found = find_sources(Path(data_root), task)
     used = (*sources.required, *(name for name in sources.optional if _SOURCE_KEYS[name][0] in found))
     found = {key: found[key] for name in used for key in _SOURCE_KEYS[name]}
-
     if sources.store_name == "fer":
         settings: dict[str, Any] = {"label_rule": label_rule}
         if "affectnet" in used:
@@ -271,20 +292,19 @@ def prepare_real_data(task: str, data_root: Path, cache_dir: Path, *, label_rule
     key = hashlib.sha256(json.dumps({"converter": CONVERTER_VERSION, "schema": SCHEMA_VERSION,
                                      "sources": checksums, "settings": settings}, sort_keys=True).encode())
     path = Path(cache_dir) / f"{sources.store_name}-{key.hexdigest()[:20]}.arrow"
-    if path.is_file():
-        try:
-            open_face_store(path)  # O(1): a damaged or foreign file is converted again below
-            return path
-        except ValueError:
-            pass
+    return _StorePlan(path=path, found=found, settings=settings, checksums=checksums)
 
+
+def _convert_and_write(task: str, path: Path, found: dict[str, Path], settings: dict[str, Any],
+                       checksums: dict[str, str]) -> Path:
+    sources = _task_sources(task)
     scratch = path.with_name(f".{path.name}.pixels-{os.getpid()}")  # FER+ ∪ AffectNet pixels, see _convert_fer
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         if sources.store_name == "fer":
             data = _convert_fer(found, settings, scratch)
         else:
-            utk = load_utkface(found["utkface"], seed=seed, split_fractions=settings["split_fractions"],
+            utk = load_utkface(found["utkface"], seed=settings["seed"], split_fractions=settings["split_fractions"],
                                image_size=settings["image_size"])
             data = FaceData(name="utkface", splits=dict(utk.splits), metadata=_prefixed("utkface", utk.metadata))
         metadata = {
@@ -299,5 +319,28 @@ def prepare_real_data(task: str, data_root: Path, cache_dir: Path, *, label_rule
         scratch.unlink(missing_ok=True)
 
 
+
+#: Bump when the synthetic generator changes what it draws (part of the synthetic store's fingerprint).
+SYNTHETIC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SyntheticStore:
+    path: Path
+    fingerprint: str  # of the generator's settings: part of every node hash
+    num_train: int
+
+
+def prepare_synthetic_data(num_faces: int, image_size: int, seed: int, cache_dir: Path, *,
+                           write: bool = True) -> SyntheticStore:
+    """The built-in synthetic faces as a cached store (``synthetic-<fingerprint>.arrow`` in ``cache_dir``),
+    drawn and written now if absent and ``write``; with ``write=False`` nothing is written."""
+    settings = {"version": SYNTHETIC_VERSION, "num_faces": num_faces, "image_size": image_size, "seed": seed}
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"synthetic-{fingerprint}.arrow"
+    if write and not path.exists():
+        write_face_store(path, make_synthetic_faces(num_faces, image_size=image_size, seed=seed))
+    return SyntheticStore(path=path, fingerprint=fingerprint, num_train=synthetic_split_sizes(num_faces)[0])
+
 __all__ = ["CONVERTER_VERSION", "REAL_TASK_SOURCES", "SOURCE_LAYOUT", "TaskSources", "find_sources",
-           "prepare_real_data", "source_checksums"]
+           "prepare_real_data", "prepare_synthetic_data", "real_store_path", "source_checksums"]

@@ -14,7 +14,6 @@ free-form metadata and each split's row range.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -22,6 +21,7 @@ from typing import Mapping
 import numpy as np
 import pyarrow as pa
 
+from occkd_core.files import atomic_write
 from occkd_core.tasks import EXPRESSIONS, get_task
 
 SCHEMA_VERSION = "1"
@@ -180,7 +180,7 @@ def _record_batch(split: FaceSplit, schema: pa.Schema) -> pa.RecordBatch:
 
 
 def write_face_store(path: Path, data: FaceData) -> Path:
-    """Validate ``data`` and write it to ``path`` atomically (temporary file + os.replace); return ``path``."""
+    """Validate ``data`` and write it to ``path`` atomically (:func:`occkd_core.files.atomic_write`); return ``path``."""
     path = Path(path)
     validate_face_data(data)
     shapes = {name: split.image_shape for name, split in data.splits.items()}
@@ -194,15 +194,9 @@ def write_face_store(path: Path, data: FaceData) -> Path:
         start += len(split)
     schema = _schema(image_shape, data, ranges)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for split in data.splits.values():
-                writer.write_batch(_record_batch(split, schema))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for split in data.splits.values():
+            writer.write_batch(_record_batch(split, schema))
     return path
 
 

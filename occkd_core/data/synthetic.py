@@ -433,7 +433,8 @@ def draw_faces(params: FaceParams, image_size: int, seed: int = 0) -> np.ndarray
     return out
 
 
-def _split_sizes(num_faces: int, split_fractions: Sequence[float]) -> tuple[int, int, int]:
+def synthetic_split_sizes(num_faces: int, split_fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> tuple[int, int, int]:
+    """(train, val, test) sizes of ``num_faces`` split by ``split_fractions``, as :func:`make_synthetic_faces` splits."""
     if len(split_fractions) != 3 or any(f <= 0 for f in split_fractions) or abs(sum(split_fractions) - 1) > 1e-6:
         raise ValueError(f"split_fractions must be 3 positive numbers (train, val, test) summing to 1, "
                          f"got {tuple(split_fractions)}")
@@ -455,7 +456,7 @@ def make_synthetic_faces(num_faces: int, image_size: int = 64, seed: int = 0,
     """
     if num_faces < 3:
         raise ValueError(f"num_faces must be >= 3 (one face per split at least), got {num_faces}")
-    sizes = _split_sizes(num_faces, split_fractions)
+    sizes = synthetic_split_sizes(num_faces, split_fractions)
     rng = np.random.default_rng(seed)
     expression = rng.permutation(np.arange(num_faces) % len(EXPRESSIONS)).astype(np.int64)
     gender = rng.permutation(np.arange(num_faces) % 2).astype(np.int64)

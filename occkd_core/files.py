@@ -1,0 +1,51 @@
+"""Writing files so that they are complete or absent, and checksumming them: the one place for both.
+
+Every output a run leaves (checkpoints, stores, predictions, embeddings, plots, result.json) is written
+through :func:`atomic_write`: to a temporary name beside the target, flushed to disk, then renamed over
+it. A crash leaves the old file or none, never half of one, which is what lets a rerun trust (after its
+checksum) whatever it finds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write to; on success it is fsynced and renamed to
+    ``path``, on error removed. The temporary name keeps the suffix (``.npy``, ``.png``), since some
+    writers choose the format by it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` atomically (see :func:`atomic_write`)."""
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(payload)
+    return Path(path)
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["atomic_write", "atomic_write_bytes", "file_sha256"]

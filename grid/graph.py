@@ -170,77 +170,87 @@ def expand_graph(
     teacher from random initialisation instead (a ValueError names weights that are neither).
     """
     tasks, archs = list(tasks), list(archs)
-    resources = {**default_resources(preset, archs), **(resources or {})}
-    nodes: dict[str, Node] = {}
+    builder = _GraphBuilder(preset, {**default_resources(preset, archs), **(resources or {})}, train_sizes,
+                            data_fingerprints, weights or {}, from_scratch)
+    for seed in range(seeds):
+        suffix = f"/seed{seed}" if seeds > 1 else ""
+        for task in tasks:
+            chains = [builder.add_chain(task, arch, seed, suffix) for arch in archs]
+            builder.add_significance(task, seed, suffix, chains)
+    return StageGraph(nodes=builder.nodes)
 
-    def add(node: Node) -> Node:
-        parent_hashes = [nodes[p].hash for p in node.parent_keys]
-        payload = {"version": GRAPH_VERSION, "kind": node.kind, "strategy": node.strategy,
-                   "params": node.params, "parents": parent_hashes, "data": data_fingerprints[node.task]}
+
+class _GraphBuilder:
+    """Adds nodes in topological order, each hashed from its spec, data and parents' hashes."""
+
+    def __init__(self, preset: Preset, resources: Mapping[str, Resources], train_sizes: Mapping[str, int],
+                 data_fingerprints: Mapping[str, str], weights: Mapping[str, WeightsFile], from_scratch: bool) -> None:
+        self.preset, self.resources, self.train_sizes = preset, resources, train_sizes
+        self.data_fingerprints, self.weights, self.from_scratch = data_fingerprints, weights, from_scratch
+        self.nodes: dict[str, Node] = {}
+
+    def add(self, node: Node) -> Node:
+        payload = {"version": GRAPH_VERSION, "kind": node.kind, "strategy": node.strategy, "params": node.params,
+                   "parents": [self.nodes[p].hash for p in node.parent_keys],
+                   "data": self.data_fingerprints[node.task]}
         if node.init:
             payload["init"] = {k: v for k, v in node.init.items() if k != "file"}
-        digest = _hash(payload)
-        node = node.replace(hash=digest)
-        if node.key in nodes:
+        node = node.replace(hash=_hash(payload))
+        if node.key in self.nodes:
             raise ValueError(f"duplicate node key {node.key}")
-        nodes[node.key] = node
+        self.nodes[node.key] = node
         return node
 
-    for seed in range(seeds):
-        seed_suffix = f"/seed{seed}" if seeds > 1 else ""
-        for task in tasks:
-            info = get_task(task)
-            fusion_edges: list[Edge] = []
-            student_edges: list[Edge] = []
-            for arch in archs:
-                settings = preset.arch(arch)
-                base = f"{task}/{arch}"
-                per_image = get_architecture(arch).cost * (settings.input_size / 224) ** 2 * settings.width_mult ** 2
+    def add_chain(self, task: str, arch: str, seed: int, suffix: str) -> tuple[Edge, Edge]:
+        """The curriculum of one task × architecture (spec §5), its stages read from the registry: the
+        teacher on full faces, the main and ablation students from it, every distilled stage from the
+        main student (one node per grid point), and fusion. Returns the main student and fusion edges."""
+        preset, info = self.preset, get_task(task)
+        settings = preset.arch(arch)
+        per_image = get_architecture(arch).cost * (settings.input_size / 224) ** 2 * settings.width_mult ** 2
 
-                def train_node(strategy: str, stage: str, visible: str, faces: str, parents: tuple[Edge, ...],
-                               spec: TrainSpec, point: Mapping[str, Any], init: Mapping[str, str] | None = None) -> Node:
-                    stage_spec = StageSpec(task=task, arch=arch, strategy=stage, train_visible=visible,
-                                           input_size=settings.input_size, width_mult=settings.width_mult,
-                                           train=spec, seed=seed, dropout=settings.dropout)
-                    cost = spec.epochs * train_sizes[task] * per_image * get_stage(stage).cost
-                    return add(Node(key=f"{base}/{strategy}{_grid_suffix(point)}{seed_suffix}", kind="train",
-                                    task=task, arch=arch, strategy=strategy, train_faces=faces, seed=seed,
-                                    params=stage_spec.to_dict(), parents=parents, resources=resources[arch],
-                                    cost=cost, grid_point=dict(point), init=dict(init or {})))
+        def train_node(strategy: str, stage: str, visible: str, faces: str, parents: tuple[Edge, ...],
+                       spec: TrainSpec, point: Mapping[str, Any], init: Mapping[str, str] | None = None) -> Node:
+            stage_spec = StageSpec(task=task, arch=arch, strategy=stage, train_visible=visible,
+                                   input_size=settings.input_size, width_mult=settings.width_mult, train=spec,
+                                   seed=seed, dropout=settings.dropout)
+            return self.add(Node(key=f"{task}/{arch}/{strategy}{_grid_suffix(point)}{suffix}", kind="train",
+                                 task=task, arch=arch, strategy=strategy, train_faces=faces, seed=seed,
+                                 params=stage_spec.to_dict(), parents=parents, resources=self.resources[arch],
+                                 cost=spec.epochs * self.train_sizes[task] * per_image * get_stage(stage).cost,
+                                 grid_point=dict(point), init=dict(init or {})))
 
-                # The curriculum (spec §5), its stages read from the registry: the teacher on full faces,
-                # the main and ablation students from it, then every distilled stage from the main student.
-                first, second = stage_starting_from("weights"), stage_starting_from("teacher")
-                teacher = train_node(first, first, "full", "full", (), preset.train_spec(task, arch, first),
-                                     {}, teacher_init(preset, task, arch, weights or {}, from_scratch))
-                student_spec = preset.train_spec(task, arch, second)
-                main = train_node(second, second, info.main_visible, info.main_visible,
-                                  (Edge("teacher", teacher.key),), student_spec, {})
-                train_node(second + ABLATION_SUFFIX, second, info.ablation_visible, info.ablation_visible,
-                           (Edge("teacher", teacher.key),), student_spec, {})
-                distilled: list[Edge] = []
-                for strategy in distilled_stages():
-                    specs = preset.grid(task, arch, strategy)
-                    for spec, point in zip(specs, _grid_points(specs)):
-                        node = train_node(strategy, strategy, info.main_visible, f"full+{info.main_visible}",
-                                          (Edge("teacher", teacher.key), Edge("student", main.key)), spec, point)
-                        distilled.append(Edge(strategy, node.key))
-                fusion = add(Node(key=f"{base}/fusion{seed_suffix}", kind="fusion", task=task, arch=arch,
-                                  strategy="fusion", train_faces=f"full+{info.main_visible}", seed=seed,
-                                  params={"Cs": list(preset.fusion_Cs), "visible": info.main_visible,
-                                          "kind": info.kind,
-                                          **({"svr_kernels": list(preset.svr_kernels)}
-                                             if info.kind == "regression" else {})},
-                                  parents=(Edge("student", main.key), *distilled), resources=resources["fusion"],
-                                  cost=train_sizes[task] * 1e-3))
-                fusion_edges.append(Edge("fusion", fusion.key))
-                student_edges.append(Edge("student", main.key))
-            add(Node(key=f"{task}/significance{seed_suffix}", kind="significance", task=task, arch=None,
-                     strategy="significance", train_faces="-", seed=seed,
-                     params={"alpha": 0.05, "visible": info.main_visible},
-                     parents=tuple(student_edges + fusion_edges),
-                     resources=resources["significance"], cost=1.0))
-    return StageGraph(nodes=nodes)
+        first, second = stage_starting_from("weights"), stage_starting_from("teacher")
+        teacher = train_node(first, first, "full", "full", (), preset.train_spec(task, arch, first), {},
+                             teacher_init(preset, task, arch, self.weights, self.from_scratch))
+        from_teacher = (Edge("teacher", teacher.key),)
+        student_spec = preset.train_spec(task, arch, second)
+        main = train_node(second, second, info.main_visible, info.main_visible, from_teacher, student_spec, {})
+        train_node(second + ABLATION_SUFFIX, second, info.ablation_visible, info.ablation_visible, from_teacher,
+                   student_spec, {})
+        distilled: list[Edge] = []
+        for strategy in distilled_stages():
+            specs = preset.grid(task, arch, strategy)
+            for spec, point in zip(specs, _grid_points(specs)):
+                node = train_node(strategy, strategy, info.main_visible, f"full+{info.main_visible}",
+                                  (*from_teacher, Edge("student", main.key)), spec, point)
+                distilled.append(Edge(strategy, node.key))
+        kernels = {"svr_kernels": list(preset.svr_kernels)} if info.kind == "regression" else {}
+        fusion = self.add(Node(key=f"{task}/{arch}/fusion{suffix}", kind="fusion", task=task, arch=arch,
+                               strategy="fusion", train_faces=f"full+{info.main_visible}", seed=seed,
+                               params={"Cs": list(preset.fusion_Cs), "visible": info.main_visible, "kind": info.kind,
+                                       **kernels},
+                               parents=(Edge("student", main.key), *distilled), resources=self.resources["fusion"],
+                               cost=self.train_sizes[task] * 1e-3))
+        return Edge("student", main.key), Edge("fusion", fusion.key)
+
+    def add_significance(self, task: str, seed: int, suffix: str, chains: list[tuple[Edge, Edge]]) -> None:
+        """The task's comparisons of every network's distilled and fused models with its student (spec §12)."""
+        students, fusions = [student for student, _ in chains], [fusion for _, fusion in chains]
+        self.add(Node(key=f"{task}/significance{suffix}", kind="significance", task=task, arch=None,
+                      strategy="significance", train_faces="-", seed=seed,
+                      params={"alpha": 0.05, "visible": get_task(task).main_visible},
+                      parents=(*students, *fusions), resources=self.resources["significance"], cost=1.0))
 
 
 def teacher_init(preset: Preset, task: str, arch: str, weights: Mapping[str, WeightsFile],

@@ -129,7 +129,7 @@ def train_stage(
     """
     device = torch.device(device)
     out_dir = Path(out_dir)
-    task, train = spec.task_info, spec.train
+    task, train, stage = spec.task_info, spec.train, get_stage(spec.strategy)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(spec.seed)
     order_generator = torch.Generator().manual_seed(spec.seed)  # row order, mining pools: same on every rank
@@ -140,52 +140,21 @@ def train_stage(
     input_spec = input_spec_for(spec.arch, spec.input_size)
     on_gpu = device.type == "cuda"
 
-    # -- model and its starting point -------------------------------------------------------------
-    model = build_model(spec.model_spec)
-    if init_checkpoint is not None:
-        model.load_state_dict(read_checkpoint(init_checkpoint)["state_dict"])
-    elif pretrained_weights is not None:
-        load_pretrained(model, pretrained_weights)
-    if init_checkpoint is None and not task.is_classification:
-        # Raw years with an L1 loss (spec §15 #14): start the regressor at the median training age so
-        # that early epochs learn faces, not the offset (a head at 0 needs thousands of steps to reach 40).
-        with torch.no_grad():
-            model.head.bias.fill_(float(np.median(train_targets.cpu().numpy())))
-    model = model.to(device, memory_format=torch.channels_last if on_gpu else torch.contiguous_format)
-    stage = get_stage(spec.strategy)
-    teacher = None
-    if stage.needs_teacher:
-        if teacher_checkpoint is None:
-            raise ValueError(f"{spec.strategy} needs the teacher's checkpoint")
-        teacher, _ = load_model(teacher_checkpoint, device)
-        teacher.requires_grad_(False)
+    model = _starting_model(spec, train_targets, init_checkpoint, pretrained_weights, device)
+    teacher = _frozen_teacher(spec, teacher_checkpoint, device) if stage.needs_teacher else None
     optimizer = _make_optimizer(model, train)
-    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=train.plateau_factor,
-                                                             patience=train.plateau_patience)
-                 if train.schedule == "plateau" else None)
+    scheduler = _make_scheduler(optimizer, train)
     dsd = DSDPruner(model) if train.dsd else None
     dsd_schedule = DSDSchedule(train.epochs) if train.dsd else None
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
-
-    # -- resume ---------------------------------------------------------------------------------------
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    history: list[EpochRecord] = []
-    best_score, best_epoch, start_epoch = -math.inf, 0, 1
-    state = _read_resume_state(last_path, best_path)
-    if state is not None:
-        unwrap(model).load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        order_generator.set_state(state["order_generator"])
-        flip_generator.set_state(state["flip_generator"])
-        history = [EpochRecord(**record) for record in json.loads(state["history"])]
-        best_score, best_epoch, start_epoch = state["best_score"], state["best_epoch"], state["epoch"] + 1
+    progress = _resume(last_path, best_path, model, optimizer, scheduler, order_generator, flip_generator)
 
     # -- strategy ---------------------------------------------------------------------------------------
     ctx = BatchContext(task=task, train=train, split=train_split, targets=train_targets, visible=spec.train_visible,
                        input_spec=input_spec, device=device, channels_last=on_gpu, teacher=teacher)
+
     def teacher_embeddings() -> torch.Tensor:
         if teacher is None or teacher_checkpoint is None:
             raise ValueError(f"stage {spec.strategy!r} asks for the teacher's embeddings, but its registry entry "
@@ -199,7 +168,7 @@ def train_stage(
 
     # -- epochs -----------------------------------------------------------------------------------------
     step_clock: dict[str, float] = {}
-    for epoch in range(start_epoch, train.epochs + 1):
+    for epoch in range(progress.start_epoch, train.epochs + 1):
         started = time.perf_counter()
         phase = dsd_schedule.phase(epoch - 1) if dsd_schedule else "dense"
         if dsd is not None:
@@ -222,31 +191,97 @@ def train_stage(
         score = validation_score(task, val_metrics)
         if scheduler is not None:
             scheduler.step(score)
-        is_best = score > best_score
+        is_best = score > progress.best_score
         if is_best:
-            best_score, best_epoch = score, epoch
+            progress.best_score, progress.best_epoch = score, epoch
         extra = {**strategy.describe_epoch(), "dsd_sparse": float(phase == "sparse")}
         record = EpochRecord(epoch=epoch, lr=optimizer.param_groups[0]["lr"], train_loss=sum(loss_terms.values()),
                              loss_terms=loss_terms, train_metrics=task_metrics(task, train_preds),
                              val_metrics=val_metrics, val_score=score, is_best=is_best,
                              seconds=time.perf_counter() - started, extra=extra)
-        history.append(record)
-        if rank == 0:
+        progress.history.append(record)
+        if rank == 0:  # best.pt when it improved; last.pt always, with all a resume needs
             if is_best:
                 save_model_checkpoint(best_path, model, spec.model_spec, stage_spec=spec.to_dict(), epoch=epoch,
                                       val_score=score)
-            save_model_checkpoint(
-                last_path, model, spec.model_spec, stage_spec=spec.to_dict(), epoch=epoch,
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else {},
-                order_generator=order_generator.get_state(), flip_generator=flip_generator.get_state(),
-                history=json.dumps([asdict(r) for r in history]), best_score=best_score, best_epoch=best_epoch)
+            _save_last(last_path, spec, model, epoch, optimizer, scheduler, order_generator, flip_generator, progress)
         if on_epoch is not None:
             on_epoch(record)
     if world > 1:
         dist.barrier()
-    return TrainResult(best_checkpoint=best_path, best_epoch=best_epoch,
-                       best_val_score=best_score, history=history, first_step_at=step_clock.get("first"),
-                       last_step_at=step_clock.get("last"))
+    return TrainResult(best_checkpoint=best_path, best_epoch=progress.best_epoch,
+                       best_val_score=progress.best_score, history=progress.history,
+                       first_step_at=step_clock.get("first"), last_step_at=step_clock.get("last"))
+
+
+def _starting_model(spec: StageSpec, train_targets: torch.Tensor, init_checkpoint: Path | None,
+                    pretrained_weights: Path | None, device: torch.device) -> FaceNet:
+    """The model a stage starts from: its parent stage's best checkpoint, pre-trained weights, or random."""
+    model = build_model(spec.model_spec)
+    if init_checkpoint is not None:
+        model.load_state_dict(read_checkpoint(init_checkpoint)["state_dict"])
+    elif pretrained_weights is not None:
+        load_pretrained(model, pretrained_weights)
+    if init_checkpoint is None and not spec.task_info.is_classification:
+        # Raw years with an L1 loss (spec §15 #14): start the regressor at the median training age so
+        # that early epochs learn faces, not the offset (a head at 0 needs thousands of steps to reach 40).
+        with torch.no_grad():
+            model.head.bias.fill_(float(np.median(train_targets.cpu().numpy())))
+    on_gpu = device.type == "cuda"
+    return model.to(device, memory_format=torch.channels_last if on_gpu else torch.contiguous_format)
+
+
+def _frozen_teacher(spec: StageSpec, teacher_checkpoint: Path | None, device: torch.device) -> FaceNet:
+    if teacher_checkpoint is None:
+        raise ValueError(f"{spec.strategy} needs the teacher's checkpoint")
+    teacher, _ = load_model(teacher_checkpoint, device)
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _save_last(path: Path, spec: StageSpec, model: torch.nn.Module, epoch: int, optimizer: torch.optim.Optimizer,
+               scheduler: Any, order_generator: torch.Generator, flip_generator: torch.Generator,
+               progress: "_Progress") -> None:
+    save_model_checkpoint(
+        path, model, spec.model_spec, stage_spec=spec.to_dict(), epoch=epoch,
+        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else {},
+        order_generator=order_generator.get_state(), flip_generator=flip_generator.get_state(),
+        history=json.dumps([asdict(r) for r in progress.history]), best_score=progress.best_score,
+        best_epoch=progress.best_epoch)
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec) -> Any:
+    """Plateau decay (÷10 after ``plateau_patience`` flat validation epochs, spec §15 #5), or None."""
+    if train.schedule != "plateau":
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=train.plateau_factor,
+                                                      patience=train.plateau_patience)
+
+
+@dataclass
+class _Progress:
+    """Where a stage stands: its epochs so far and its best validation score."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    start_epoch: int = 1
+
+
+def _resume(last_path: Path, best_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any, order_generator: torch.Generator, flip_generator: torch.Generator) -> _Progress:
+    """Restore an interrupted stage from its last checkpoint (model, optimiser, schedule, generators)."""
+    state = _read_resume_state(last_path, best_path)
+    if state is None:
+        return _Progress()
+    unwrap(model).load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    order_generator.set_state(state["order_generator"])
+    flip_generator.set_state(state["flip_generator"])
+    return _Progress(history=[EpochRecord(**record) for record in json.loads(state["history"])],
+                     best_score=state["best_score"], best_epoch=state["best_epoch"], start_epoch=state["epoch"] + 1)
 
 
 def _read_resume_state(last_path: Path, best_path: Path) -> dict[str, Any] | None:

@@ -67,7 +67,8 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
                         help="comma-separated architectures")
     parser.add_argument("--preset", default="smoke",
                         help=f"built-in preset ({', '.join(builtin_presets())}) or a preset YAML path. "
-                             "smoke runs on the built-in synthetic faces in minutes on a laptop; paper is spec §10")
+                             "smoke runs on the built-in synthetic faces in minutes on a laptop; paper holds every "
+                             "hyperparameter of the papers (docs/method.md §10)")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="directory holding the data sets as their authors distribute them (ferplus/, "
                              "optionally affectnet/, utkface/), converted once into cached stores under "

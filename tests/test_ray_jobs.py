@@ -1,0 +1,65 @@
+"""The README's cluster commands on one machine: a Ray head started as cluster.yaml starts it (dashboard
+on 127.0.0.1), then a small grid submitted with `ray job submit` that joins it with --ray-address auto.
+
+Ray 2.60 turns token authentication on for `ray start`, so the client needs RAY_AUTH_MODE=token (the
+token is in ~/.ray/auth_token on the head); the Jobs API needs ray[default], which pyproject installs.
+The test skips rather than disturb a Ray cluster that already runs on the machine (`ray stop` stops
+every Ray process here)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from test_grid_e2e import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+#: The `ray` command installed beside this interpreter (CI may not have it first on PATH).
+RAY = str(Path(sys.executable).parent / "ray") if (Path(sys.executable).parent / "ray").exists() else "ray"
+DASHBOARD_PORT, GCS_PORT = 8299, 6399
+
+
+def _head_start_command() -> list[str]:
+    """cluster.yaml's `ray start --head …`, with the autoscaler config and ports this test cannot use."""
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    start = next(c for c in config["head_start_ray_commands"] if "ray start --head" in c)
+    words = shlex.split(start.split(";")[-1])
+    assert "--dashboard-host=127.0.0.1" in words  # never on a public interface
+    keep = [w for w in words if not w.startswith(("--port", "--autoscaling-config", "--object-manager-port"))]
+    return [RAY, *keep[1:]] + [f"--port={GCS_PORT}", f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=2"]
+
+
+@pytest.fixture
+def ray_head():
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    if subprocess.run([RAY, "status"], capture_output=True, env=env, timeout=60).returncode == 0:
+        pytest.skip("a Ray cluster already runs on this machine; not disturbing it")
+    started = subprocess.run(_head_start_command(), capture_output=True, text=True, env=env, timeout=180)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    try:
+        yield env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_a_grid_submitted_with_ray_job_submit_runs_on_the_head(ray_head, tmp_path: Path):
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    command = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "--working-dir", ".", "--",
+               sys.executable, "grid/run_all.py", "--tasks", "gender", "--archs", "vggf",
+               "--preset", str(tmp_path / "tiny.yaml"), "--storage", str(tmp_path / "runs"),
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--ray-address", "auto"]
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=ray_head, timeout=600)
+    assert out.returncode == 0 and "succeeded" in out.stdout + out.stderr, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "8 nodes: 0 already complete, 8 to run" in out.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("occkd-tiny").experiment_id], max_results=100)
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 9  # the grid's parent run and 8 node runs
+    assert (tmp_path / "runs" / "reports" / "occkd-tiny" / "report.md").is_file()

@@ -82,11 +82,13 @@ def _one(parents: Sequence[ParentOutput], role: str) -> Path:
 
 def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence[ParentOutput],
                    *, device: torch.device, report: Report, pretrained: Path | None = None,
-                   is_writer: bool = True, started_at: float | None = None) -> dict[str, Any]:
+                   is_writer: bool = True, started_at: float | None = None,
+                   placement: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train one stage, evaluate its best checkpoint on every test set × visibility, seal the outputs.
 
     ``started_at``: wall-clock start of the trial that runs this node (default: now); with the first and
-    last training steps it goes into ``result.json``'s "timing", which measures per-node overhead."""
+    last training steps it goes into ``result.json``'s "timing", which measures per-node overhead.
+    ``placement``: where it ran (Ray node, GPUs, workers), recorded as given."""
     started = time.perf_counter()
     started_at = started_at or time.time()
     spec = StageSpec.from_dict(node.params)
@@ -128,6 +130,7 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
                "metrics": {"best_epoch": result.best_epoch, "val_score": result.best_val_score},
                "scores": scores, "val_score": result.best_val_score, "best_epoch": result.best_epoch,
                "epochs_run": len(result.history), "seconds": time.perf_counter() - started,
+               "placement": dict(placement or {}),
                "timing": {"started_at": started_at, "first_step_at": result.first_step_at,
                           "last_step_at": result.last_step_at, "finished_at": time.time()}}
     write_result(out, summary, files)

@@ -50,6 +50,7 @@ class GridSpec:
     tracking_uri: str | None  # None: sqlite:///mlflow.db in the working directory (resolved in main)
     experiment: str
     ray_address: str | None
+    cluster_config: Path | None  # the autoscaler's node types (cluster-launcher YAML), when known
     seeds: int
     weights: Mapping[str, str]  # pre-trained weights name -> the file as given
     from_scratch: bool
@@ -82,6 +83,10 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
     parser.add_argument("--experiment", default=None, help="MLflow experiment name (default: occkd-<preset>)")
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to join ('auto' on a cluster head); default: start a local Ray")
+    parser.add_argument("--cluster-config", type=Path, default=None,
+                        help="the Ray cluster-launcher YAML whose node types the autoscaler may add (default with "
+                             f"--ray-address: {BOOTSTRAP_CONFIG}, which `ray up` leaves on the head, if present); "
+                             "GPU requests are kept when a node type has GPUs, though none runs yet")
     parser.add_argument("--seeds", type=int, default=1, help="repeat every node with seeds 0..N-1")
     parser.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
                         help="the local file of pre-trained weights the preset's teachers start from, by name: "
@@ -107,9 +112,15 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
         parser.error("--tasks and --archs need at least one name each")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    cluster_config = args.cluster_config
+    if cluster_config is None and args.ray_address and BOOTSTRAP_CONFIG.expanduser().is_file():
+        cluster_config = BOOTSTRAP_CONFIG.expanduser()
+    if cluster_config is not None and not cluster_config.is_file():
+        parser.error(f"--cluster-config {str(cluster_config)!r} is not a file")
     return GridSpec(tasks=tasks, archs=archs, preset=preset, data_root=args.data_root,
                     storage=args.storage.resolve(), tracking_uri=args.tracking_uri,
                     experiment=args.experiment or f"occkd-{preset.name}", ray_address=args.ray_address,
+                    cluster_config=cluster_config,
                     seeds=args.seeds, weights=weights, from_scratch=args.from_scratch,
                     max_failures=args.max_failures, ray_train=args.ray_train, dry_run=args.dry_run)
 
@@ -119,6 +130,10 @@ def _fault_injection() -> dict[str, Any] | None:
     first N attempts raise, as a crashing worker would."""
     text = os.environ.get("OCCKD_FAULT_INJECTION")
     return json.loads(text) if text else None
+
+
+#: Where `ray up` leaves the cluster config on the head node.
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 
 
 def _parse_weight(text: str) -> tuple[str, str]:
@@ -244,8 +259,13 @@ def run_graph(spec: GridSpec, graph: StageGraph, prepared: Mapping[str, Prepared
     progress = Progress(graph, skipped=set(results))
     print(f"{len(graph.nodes)} nodes: {len(results)} already complete, {len(to_run)} to run "
           f"(storage {spec.storage}, MLflow {spec.tracking_uri})")
-    outcome = (run_on_ray(spec, graph, to_run, results, prepared, tracker, progress) if to_run
-               else RayOutcome(graph=graph))
+    try:
+        outcome = (run_on_ray(spec, graph, to_run, results, prepared, tracker, progress) if to_run
+                   else RayOutcome(graph=graph))
+    except ValueError as err:  # a request that no node of the cluster can ever hold
+        print(f"error: {err}", file=sys.stderr)
+        tracker.finish("FAILED")
+        return 2
     return write_outputs(spec, outcome, results, tracker, progress, started)
 
 
@@ -271,18 +291,29 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
 
     from grid.callbacks import GridCallback
     from grid.scheduler import (
-        DependencySearcher, RunSettings, fit_resources, max_concurrency, run_node_trial, trial_resources,
+        DependencySearcher, RunSettings, cluster_shape, fit_resources, max_concurrency, read_node_types,
+        run_node_trial, trial_resources,
     )
 
+    node_types = read_node_types(spec.cluster_config) if spec.cluster_config else None
     ray.init(address=spec.ray_address, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", configure_logging=True)
     cluster = ray.cluster_resources()
-    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
-    # The preset's requests, fitted to this cluster once, into the graph that the searcher and trials read.
+    shape = cluster_shape(cluster, [n["Resources"] for n in ray.nodes() if n.get("Alive")], node_types)
+    # The preset's requests, fitted to this cluster once (what it has or its autoscaler can add), into the
+    # graph that the searcher and trials read; concurrency from the cluster at its largest.
     wanted = default_resources(spec.preset, spec.archs)
-    graph = graph.with_resources({k: fit_resources(wanted[n.arch] if n.kind == "train" else wanted[n.kind], cluster,
-                                                   largest) for k, n in graph.nodes.items()})
-    concurrency = max_concurrency([graph.nodes[k].resources for k in to_run], cluster)
+    try:
+        graph = graph.with_resources({k: fit_resources(wanted[n.arch] if n.kind == "train" else wanted[n.kind], shape)
+                                      for k, n in graph.nodes.items()})
+    except ValueError:
+        ray.shutdown()
+        raise
+    concurrency = max_concurrency([graph.nodes[k].resources for k in to_run], shape.potential)
+    if any(r.gpus for r in wanted.values()) and not shape.can_have_gpus:
+        print("no GPU in the cluster and no autoscaler node type with GPUs"
+              + (f" in {spec.cluster_config}" if spec.cluster_config else " known (see --cluster-config)")
+              + ": GPU requests dropped, training on CPUs")
     settings = RunSettings(storage=str(spec.storage), data_paths={t: str(p.path) for t, p in prepared.items()},
                            ray_train=spec.ray_train, fault_injection=_fault_injection())
     outcome = RayOutcome(graph=graph, started_at=time.time())
@@ -298,7 +329,9 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                   callbacks=[callback], verbose=0),
     )
-    print(f"running on Ray: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs, "
+    can_add = (f" (the autoscaler may grow it to {shape.potential['CPU']:g} CPUs, {shape.potential['GPU']:g} GPUs)"
+               if node_types else "")
+    print(f"running on Ray: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs{can_add}, "
           f"up to {concurrency} nodes at once")
     logging.getLogger("ray").setLevel(logging.CRITICAL)  # failures are summarised below, once
     tuner.fit()

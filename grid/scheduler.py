@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -112,10 +112,58 @@ def _uses_train(config: dict[str, Any]) -> bool:
     return node["kind"] == "train" and (node["resources"]["workers"] > 1 or config["settings"]["ray_train"] == "always")
 
 
-def fit_resources(wanted: Resources, cluster: Mapping[str, float], largest_node_cpus: float) -> Resources:
-    """Clamp a request to what the cluster has: no GPUs -> CPU training; never more CPUs than one node."""
-    gpus = wanted.gpus if cluster.get("GPU", 0) > 0 else 0.0
-    cpus = max(0.5, min(wanted.cpus, largest_node_cpus))
+@dataclass(frozen=True)
+class ClusterShape:
+    """What the grid may ask of a cluster: the nodes it has now and those its autoscaler can add."""
+
+    nodes: tuple[Mapping[str, float], ...]  # resources of each live node and of each launchable node type
+    potential: Mapping[str, float]  # CPU / GPU totals once the autoscaler has launched all it may
+    node_types: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # autoscaler type -> resources
+
+    @property
+    def can_have_gpus(self) -> bool:
+        return self.potential.get("GPU", 0.0) > 0
+
+
+def read_node_types(config_path: Path) -> dict[str, tuple[dict[str, float], int]]:
+    """Node type -> (resources, max_workers) from a Ray cluster-launcher config (``available_node_types``):
+    the file ``ray up`` leaves on the head as ~/ray_bootstrap_config.yaml, or the one given to
+    ``ray start --autoscaling-config``."""
+    import yaml
+
+    raw = yaml.safe_load(Path(config_path).read_text()) or {}
+    types = raw.get("available_node_types")
+    if not isinstance(types, Mapping) or not types:
+        raise ValueError(f"{config_path} has no available_node_types; is it a Ray cluster config?")
+    head = raw.get("head_node_type")
+    return {name: ({k: float(v) for k, v in (spec.get("resources") or {}).items()},
+                   0 if name == head else int(spec.get("max_workers", raw.get("max_workers", 0))))
+            for name, spec in types.items()}
+
+
+def cluster_shape(now: Mapping[str, float], live_nodes: list[Mapping[str, float]],
+                  node_types: Mapping[str, tuple[Mapping[str, float], int]] | None = None) -> ClusterShape:
+    """The shape of a cluster from ``ray.cluster_resources()``, its live nodes' resources and, when known,
+    the autoscaler's node types: a GPU request is kept if any node has or can bring GPUs."""
+    node_types = node_types or {}
+    potential = {key: float(now.get(key, 0.0)) + sum(res.get(key, 0.0) * count for res, count in node_types.values())
+                 for key in ("CPU", "GPU")}
+    launchable = tuple(res for res, count in node_types.values() if count > 0)
+    return ClusterShape(nodes=(*live_nodes, *launchable), potential=potential,
+                        node_types={name: res for name, (res, count) in node_types.items() if count > 0})
+
+
+def fit_resources(wanted: Resources, shape: ClusterShape) -> Resources:
+    """Clamp a request to what the cluster has or can get: GPUs kept wherever some node has or can bring
+    them (else CPU training); never more CPUs than the largest node. A GPU request that no node or node
+    type can hold is an error naming them."""
+    largest_cpus = max((node.get("CPU", 0.0) for node in shape.nodes), default=1.0)
+    cpus = max(0.5, min(wanted.cpus, largest_cpus))
+    gpus = wanted.gpus if shape.can_have_gpus else 0.0
+    if gpus and not any(node.get("GPU", 0.0) >= gpus and node.get("CPU", 0.0) >= cpus for node in shape.nodes):
+        types = "; ".join(f"{name}: {dict(res)}" for name, res in shape.node_types.items()) or "none"
+        raise ValueError(f"no node can hold a request of {cpus:g} CPUs and {gpus:g} GPUs; live nodes "
+                         f"{[dict(n) for n in shape.nodes]}, autoscaler node types {types}")
     return Resources(cpus=cpus, gpus=gpus, workers=wanted.workers)
 
 
@@ -151,7 +199,8 @@ def run_node_trial(config: dict[str, Any]) -> None:
 
         device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
         nodes.run_train_node(node, storage, data_path, parents, device=device, report=tune.report,
-                             pretrained=_pretrained_file(node), started_at=started_at)
+                             pretrained=_pretrained_file(node), started_at=started_at,
+                             placement=_placement(device, workers=1, ray_train=False))
     elif node.kind == "fusion":
         torch.set_num_threads(max(1, int(node.resources.cpus)))
         nodes.run_fusion_node(node, storage, data_path, parents, started_at=started_at)
@@ -175,7 +224,18 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
                          _parent_outputs(config),
                          device=ray.train.torch.get_device(), report=ray.train.report,
                          pretrained=_pretrained_file(node),
-                         is_writer=context.get_world_rank() == 0, started_at=config.get("trial_started_at"))
+                         is_writer=context.get_world_rank() == 0, started_at=config.get("trial_started_at"),
+                         placement=_placement(ray.train.torch.get_device(), workers=context.get_world_size(),
+                                              ray_train=True))
+
+
+def _placement(device: Any, *, workers: int, ray_train: bool) -> dict[str, Any]:
+    """Where a training node ran, for its record: the Ray node, the GPUs Ray gave it (logical ids: a fake
+    or CPU-only cluster hands out GPU ids without CUDA), the torch device, and whether Ray Train ran it."""
+    import ray
+
+    return {"ray_node": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "device": str(device), "workers": workers, "ray_train": ray_train}
 
 
 def _pretrained_file(node: Node) -> Path | None:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from grid.graph import Node
@@ -136,6 +136,11 @@ class Tracker:
             self.client.log_batch(run_id, metrics=metrics[start : start + 500])
         for comparison in result.get("comparisons", []):
             self._log_comparison(run_id, comparison)
+        placement = result.get("placement") or {}
+        if placement:  # where a training node ran: which Ray node, GPUs and workers, through Ray Train or not
+            tags = [RunTag(f"occkd.{key}", str(placement.get(key))) for key in ("ray_node", "device", "workers", "ray_train")]
+            tags.append(RunTag("occkd.gpu_ids", ",".join(placement.get("gpu_ids", [])) or "-"))
+            self.client.log_batch(run_id, tags=tags)
         for name in artifacts:
             path = directory / name
             if path.exists():

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from grid.graph import Edge, Node, Resources, expand_graph
-from grid.scheduler import fit_resources, max_concurrency
+from grid.scheduler import cluster_shape, fit_resources, max_concurrency, read_node_types
 from occkd_core.presets import load_preset
 from occkd_core.models import ARCHITECTURES
 from occkd_core.tasks import TASKS
@@ -82,13 +82,37 @@ def test_resources_fit_the_cluster_and_size_concurrency():
     paper = load_preset("paper")
     assert paper.resources["resnet50"] == {"cpus": 8, "gpus": 1}
     # A CPU-only 2-core machine: GPU requests dropped, CPUs clamped to the largest node.
-    fitted = fit_resources(Resources(cpus=8, gpus=1), {"CPU": 2.0}, largest_node_cpus=2.0)
-    assert fitted == Resources(cpus=2.0, gpus=0.0)
+    cpu_only = cluster_shape({"CPU": 2.0}, [{"CPU": 2.0}])
+    assert fit_resources(Resources(cpus=8, gpus=1), cpu_only) == Resources(cpus=2.0, gpus=0.0)
     assert max_concurrency([Resources(cpus=1)] * 10, {"CPU": 2.0}) == 2
     assert max_concurrency([Resources(cpus=2)] * 10, {"CPU": 2.0}) == 1
     # 4 nodes × 8 GPUs: half-GPU VGG-f nodes pack 64 at once, plus CPU-only nodes beside them.
     cluster = {"CPU": 4 * 96.0, "GPU": 32.0}
     assert max_concurrency([Resources(cpus=4, gpus=0.5)] * 200, cluster) == 96 + 64
+
+
+def test_gpu_requests_are_kept_when_the_autoscaler_can_add_gpus(tmp_path: Path):
+    """A head with 1 CPU and no GPU, whose autoscaler may add up to two 2-GPU workers (the local fake
+    cluster of NOTES.md): the GPU requests stay, so they are what makes the autoscaler launch workers."""
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({
+        "max_workers": 4, "head_node_type": "head",
+        "available_node_types": {"head": {"resources": {"CPU": 1}, "max_workers": 0},
+                                 "gpu_worker": {"resources": {"CPU": 1, "GPU": 2}, "min_workers": 0,
+                                                "max_workers": 2}}}))
+    types = read_node_types(config)
+    assert types == {"head": ({"CPU": 1.0}, 0), "gpu_worker": ({"CPU": 1.0, "GPU": 2.0}, 2)}
+    shape = cluster_shape({"CPU": 1.0}, [{"CPU": 1.0}], types)
+    assert shape.can_have_gpus and shape.potential == {"CPU": 3.0, "GPU": 4.0}
+    assert fit_resources(Resources(cpus=1, gpus=1), shape) == Resources(cpus=1, gpus=1)
+    assert fit_resources(Resources(cpus=1), shape) == Resources(cpus=1)  # fusion, statistics: the head
+    assert max_concurrency([Resources(cpus=1, gpus=1)] * 10, shape.potential) == 3 + 4
+    with pytest.raises(ValueError, match=r"no node can hold a request of 1 CPUs and 4 GPUs.*gpu_worker"):
+        fit_resources(Resources(cpus=1, gpus=4), shape)
+    # Without node types a GPU-less cluster trains on CPUs, as before.
+    assert fit_resources(Resources(cpus=1, gpus=1), cluster_shape({"CPU": 1.0}, [{"CPU": 1.0}])).gpus == 0.0
+    # cluster.yaml states its workers' resources, so the head's bootstrap copy tells the grid about GPUs.
+    assert read_node_types(REPO / "cluster.yaml")["gpu_worker"] == ({"CPU": 48.0, "GPU": 4.0}, 4)
 
 
 def test_dry_run_prints_the_graph_and_starts_nothing(tmp_path: Path):

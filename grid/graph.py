@@ -275,8 +275,9 @@ def default_resources(preset: Preset, archs: Iterable[str]) -> dict[str, Resourc
     return out
 
 
-def describe_graph(graph: StageGraph) -> str:
-    """A readable listing of the graph for ``--dry-run``."""
+def describe_graph(graph: StageGraph, ray_train: str = "multi") -> str:
+    """A readable listing of the graph for ``--dry-run``: per node its hash, the resources it asks for
+    (before they are fitted to a cluster), whether it trains through Ray Train, and its parents."""
     lines = []
     counts: dict[str, int] = {}
     for node in graph.nodes.values():
@@ -284,6 +285,8 @@ def describe_graph(graph: StageGraph) -> str:
         res = node.resources
         gpu = f" gpu={res.gpus:g}" if res.gpus else ""
         workers = f" workers={res.workers}" if res.workers > 1 else ""
+        if node.kind == "train":
+            workers += " via=ray-train" if ray_train == "always" or res.workers > 1 else " via=trial"
         parents = ", ".join(node.parent_keys) if node.parents else "-"
         if node.init:
             sha = f" sha256 {node.init['sha256'][:12]}" if "sha256" in node.init else ""

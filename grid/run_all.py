@@ -98,7 +98,10 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
     parser.add_argument("--max-failures", type=int, default=2,
                         help="times Tune retries a failed node (it resumes from its last checkpoint)")
     parser.add_argument("--ray-train", choices=("multi", "always"), default="multi",
-                        help="run training in Ray Train worker groups for multi-worker nodes only, or always")
+                        help="where training nodes run their loop: multi = inside their Tune trial, except nodes "
+                             "with several workers, which run as Ray Train workers; always = every training node "
+                             "as Ray Train workers (TorchTrainer: Train's checkpoints and worker-group restarts; "
+                             "on a CPU machine a worker group costs more to start than a small node trains)")
     parser.add_argument("--dry-run", action="store_true", help="print the stage graph with resources and exit")
     args = parser.parse_args(argv)
     try:
@@ -220,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          data_fingerprints={t: p.fingerprint for t, p in prepared.items()},
                          weights=weights, from_scratch=spec.from_scratch)
     if spec.dry_run:
-        print(describe_graph(graph))
+        print(describe_graph(graph, ray_train=spec.ray_train))
         return 0
     return run_graph(spec, graph, prepared)
 
@@ -315,7 +318,8 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
               + (f" in {spec.cluster_config}" if spec.cluster_config else " known (see --cluster-config)")
               + ": GPU requests dropped, training on CPUs")
     settings = RunSettings(storage=str(spec.storage), data_paths={t: str(p.path) for t, p in prepared.items()},
-                           ray_train=spec.ray_train, fault_injection=_fault_injection())
+                           ray_train=spec.ray_train, fault_injection=_fault_injection(),
+                           train_max_failures=spec.max_failures)
     outcome = RayOutcome(graph=graph, started_at=time.time())
     searcher = DependencySearcher(graph, to_run, set(results), settings)
     callback = GridCallback(graph, tracker, progress, spec.storage, results, outcome.failed)
@@ -331,8 +335,9 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
     )
     can_add = (f" (the autoscaler may grow it to {shape.potential['CPU']:g} CPUs, {shape.potential['GPU']:g} GPUs)"
                if node_types else "")
+    where = {"always": "as Ray Train workers", "multi": "inside their trials (multi-worker nodes: Ray Train)"}
     print(f"running on Ray: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs{can_add}, "
-          f"up to {concurrency} nodes at once")
+          f"up to {concurrency} nodes at once; training nodes run {where[spec.ray_train]}")
     logging.getLogger("ray").setLevel(logging.CRITICAL)  # failures are summarised below, once
     tuner.fit()
     outcome.blocked.update(searcher.blocked)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class RunSettings:
     data_paths: Mapping[str, str]  # task -> prepared Arrow store
     ray_train: str = "multi"  # "multi": Train worker groups only for multi-worker nodes; "always"
     fault_injection: Mapping[str, Any] | None = None  # tests only: {"node": key, "times": n}
+    train_max_failures: int = 2  # worker-group restarts Ray Train allows a node (FailureConfig)
 
 
 class DependencySearcher(Searcher):
@@ -219,14 +221,34 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
 
     node, settings = Node.from_dict(config["node"]), config["settings"]
     context = ray.train.get_context()
+    rank = context.get_world_rank()
     torch.set_num_threads(max(1, int(node.resources.cpus)))
-    nodes.run_train_node(node, Path(settings["storage"]), Path(settings["data_paths"][node.task]),
-                         _parent_outputs(config),
-                         device=ray.train.torch.get_device(), report=ray.train.report,
-                         pretrained=_pretrained_file(node),
-                         is_writer=context.get_world_rank() == 0, started_at=config.get("trial_started_at"),
-                         placement=_placement(ray.train.torch.get_device(), workers=context.get_world_size(),
-                                              ray_train=True))
+    storage = Path(settings["storage"])
+    # Train's checkpoint of a node is a pointer to its last.pt on the shared storage, where the training
+    # loop keeps it (copying hundreds of MB into Train's own storage every epoch would buy nothing). After a
+    # lost worker, Train restarts the group, get_checkpoint() says from which epoch, and train_stage
+    # resumes from that last.pt.
+    restored = ray.train.get_checkpoint()
+    resumed_from = None
+    if restored is not None:
+        with restored.as_directory() as folder:
+            resumed_from = json.loads((Path(folder) / "progress.json").read_text())["epoch"]
+
+    def report(metrics: dict[str, Any]) -> None:
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "progress.json").write_text(json.dumps(
+                {"node": node.key, "epoch": metrics.get("epoch"),
+                 "last_checkpoint": str(node_dir(storage, node.hash) / "train" / "last.pt")}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    placement = _placement(ray.train.torch.get_device(), workers=context.get_world_size(), ray_train=True)
+    nodes.run_train_node(node, storage, Path(settings["data_paths"][node.task]), _parent_outputs(config),
+                         device=ray.train.torch.get_device(), report=report, pretrained=_pretrained_file(node),
+                         is_writer=rank == 0, started_at=config.get("trial_started_at"),
+                         placement={**placement, "resumed_from_epoch": resumed_from})
 
 
 def _placement(device: Any, *, workers: int, ray_train: bool) -> dict[str, Any]:
@@ -252,21 +274,26 @@ def _parent_outputs(config: Mapping[str, Any]) -> list[ParentOutput]:
 
 
 def _run_with_torch_trainer(config: dict[str, Any]) -> None:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    """The node's training loop as a Ray Train worker group: DDP (NCCL with GPUs, gloo without), Train's
+    checkpoints, and a group that Train restarts (up to ``train_max_failures`` times) when a worker dies."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    res = config["node"]["resources"]
+    res, settings = config["node"]["resources"], config["settings"]
     per_worker = {"CPU": float(res["cpus"])}
     if res["gpus"]:
         per_worker["GPU"] = float(res["gpus"])
     trainer = TorchTrainer(
         _train_worker_loop,
         train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if res["gpus"] else "gloo"),
         scaling_config=ScalingConfig(num_workers=int(res["workers"]), use_gpu=bool(res["gpus"]),
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=f"train-{config['node']['hash']}",
-                             storage_path=str(Path(config["settings"]["storage"]) / "ray_train"),
+                             storage_path=str(Path(settings["storage"]) / "ray_train"),
+                             failure_config=FailureConfig(max_failures=int(settings.get("train_max_failures", 2))),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
                              callbacks=[TuneReportCallback()]),
     )
     trainer.fit()

@@ -261,14 +261,13 @@ def prepare_real_data(task: str, data_root: Path, cache_dir: Path, *, label_rule
     """
     plan = _plan(task, data_root, cache_dir, label_rule=label_rule, union_size=union_size, seed=seed,
                  affectnet_cap_per_class=affectnet_cap_per_class, max_input_size=max_input_size)
-    path, found, settings, checksums = plan.path, plan.found, plan.settings, plan.checksums
-    if path.is_file():
+    if plan.path.is_file():
         try:
-            open_face_store(path)  # O(1): a damaged or foreign file is converted again below
-            return path
+            open_face_store(plan.path)  # O(1): a damaged or foreign file is converted again below
+            return plan.path
         except ValueError:
             pass
-    return _convert_and_write(task, path, found, settings, checksums)
+    return _convert_and_write(task, plan)
 
 
 def _plan(task: str, data_root: Path, cache_dir: Path, *, label_rule: LabelRule = "majority", union_size: int = 48,
@@ -295,9 +294,9 @@ def _plan(task: str, data_root: Path, cache_dir: Path, *, label_rule: LabelRule 
     return _StorePlan(path=path, found=found, settings=settings, checksums=checksums)
 
 
-def _convert_and_write(task: str, path: Path, found: dict[str, Path], settings: dict[str, Any],
-                       checksums: dict[str, str]) -> Path:
+def _convert_and_write(task: str, plan: _StorePlan) -> Path:
     sources = _task_sources(task)
+    path, found, settings, checksums = plan.path, plan.found, plan.settings, plan.checksums
     scratch = path.with_name(f".{path.name}.pixels-{os.getpid()}")  # FER+ ∪ AffectNet pixels, see _convert_fer
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

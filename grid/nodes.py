@@ -80,6 +80,10 @@ def _one(parents: Sequence[ParentOutput], role: str) -> Path:
 
 # -- training nodes ----------------------------------------------------------------------------------------
 
+#: Where a training node runs while it runs: its Ray node, GPUs, workers (the sealed result keeps the last).
+PLACEMENT_FILE = "placement.json"
+
+
 def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence[ParentOutput],
                    *, device: torch.device, report: Report, pretrained: Path | None = None,
                    is_writer: bool = True, started_at: float | None = None,
@@ -95,6 +99,8 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
     stage = get_stage(spec.strategy)  # where it starts and whether the teacher runs beside it
     data = open_face_store(data_path)
     out = fresh_node_dir(storage, node.hash) if is_writer else node_dir(storage, node.hash)
+    if is_writer and placement:  # where the node runs now (rewritten on every restart), before it seals
+        atomic_write_bytes(out / PLACEMENT_FILE, json.dumps({"node": node.key, **placement}).encode())
     init = _one(parents, stage.starts_from) / "train" / "best.pt" if stage.starts_from != "weights" else None
     teacher = _one(parents, "teacher") / "train" / "best.pt" if stage.needs_teacher else None
 

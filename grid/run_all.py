@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -97,11 +98,13 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
                              "pre-trained weights (the report says so)")
     parser.add_argument("--max-failures", type=int, default=2,
                         help="times Tune retries a failed node (it resumes from its last checkpoint)")
-    parser.add_argument("--ray-train", choices=("multi", "always"), default="multi",
-                        help="where training nodes run their loop: multi = inside their Tune trial, except nodes "
-                             "with several workers, which run as Ray Train workers; always = every training node "
-                             "as Ray Train workers (TorchTrainer: Train's checkpoints and worker-group restarts; "
-                             "on a CPU machine a worker group costs more to start than a small node trains)")
+    parser.add_argument("--ray-train", choices=("auto", "always", "multi"), default="auto",
+                        help="where training nodes run their loop. auto: on a cluster that has GPUs or an "
+                             "autoscaler node type with GPUs, every training node as Ray Train workers "
+                             "(TorchTrainer: DDP, Train's checkpoints, worker-group restarts after a lost "
+                             "worker); on a CPU-only one inside its Tune trial, except nodes with several "
+                             "workers (on a CPU machine a worker group costs more to start than a small node "
+                             "trains). always / multi: either way, whatever the cluster")
     parser.add_argument("--dry-run", action="store_true", help="print the stage graph with resources and exit")
     args = parser.parse_args(argv)
     try:
@@ -182,6 +185,22 @@ def resolve_weights(preset: Preset, tasks: list[str], archs: list[str], given: M
     return found
 
 
+def stage_weights(found: Mapping[str, WeightsFile], storage: Path) -> dict[str, WeightsFile]:
+    """Copy each weights file onto the grid's storage, under its sha256, and start the teachers from that
+    copy: ``--weights`` paths are read where the driver runs, but teachers train on worker nodes, which
+    all mount the storage. A copy is made once (an interrupted one never takes the final name)."""
+    staged = {}
+    for name, weights in found.items():
+        target = storage / "pretrained" / weights.sha256 / Path(weights.path).name
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f"{target.name}.partial")
+            shutil.copyfile(weights.path, partial)
+            os.replace(partial, target)
+        staged[name] = dataclasses.replace(weights, path=str(target))
+    return staged
+
+
 def describe_init(graph: StageGraph, preset: Preset, from_scratch: bool) -> str:
     """The report's sentence on where the teachers started."""
     by_weights: dict[str, list[str]] = {}
@@ -214,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         weights = resolve_weights(spec.preset, list(spec.tasks), list(spec.archs), spec.weights, spec.from_scratch)
+        if not spec.dry_run:
+            weights = stage_weights(weights, spec.storage)
         prepared = prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=not spec.dry_run)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -223,9 +244,66 @@ def main(argv: Sequence[str] | None = None) -> int:
                          data_fingerprints={t: p.fingerprint for t, p in prepared.items()},
                          weights=weights, from_scratch=spec.from_scratch)
     if spec.dry_run:
-        print(describe_graph(graph, ray_train=spec.ray_train))
+        if spec.ray_address:  # the resources this cluster (and its autoscaler) will be asked for
+            import ray
+
+            ray.init(address=spec.ray_address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        try:
+            plan = plan_cluster(spec, graph, connect=spec.ray_address is not None)
+        except ValueError as err:  # a request that no node of the cluster can ever hold
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        finally:
+            if spec.ray_address:
+                ray.shutdown()
+        print(describe_graph(plan.graph, ray_train=plan.ray_train))
+        print("\n".join(plan.lines))
         return 0
     return run_graph(spec, graph, prepared)
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """The graph with its requests fitted to the cluster, and how training nodes will run there."""
+
+    graph: StageGraph
+    shape: Any  # grid.scheduler.ClusterShape
+    node_types: Mapping[str, Any] | None
+    ray_train: str  # resolved: "always" or "multi"
+    lines: tuple[str, ...]  # what the grid says about the cluster in its first lines
+
+
+def plan_cluster(spec: GridSpec, graph: StageGraph, *, connect: bool) -> ClusterPlan:
+    """Fit every node's request to the cluster (``connect``: the Ray cluster the driver is connected to;
+    else this machine as a local Ray would see it) and the autoscaler's node types from --cluster-config.
+    ValueError for a request no node or node type can ever hold."""
+    from grid.scheduler import cluster_shape, fit_resources, live_nodes, read_node_types, resolve_ray_train
+
+    node_types = read_node_types(spec.cluster_config) if spec.cluster_config else None
+    if connect:
+        import ray
+
+        now, live = ray.cluster_resources(), live_nodes()
+    else:
+        import torch
+
+        now = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+        live = [now]
+    shape = cluster_shape(now, live, node_types)
+    wanted = default_resources(spec.preset, spec.archs)
+    fitted = graph.with_resources({k: fit_resources(wanted[n.arch] if n.kind == "train" else wanted[n.kind], shape)
+                                   for k, n in graph.nodes.items()})
+    ray_train = resolve_ray_train(spec.ray_train, shape)
+    can_add = (f" (the autoscaler may grow it to {shape.potential['CPU']:g} CPUs, {shape.potential['GPU']:g} GPUs)"
+               if node_types else "")
+    where = {"always": "as Ray Train workers", "multi": "inside their trials (multi-worker nodes: Ray Train)"}
+    lines = [f"{'running on Ray' if connect else 'planned for this machine'}: {now.get('CPU', 0):g} CPUs, "
+             f"{now.get('GPU', 0):g} GPUs{can_add}; training nodes run {where[ray_train]}"]
+    if any(r.gpus for r in wanted.values()) and not shape.can_have_gpus:
+        lines.append("no GPU in the cluster and no autoscaler node type with GPUs"
+                     + (f" in {spec.cluster_config}" if spec.cluster_config else " known (see --cluster-config)")
+                     + ": GPU requests dropped, training on CPUs")
+    return ClusterPlan(graph=fitted, shape=shape, node_types=node_types, ray_train=ray_train, lines=tuple(lines))
 
 
 @dataclass
@@ -294,34 +372,24 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
 
     from grid.callbacks import GridCallback
     from grid.scheduler import (
-        DependencySearcher, RunSettings, cluster_shape, fit_resources, max_concurrency, read_node_types,
-        run_node_trial, trial_resources,
+        ClusterCapacity, DependencySearcher, RunSettings, max_concurrency, run_node_trial, trial_resources,
     )
 
-    node_types = read_node_types(spec.cluster_config) if spec.cluster_config else None
     ray.init(address=spec.ray_address, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", configure_logging=True)
-    cluster = ray.cluster_resources()
-    shape = cluster_shape(cluster, [n["Resources"] for n in ray.nodes() if n.get("Alive")], node_types)
-    # The preset's requests, fitted to this cluster once (what it has or its autoscaler can add), into the
-    # graph that the searcher and trials read; concurrency from the cluster at its largest.
-    wanted = default_resources(spec.preset, spec.archs)
-    try:
-        graph = graph.with_resources({k: fit_resources(wanted[n.arch] if n.kind == "train" else wanted[n.kind], shape)
-                                      for k, n in graph.nodes.items()})
+    try:  # the preset's requests fitted once to what the cluster has or its autoscaler can add
+        plan = plan_cluster(spec, graph, connect=True)
     except ValueError:
         ray.shutdown()
         raise
-    concurrency = max_concurrency([graph.nodes[k].resources for k in to_run], shape.potential)
-    if any(r.gpus for r in wanted.values()) and not shape.can_have_gpus:
-        print("no GPU in the cluster and no autoscaler node type with GPUs"
-              + (f" in {spec.cluster_config}" if spec.cluster_config else " known (see --cluster-config)")
-              + ": GPU requests dropped, training on CPUs")
+    graph = plan.graph
+    # Tune's cap on trials; which node starts when is the capacity's call, as nodes join and leave.
+    concurrency = max_concurrency([graph.nodes[k].resources for k in to_run], plan.shape.potential)
     settings = RunSettings(storage=str(spec.storage), data_paths={t: str(p.path) for t, p in prepared.items()},
-                           ray_train=spec.ray_train, fault_injection=_fault_injection(),
+                           ray_train=plan.ray_train, fault_injection=_fault_injection(),
                            train_max_failures=spec.max_failures)
     outcome = RayOutcome(graph=graph, started_at=time.time())
-    searcher = DependencySearcher(graph, to_run, set(results), settings)
+    searcher = DependencySearcher(graph, to_run, set(results), settings, capacity=ClusterCapacity(plan.node_types))
     callback = GridCallback(graph, tracker, progress, spec.storage, results, outcome.failed)
     tuner = tune.Tuner(
         tune.with_resources(run_node_trial, resources=trial_resources),
@@ -333,11 +401,7 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                   callbacks=[callback], verbose=0),
     )
-    can_add = (f" (the autoscaler may grow it to {shape.potential['CPU']:g} CPUs, {shape.potential['GPU']:g} GPUs)"
-               if node_types else "")
-    where = {"always": "as Ray Train workers", "multi": "inside their trials (multi-worker nodes: Ray Train)"}
-    print(f"running on Ray: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs{can_add}, "
-          f"up to {concurrency} nodes at once; training nodes run {where[spec.ray_train]}")
+    print("\n".join([plan.lines[0] + f"; up to {concurrency} nodes at once as the cluster has room", *plan.lines[1:]]))
     logging.getLogger("ray").setLevel(logging.CRITICAL)  # failures are summarised below, once
     tuner.fit()
     outcome.blocked.update(searcher.blocked)

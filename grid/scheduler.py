@@ -4,15 +4,19 @@ are done, so there is no barrier between stages.
 - :class:`DependencySearcher` suggests the ready node with the longest remaining chain of work below
   it (critical-path priority), returns ``None`` while nothing is ready, and blocks the descendants of
   a node that failed for good.
-- :func:`run_node_trial` is the Tune trainable. A one-worker node trains inside the trial process,
-  which already holds the node's CPUs/GPU; a node asking for several workers (or every training node
-  with ``ray_train="always"``) runs its loop in a Ray Train ``TorchTrainer`` worker group with DDP.
-  (On a small machine a Train worker group costs 18-30 s to start, more than a smoke node trains.)
-- :func:`max_concurrency` sizes concurrency from the cluster so trial drivers never starve workers.
+- :func:`run_node_trial` is the Tune trainable. On a cluster that has or can add GPUs every training
+  node runs its loop as a Ray Train ``TorchTrainer`` worker group (DDP, Train's checkpoints and
+  worker-group restarts); on a CPU-only cluster a one-worker node trains inside its trial process,
+  which already holds the node's CPUs (a Train worker group costs 18-30 s to start on a small machine,
+  more than a smoke node trains). :func:`resolve_ray_train` states the rule.
+- :class:`ClusterCapacity` admits a node only when its resources fit the cluster as it is now plus the
+  nodes its autoscaler may still add, re-read as nodes join and leave, so trial drivers never wait
+  on workers that cannot be placed; :func:`max_concurrency` only caps Tune's trial count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -22,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ray import tune
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _TorchBackend
 from ray.tune.search import Searcher
 
 from grid.artifacts import node_dir
@@ -37,7 +43,7 @@ class RunSettings:
 
     storage: str  # absolute path visible from every Ray node
     data_paths: Mapping[str, str]  # task -> prepared Arrow store
-    ray_train: str = "multi"  # "multi": Train worker groups only for multi-worker nodes; "always"
+    ray_train: str = "multi"  # resolved (see resolve_ray_train): "multi" or "always"
     fault_injection: Mapping[str, Any] | None = None  # tests only: {"node": key, "times": n}
     train_max_failures: int = 2  # worker-group restarts Ray Train allows a node (FailureConfig)
 
@@ -45,9 +51,10 @@ class RunSettings:
 class DependencySearcher(Searcher):
     """Suggests nodes whose parents are all done; a node that errors blocks its descendants."""
 
-    def __init__(self, graph: StageGraph, to_run: list[str], done: set[str], settings: RunSettings) -> None:
+    def __init__(self, graph: StageGraph, to_run: list[str], done: set[str], settings: RunSettings,
+                 capacity: "ClusterCapacity | None" = None) -> None:
         super().__init__(metric=None, mode=None)
-        self.graph, self.settings = graph, settings
+        self.graph, self.settings, self.capacity = graph, settings, capacity
         self.pending = list(to_run)
         self.done = set(done)
         self.running: dict[str, str] = {}  # trial_id -> node key
@@ -60,15 +67,22 @@ class DependencySearcher(Searcher):
         self.pending.sort(key=lambda k: -priority[k])
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        for key in self.pending:
-            if all(p in self.done for p in self.graph.nodes[key].parent_keys):
+        ready = [key for key in self.pending if all(p in self.done for p in self.graph.nodes[key].parent_keys)]
+        if not ready and not self.running:
+            return Searcher.FINISHED  # nothing left, or only descendants of failed nodes
+        held = [self._bundles(key) for key in self.running.values()]
+        for key in ready:  # by priority; a smaller ready node fills room the first cannot use
+            if self.capacity is None or self.capacity.admits(held, self._bundles(key)):
                 self.pending.remove(key)
                 self.running[trial_id] = key
                 self.ready_at[key] = time.time()
                 return self._config(key)
-        if not self.pending or (not self.running and self.pending):
-            return Searcher.FINISHED
-        return None  # something is running; its completion may release more nodes
+        # Running nodes may release more, or the cluster may grow (or get back a node it lost).
+        return None
+
+    def _bundles(self, key: str) -> list[dict[str, float]]:
+        node = self.graph.nodes[key]
+        return node_bundles(node.to_dict(), self.settings.ray_train)
 
     def _config(self, key: str) -> dict[str, Any]:
         node = self.graph.nodes[key]
@@ -96,22 +110,49 @@ class DependencySearcher(Searcher):
             self.done.add(key)
 
 
+#: Ray's marker resource of the head node.
+HEAD = "node:__internal_head__"
+#: What the trial of a node run through Ray Train holds itself: a sliver of CPU on the head node. A sliver,
+#: because with trial drivers holding 0.5 CPU each, Train worker groups on a 2-core machine could not be
+#: placed and timed out. On the head, because a sliver on a worker node leaves it 0.99 of a CPU short
+#: of a whole worker: on a local autoscaling cluster the drivers landed on the GPU nodes and no worker
+#: group asking for that node's CPUs could ever be placed there.
+TRAIN_DRIVER = {"CPU": 0.01, HEAD: 0.001}
+
+
 def trial_resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
     """A one-worker node holds its CPUs/GPU in the trial itself; a Train node's trial holds a sliver of
-    CPU and its TorchTrainer asks for the workers (with trial drivers holding
-    0.5 CPU each, Train worker groups on a 2-core machine could not be placed and timed out)."""
-    res = config["node"]["resources"]
+    CPU and its TorchTrainer asks for the workers."""
     if _uses_train(config):
-        return tune.PlacementGroupFactory([{"CPU": 0.01}])
-    bundle = {"CPU": float(res["cpus"])}
-    if res["gpus"]:
-        bundle["GPU"] = float(res["gpus"])
-    return tune.PlacementGroupFactory([bundle])
+        return tune.PlacementGroupFactory([dict(TRAIN_DRIVER)])
+    return tune.PlacementGroupFactory(node_bundles(config["node"], config["settings"]["ray_train"]))
+
+
+def node_bundles(node: Mapping[str, Any], ray_train: str) -> list[dict[str, float]]:
+    """Every resource bundle a node holds while it runs: its trial's, and its Train workers' if any."""
+    res = node["resources"]
+    bundle = {"CPU": float(res["cpus"]), **({"GPU": float(res["gpus"])} if res["gpus"] else {})}
+    if uses_ray_train(node, ray_train):
+        return [dict(TRAIN_DRIVER)] + [dict(bundle) for _ in range(int(res["workers"]))]
+    return [bundle]
+
+
+def uses_ray_train(node: Mapping[str, Any], ray_train: str) -> bool:
+    """Whether a node (as a dict) runs its loop as Ray Train workers under a resolved ``ray_train`` mode."""
+    return node["kind"] == "train" and (node["resources"]["workers"] > 1 or ray_train == "always")
 
 
 def _uses_train(config: dict[str, Any]) -> bool:
-    node = config["node"]
-    return node["kind"] == "train" and (node["resources"]["workers"] > 1 or config["settings"]["ray_train"] == "always")
+    return uses_ray_train(config["node"], config["settings"]["ray_train"])
+
+
+def resolve_ray_train(mode: str, shape: "ClusterShape") -> str:
+    """``auto`` (the default): every training node through Ray Train on a cluster that has or can add GPUs,
+    inside its trial on a CPU-only one (there a worker group costs more to start than a small node
+    trains; nodes with several workers still use Train). ``always`` / ``multi`` force either way."""
+    if mode == "auto":
+        return "always" if shape.can_have_gpus else "multi"
+    return mode
 
 
 @dataclass(frozen=True)
@@ -170,8 +211,8 @@ def fit_resources(wanted: Resources, shape: ClusterShape) -> Resources:
 
 
 def max_concurrency(resources: list[Resources], cluster: Mapping[str, float]) -> int:
-    """How many nodes can hold their resources at once, counted with the smallest request, so trial
-    drivers never wait on workers that cannot be placed."""
+    """An upper bound on the nodes that can hold their resources at once (counted with the smallest
+    request) for Tune's ``max_concurrent_trials``; :class:`ClusterCapacity` decides node by node."""
     total_cpu, total_gpu = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
     limits = [math.floor(total_cpu / max(min(r.cpus * r.workers for r in resources), 1e-9))]
     gpu_requests = [r.gpus * r.workers for r in resources if r.gpus > 0]
@@ -179,6 +220,57 @@ def max_concurrency(resources: list[Resources], cluster: Mapping[str, float]) ->
         # GPU nodes and CPU-only nodes (fusion, statistics) run side by side.
         limits = [limits[0] + math.floor(total_gpu / min(gpu_requests))]
     return max(1, min(limits[0], len(resources)))
+
+
+def live_nodes() -> list[dict[str, float]]:
+    """The total resources of each live Ray node (``ray.nodes()``)."""
+    import ray
+
+    return [{k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU", HEAD)}
+            for n in ray.nodes() if n.get("Alive")]
+
+
+class ClusterCapacity:
+    """Whether one more node fits the cluster, next to the nodes already running.
+
+    The room is the live nodes (re-read at most every ``refresh_s`` seconds, so nodes that join or leave
+    change it) plus, per autoscaler node type, the nodes it may still launch (``max_workers`` less the
+    live nodes of that type, matched by their CPU/GPU totals). Every bundle of the running nodes and of
+    the candidate is packed first-fit, largest first, into that room: a candidate is admitted only if
+    all fit. Ray places them itself; the packing only keeps Tune from launching trials whose Train
+    workers could not be placed (they would time out waiting, as they did on a 2-core machine).
+    """
+
+    def __init__(self, node_types: Mapping[str, tuple[Mapping[str, float], int]] | None = None,
+                 read_nodes: Any = live_nodes, refresh_s: float = 2.0) -> None:
+        self.node_types = dict(node_types or {})
+        self.read_nodes, self.refresh_s = read_nodes, refresh_s
+        self._room: list[dict[str, float]] = []
+        self._read_at = -math.inf
+
+    def room(self) -> list[dict[str, float]]:
+        if time.monotonic() - self._read_at >= self.refresh_s:
+            live = [dict(n) for n in self.read_nodes()]
+            launchable = []
+            for resources, max_workers in self.node_types.values():
+                same = sum(1 for n in live if all(n.get(k, 0.0) == resources.get(k, 0.0) for k in ("CPU", "GPU")))
+                launchable += [{k: resources.get(k, 0.0) for k in ("CPU", "GPU")}] * max(0, max_workers - same)
+            self._room, self._read_at = live + launchable, time.monotonic()
+        return self._room
+
+    def admits(self, held: list[list[dict[str, float]]], candidate: list[dict[str, float]]) -> bool:
+        free = [dict(n) for n in self.room()]
+        bundles = [b for node in held for b in node] + list(candidate)
+        for bundle in sorted(bundles, key=lambda b: (b.get("GPU", 0.0), b.get("CPU", 0.0)), reverse=True):
+            slot = next((n for n in free if all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())), None)
+            if slot is None:
+                return False
+            for k, v in bundle.items():
+                slot[k] = slot.get(k, 0.0) - v
+        return True
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune checkpoints its searcher: drop the cached room
+        return {**self.__dict__, "_room": [], "_read_at": -math.inf}
 
 
 def run_node_trial(config: dict[str, Any]) -> None:
@@ -244,9 +336,11 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
                  "last_checkpoint": str(node_dir(storage, node.hash) / "train" / "last.pt")}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
-    placement = _placement(ray.train.torch.get_device(), workers=context.get_world_size(), ray_train=True)
+    # Train hands out cuda:N for every GPU Ray assigned, even where CUDA is absent (logical GPUs).
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    placement = _placement(device, workers=context.get_world_size(), ray_train=True)
     nodes.run_train_node(node, storage, Path(settings["data_paths"][node.task]), _parent_outputs(config),
-                         device=ray.train.torch.get_device(), report=report, pretrained=_pretrained_file(node),
+                         device=device, report=report, pretrained=_pretrained_file(node),
                          is_writer=rank == 0, started_at=config.get("trial_started_at"),
                          placement={**placement, "resumed_from_epoch": resumed_from})
 
@@ -277,7 +371,7 @@ def _run_with_torch_trainer(config: dict[str, Any]) -> None:
     """The node's training loop as a Ray Train worker group: DDP (NCCL with GPUs, gloo without), Train's
     checkpoints, and a group that Train restarts (up to ``train_max_failures`` times) when a worker dies."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     res, settings = config["node"]["resources"], config["settings"]
@@ -287,7 +381,7 @@ def _run_with_torch_trainer(config: dict[str, Any]) -> None:
     trainer = TorchTrainer(
         _train_worker_loop,
         train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if res["gpus"] else "gloo"),
+        torch_config=DeviceTorchConfig(),
         scaling_config=ScalingConfig(num_workers=int(res["workers"]), use_gpu=bool(res["gpus"]),
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=f"train-{config['node']['hash']}",
@@ -297,6 +391,32 @@ def _run_with_torch_trainer(config: dict[str, Any]) -> None:
                              callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
+
+
+def _cuda_usable() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class _DeviceBackend(_TorchBackend):
+    """Ray's torch backend, choosing the DDP backend from what the workers' torch sees: NCCL when every
+    worker has CUDA, gloo otherwise. Ray's own rule (NCCL whenever GPUs are requested) breaks on nodes
+    whose GPUs Ray schedules but CUDA cannot use (logical GPUs of a test cluster, a node with a broken
+    driver): NCCL refuses to start there, gloo trains on the CPU device that ``get_device()`` returns."""
+
+    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        cuda = all(worker_group.execute(_cuda_usable))
+        super().on_start(worker_group, dataclasses.replace(backend_config, backend="nccl" if cuda else "gloo"))
+
+
+@dataclass
+class DeviceTorchConfig(TorchConfig):
+    """``TorchConfig`` whose process-group backend follows the workers' devices (:class:`_DeviceBackend`)."""
+
+    @property
+    def backend_cls(self) -> type:
+        return _DeviceBackend
 
 
 def _maybe_inject_fault(node: Node, settings: Mapping[str, Any], storage: Path) -> None:

@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+# Against a tracking server MLflow prints "View run ... at: URL" for every run it ends: dozens of lines
+# through the grid's progress view. The report and the parent run link the runs instead.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -140,6 +144,8 @@ class Tracker:
         if placement:  # where a training node ran: which Ray node, GPUs and workers, through Ray Train or not
             tags = [RunTag(f"occkd.{key}", str(placement.get(key))) for key in ("ray_node", "device", "workers", "ray_train")]
             tags.append(RunTag("occkd.gpu_ids", ",".join(placement.get("gpu_ids", [])) or "-"))
+            if placement.get("resumed_from_epoch") is not None:  # Ray Train restarted its workers mid-node
+                tags.append(RunTag("occkd.resumed_from_epoch", str(placement["resumed_from_epoch"])))
             self.client.log_batch(run_id, tags=tags)
         for name in artifacts:
             path = directory / name

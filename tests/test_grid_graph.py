@@ -9,7 +9,10 @@ import pytest
 import yaml
 
 from grid.graph import Edge, Node, Resources, expand_graph
-from grid.scheduler import cluster_shape, fit_resources, max_concurrency, read_node_types
+from grid.scheduler import (
+    ClusterCapacity, DependencySearcher, RunSettings, cluster_shape, fit_resources, max_concurrency, node_bundles,
+    read_node_types, resolve_ray_train,
+)
 from occkd_core.presets import load_preset
 from occkd_core.models import ARCHITECTURES
 from occkd_core.tasks import TASKS
@@ -115,6 +118,70 @@ def test_gpu_requests_are_kept_when_the_autoscaler_can_add_gpus(tmp_path: Path):
     assert read_node_types(REPO / "cluster.yaml")["gpu_worker"] == ({"CPU": 48.0, "GPU": 4.0}, 4)
 
 
+def test_ray_train_by_default_where_the_cluster_has_or_can_add_gpus():
+    types = {"head": ({"CPU": 1.0}, 0), "gpu_worker": ({"CPU": 1.0, "GPU": 2.0}, 2)}
+    assert resolve_ray_train("auto", cluster_shape({"CPU": 1.0}, [{"CPU": 1.0}], types)) == "always"
+    assert resolve_ray_train("auto", cluster_shape({"CPU": 8.0, "GPU": 1.0}, [{"CPU": 8.0, "GPU": 1.0}])) == "always"
+    assert resolve_ray_train("auto", cluster_shape({"CPU": 2.0}, [{"CPU": 2.0}])) == "multi"
+    assert resolve_ray_train("always", cluster_shape({"CPU": 2.0}, [{"CPU": 2.0}])) == "always"
+    # A node run through Train holds a sliver of CPU in its trial and a bundle per worker.
+    train = {"kind": "train", "resources": {"cpus": 1, "gpus": 1, "workers": 2}}
+    driver = {"CPU": 0.01, "node:__internal_head__": 0.001}  # on the head: worker nodes keep whole CPUs
+    assert node_bundles(train, "multi") == [driver, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
+    one = {"kind": "train", "resources": {"cpus": 2, "gpus": 0, "workers": 1}}
+    assert node_bundles(one, "multi") == [{"CPU": 2.0}] and node_bundles(one, "always") == [driver, {"CPU": 2.0}]
+    fusion = {"kind": "fusion", "resources": {"cpus": 1, "gpus": 0, "workers": 1}}
+    assert node_bundles(fusion, "always") == [{"CPU": 1.0}]
+
+
+def test_capacity_counts_launchable_nodes_and_follows_nodes_that_join_and_leave():
+    """The fake cluster of the autoscaling test: a 1-CPU head and up to two workers of 1 CPU, 2 GPUs.
+    Train nodes of 1 CPU + 1 GPU: each worker node holds one (its single CPU), so two run at once while
+    the autoscaler may still add both workers, and a third waits."""
+    head = {"CPU": 1.0, "node:__internal_head__": 1.0}
+    live = [[head]]
+    capacity = ClusterCapacity({"head": ({"CPU": 1.0}, 0), "gpu_worker": ({"CPU": 1.0, "GPU": 2.0}, 2)},
+                               read_nodes=lambda: live[0], refresh_s=0.0)
+    train = node_bundles({"kind": "train", "resources": {"cpus": 1, "gpus": 1, "workers": 1}}, "always")
+    assert capacity.room() == [head, {"CPU": 1.0, "GPU": 2.0}, {"CPU": 1.0, "GPU": 2.0}]
+    assert capacity.admits([], train) and capacity.admits([train], train)
+    assert not capacity.admits([train, train], train)
+    # The Train nodes' trial drivers hold 0.01 CPU each on the head: half-CPU nodes fit beside them once.
+    fusion = [{"CPU": 0.5}]
+    assert capacity.admits([train, train], fusion) and not capacity.admits([train, train, fusion], fusion)
+    # One worker launched: it replaces one launchable node, the room is the same.
+    live[0] = [head, {"CPU": 1.0, "GPU": 2.0}]
+    assert len(capacity.room()) == 3 and capacity.admits([train], train)
+    # Without an autoscaler, a node that joins makes room and one that leaves takes it away.
+    fixed = ClusterCapacity(read_nodes=lambda: live[0], refresh_s=0.0)
+    assert fixed.admits([], train) and not fixed.admits([train], train)
+    live[0] = [head, {"CPU": 1.0, "GPU": 2.0}, {"CPU": 4.0, "GPU": 1.0}]
+    assert fixed.admits([train], train)
+    live[0] = [head]
+    assert not fixed.admits([], train)
+
+
+def test_the_searcher_backfills_a_smaller_ready_node_and_waits_rather_than_finishes():
+    preset = load_preset("smoke")
+    graph = expand_graph(preset, ["gender"], ["vggf", "resnet50"], train_sizes={"gender": 100},
+                         data_fingerprints={"gender": "d"}, from_scratch=True)
+    graph = graph.with_resources({k: Resources(cpus=2 if n.arch == "resnet50" else 1) for k, n in graph.nodes.items()})
+    teachers = [k for k, n in graph.nodes.items() if n.strategy == "teacher"]
+    live = [[{"CPU": 2.0}]]
+    capacity = ClusterCapacity(read_nodes=lambda: live[0], refresh_s=0.0)
+    searcher = DependencySearcher(graph, list(graph.nodes), set(), RunSettings(storage="/s", data_paths={}),
+                                  capacity=capacity)
+    first = searcher.suggest("t1")["node"]["key"]
+    assert graph.nodes[first].arch == "resnet50"  # the longer chain first; it fills the node's 2 CPUs
+    assert searcher.suggest("t2") is None  # the VGG-f teacher is ready but does not fit: wait, not FINISHED
+    searcher.on_trial_complete("t1")
+    live[0] = [{"CPU": 1.0}]  # the cluster shrank; the VGG-f teacher still fits
+    assert searcher.suggest("t3")["node"]["key"] in teachers
+    live[0] = []  # every node lost, nothing running: wait for the cluster to come back
+    searcher.on_trial_complete("t3")
+    assert searcher.suggest("t4") is None
+
+
 def test_dry_run_prints_the_graph_and_starts_nothing(tmp_path: Path):
     out = subprocess.run([sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "fer,gender,age",
                           "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -160,8 +227,37 @@ def test_cluster_yaml_validates_against_rays_own_schema():
     assert "--dashboard-host=127.0.0.1" in start and "mlflow server --host 127.0.0.1" in start
     assert config["available_node_types"]["gpu_worker"]["max_workers"] >= 1
     assert "pip install -e ~/occkd" in " ".join(config["setup_commands"])
+    # Ray's own image at the Ray this project pins (not the launcher's Ubuntu 18.04 / CUDA 11.2 default).
+    assert config["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    assert all("ImageId" in t["node_config"] for t in config["available_node_types"].values())
+    # The shared file system is mounted on each host and into the containers; MLflow's runs stay off NFS.
+    assert "/mnt/occkd" in " ".join(config["initialization_commands"])
+    assert "-v /mnt/occkd:/mnt/occkd" in config["docker"]["run_options"]
+    mlflow = next(c for c in config["head_start_ray_commands"] if "mlflow server" in c and "nohup" in c)
+    assert "--backend-store-uri sqlite:///$HOME/" in mlflow and "--artifacts-destination /mnt/occkd/" in mlflow
     text = (REPO / "cluster.yaml").read_text().lower()
     assert "aws_secret" not in text and "password" not in text
+    assert "tcp 2049" in text  # the security-group rule NFS needs is written where the user fills in the id
+
+
+def test_a_dry_run_against_cluster_yaml_keeps_the_papers_gpu_requests_and_trains_through_ray_train(tmp_path: Path):
+    """The paper preset's requests on cluster.yaml's node types (a CPU head, autoscaled 4-GPU workers): every
+    request fits a worker, the GPU requests stay though no worker runs, and every training node goes through
+    Train. (The smoke preset's data with the paper's resources: the paper's data is not needed for this.)"""
+    presets = REPO / "occkd_core" / "presets"
+    preset = {**yaml.safe_load((presets / "smoke.yaml").read_text()), "name": "smoke-paper-resources",
+              "resources": yaml.safe_load((presets / "paper.yaml").read_text())["resources"]}
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(preset))
+    out = subprocess.run([sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "gender", "--archs",
+                          "resnet50,vggf", "--preset", str(tmp_path / "preset.yaml"), "--cluster-config",
+                          str(REPO / "cluster.yaml"), "--dry-run"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if "/teacher" in line or "/student " in line]
+    assert any("gender/resnet50/teacher" in line and "cpu=8 gpu=1 via=ray-train" in line for line in lines), lines
+    assert any("gender/vggf/teacher" in line and "gpu=0.5 via=ray-train" in line for line in lines), lines
+    assert "the autoscaler may grow it to" in out.stdout and "training nodes run as Ray Train workers" in out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preset.yaml"]  # nothing prepared or written
 
 
 @pytest.mark.parametrize("uri, message", [
@@ -285,3 +381,28 @@ def test_a_dry_run_on_real_data_converts_and_writes_nothing(tmp_path: Path, monk
     assert main(["--tasks", "fer", "--archs", "vggf", "--preset", "mini", "--data-root", "data", "--dry-run"]) == 0
     assert "fer/vggf/teacher" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no store, no storage folder, no MLflow
+
+
+def test_weights_are_staged_on_the_storage_every_node_mounts_without_changing_the_teachers_identity(tmp_path: Path):
+    """--weights paths are read on the driver's machine; teachers open the copy on --storage, made once."""
+    from grid.run_all import stage_weights
+    from occkd_core.pretrained import WeightsFile
+
+    original = tmp_path / "home" / "imagenet-vgg-f.mat"
+    original.parent.mkdir()
+    original.write_bytes(b"weights bytes")
+    found = {"vggf_imagenet": WeightsFile.locate("vggf_imagenet", original)}
+    staged = stage_weights(found, tmp_path / "storage")
+    copy = Path(staged["vggf_imagenet"].path)
+    assert copy == tmp_path / "storage" / "pretrained" / found["vggf_imagenet"].sha256 / "imagenet-vgg-f.mat"
+    assert copy.read_bytes() == b"weights bytes" and staged["vggf_imagenet"].sha256 == found["vggf_imagenet"].sha256
+    before = copy.stat().st_mtime_ns
+    assert stage_weights(found, tmp_path / "storage") == staged and copy.stat().st_mtime_ns == before  # once
+    preset = load_preset("paper")
+
+    def teacher_hash(weights):
+        graph = expand_graph(preset, ["gender"], ["vggf"], train_sizes={"gender": 100},
+                             data_fingerprints={"gender": "d"}, weights=weights)
+        return next(n for n in graph.nodes.values() if n.strategy == "teacher").hash
+
+    assert teacher_hash(staged) == teacher_hash(found)

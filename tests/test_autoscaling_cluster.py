@@ -1,93 +1,112 @@
-"""GPU requests reach the autoscaler: a local autoscaling Ray cluster (Ray's fake multi-node provider: a
-CPU head with 1 CPU, GPU worker types at min_workers 0) runs a small grid whose preset asks for a GPU
-per training node. The grid keeps the requests (it reads the node types from --cluster-config), the
-autoscaler launches GPU workers for them, every training node runs on one with a GPU assigned, and the
-grid finishes with one FINISHED MLflow run per node.
+"""The grid on a local autoscaling Ray cluster, as on a cloud one: Ray's fake multi-node provider with
+cluster.yaml's own worker node type (``gpu_worker``: 48 CPUs, 4 GPUs, here logical, at min_workers 0, at
+most 2) beside a 1-CPU head, and a real ``mlflow server`` over HTTP, both started by
+``grid/local_cluster.py`` (the script the README gives users).
+
+A small grid whose preset asks for a GPU per training node runs with ``--ray-address auto``. It keeps the
+GPU requests (it reads the node types from --cluster-config), so the autoscaler launches GPU workers;
+every training node runs on one, as Ray Train workers. The two students ask for a whole worker each, so
+two workers run; once the ablation student has checkpointed an epoch, the test kills the raylet of the Ray
+node it runs on (a lost machine): Train restarts its worker group on the other node once that is free, the
+student resumes from its checkpoint, and the grid ends with exactly one FINISHED MLflow run per node.
 
 Worker "nodes" are extra raylets on this machine with logical GPUs (no CUDA: training runs on the CPU
-device). The provider needs ``disable_node_updaters`` (its nodes cannot be re-tagged, so the updater
-would mark every launch failed) and its workers dial the GCS on port 6379. The test skips rather than
-disturb a Ray cluster that already runs here, and stops its own at the end.
+device with gloo). Ray's fake provider never learns that a node it launched died (its nodes stay
+"uninitialized" to the autoscaler), so no replacement is launched: the rest of the grid runs on the
+surviving worker. The test skips rather than disturb a Ray cluster that already runs here.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from grid.local_cluster import (
+    RAY, autoscaling_cluster, fake_cluster_config, grid_command, kill_ray_node, mlflow_server, ray_is_running,
+    token_env,
+)
 from test_grid_e2e import TINY
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).parent / "ray") if (Path(sys.executable).parent / "ray").exists() else "ray"
 
-#: The local cluster: a head that can run fusion and statistics but no training, and up to two workers
-#: of 1 CPU and 2 GPUs each, launched on demand.
-CLUSTER = {
-    "cluster_name": "occkd-test", "max_workers": 2, "upscaling_speed": 1.0, "idle_timeout_minutes": 1,
-    "provider": {"type": "fake_multinode", "disable_node_updaters": True, "disable_launch_config_check": True},
-    "auth": {"ssh_user": "ubuntu"},
-    "available_node_types": {
-        "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
-        "gpu_worker": {"resources": {"CPU": 1, "GPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 2},
-    },
-    "head_node_type": "ray.head.default",
-    **{key: [] for key in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
-                           "setup_commands", "head_setup_commands", "worker_setup_commands",
-                           "head_start_ray_commands", "worker_start_ray_commands")},
-    "file_mounts": {}, "file_mounts_sync_continuously": False,
+#: Every training node asks for a whole worker (4 GPUs), so the two students need two workers; they train
+#: long enough (12 epochs, each reported to Ray Train with a checkpoint) to lose one.
+PRESET = {
+    **TINY, "name": "tiny-gpu",
+    "stage_defaults": {**TINY["stage_defaults"], "student": {**TINY["stage_defaults"]["student"], "epochs": 12}},
+    "resources": {**{a: {"cpus": 1, "gpus": 4} for a in ("vggf", "vggface", "resnet50")},
+                  "fusion": {"cpus": 1}, "significance": {"cpus": 1}},
 }
 
 
-@pytest.fixture
-def autoscaling_cluster(tmp_path: Path):
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    if subprocess.run([RAY, "status"], capture_output=True, env=env, timeout=60).returncode == 0:
+def ray_json(*args: str) -> list[dict]:
+    out = subprocess.run([RAY, *args, "--format", "json"], capture_output=True, text=True, env=token_env(), timeout=120)
+    return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip().startswith("[") else []
+
+
+def kill_the_ablation_students_node(storage: Path, grid: subprocess.Popen, timeout: float = 300) -> str:
+    """Once the ablation student (the second of the two students to start, each asking for a whole GPU
+    worker, so both workers are up) has checkpointed an epoch, SIGKILL the raylet of the Ray node it runs
+    on, which its placement.json names."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and grid.poll() is None:
+        for placement in storage.glob("nodes/*/placement.json"):
+            directory, running = placement.parent, json.loads(placement.read_text())
+            if (running["node"].endswith("/student_ablation") and (directory / "train" / "last.pt").exists()
+                    and not (directory / "result.json").exists() and kill_ray_node(running["ray_node"])):
+                return running["ray_node"]
+        time.sleep(0.2)
+    raise AssertionError("the ablation student never trained as a Ray Train worker while the test watched")
+
+
+def test_gpu_workers_launch_on_demand_train_through_ray_train_and_survive_a_lost_node(tmp_path: Path):
+    if ray_is_running():
         pytest.skip("a Ray cluster already runs on this machine; not disturbing it")
-    config = tmp_path / "cluster.yaml"
-    config.write_text(yaml.safe_dump(CLUSTER))
-    started = subprocess.run([RAY, "start", "--head", "--num-cpus=1", f"--autoscaling-config={config}"],
-                             capture_output=True, text=True, timeout=180,
-                             env={**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
-    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-    try:
-        yield config, env
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    (tmp_path / "tiny-gpu.yaml").write_text(yaml.safe_dump(PRESET))
+    storage = tmp_path / "runs"
+    with autoscaling_cluster(fake_cluster_config(), tmp_path) as config, mlflow_server(tmp_path) as uri:
+        command = grid_command(config, uri, storage, ["--tasks", "gender", "--archs", "vggf",
+                                                      "--preset", str(tmp_path / "tiny-gpu.yaml")])
+        with open(tmp_path / "grid.log", "w") as log:
+            grid = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=token_env())
+            killed = kill_the_ablation_students_node(storage, grid)
+            assert grid.wait(timeout=600) == 0, (tmp_path / "grid.log").read_text()[-4000:]
+        nodes = ray_json("list", "nodes")
+        # The tracking server's own store, read through its HTTP API.
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("occkd-tiny-gpu").experiment_id], max_results=100)
 
+    out = (tmp_path / "grid.log").read_text()
+    assert "running on Ray: 1 CPUs, 0 GPUs (the autoscaler may grow it to 97 CPUs, 8 GPUs)" in out
+    assert "training nodes run as Ray Train workers" in out
+    gpu_nodes = {n["node_id"] for n in nodes if n["resources_total"].get("GPU", 0) > 0}
+    assert killed in gpu_nodes and len(gpu_nodes) == 2, "the autoscaler did not launch a GPU worker per student"
 
-def test_gpu_requests_launch_gpu_workers_and_every_training_node_runs_on_one(autoscaling_cluster, tmp_path: Path):
-    config, env = autoscaling_cluster
-    preset = {**TINY, "name": "tiny-gpu",
-              "resources": {**{a: {"cpus": 1, "gpus": 1} for a in ("vggf", "vggface", "resnet50")},
-                            "fusion": {"cpus": 1}, "significance": {"cpus": 1}}}
-    (tmp_path / "tiny-gpu.yaml").write_text(yaml.safe_dump(preset))
-    out = subprocess.run(
-        [sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "gender", "--archs", "vggf",
-         "--preset", str(tmp_path / "tiny-gpu.yaml"), "--ray-address", "auto", "--cluster-config", str(config),
-         "--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "running on Ray: 1 CPUs, 0 GPUs (the autoscaler may grow it to 3 CPUs, 4 GPUs)" in out.stdout
-
-    nodes = subprocess.run([sys.executable, "-c", "import json, ray; ray.init(address='auto', logging_level='ERROR');"
-                            "print(json.dumps([[n['NodeID'], n['Resources'].get('GPU', 0)] for n in ray.nodes()]))"],
-                           capture_output=True, text=True, env=env, timeout=120)
-    gpu_nodes = {node for node, gpus in yaml.safe_load(nodes.stdout.strip().splitlines()[-1]) if gpus > 0}
-    assert gpu_nodes, "the autoscaler launched no GPU worker"
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("occkd-tiny-gpu").experiment_id], max_results=100)
     node_runs = [r for r in runs if "occkd.node" in r.data.tags]
-    assert len(node_runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
+    # One run per node, every one FINISHED: the lost node left no FAILED or duplicate run behind.
+    assert len(node_runs) == 8 and len({r.data.tags["occkd.node"] for r in node_runs}) == 8
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     training = [r for r in node_runs if r.data.tags["occkd.strategy"] not in ("fusion", "significance")]
     assert len(training) == 6
-    for run in training:  # each on a launched GPU worker, with a GPU of its own
+    for run in training:  # each on a launched GPU worker, with a GPU of its own, through Ray Train
         assert run.data.tags["occkd.ray_node"] in gpu_nodes, run.info.run_name
-        assert run.data.tags["occkd.gpu_ids"] != "-" and run.data.tags["occkd.workers"] == "1"
+        assert run.data.tags["occkd.gpu_ids"] == "0,1,2,3" and run.data.tags["occkd.workers"] == "1"
+        assert run.data.tags["occkd.ray_train"] == "True" and run.data.tags["occkd.device"] == "cpu"
+    # The student on the lost node: Train restarted its worker group on the other node, from the epoch it had
+    # checkpointed, and it trained all its epochs. (The teacher may name the lost node: it finished there.)
+    resumed = [r for r in training if "occkd.resumed_from_epoch" in r.data.tags]
+    assert [r.info.run_name for r in resumed] == ["gender/vggf/student_ablation"]
+    assert int(resumed[0].data.tags["occkd.resumed_from_epoch"]) >= 1
+    assert resumed[0].data.tags["occkd.ray_node"] != killed
+    assert all(r.data.tags["occkd.ray_node"] != killed for r in training if r.data.tags["occkd.strategy"] != "teacher")
+    assert json.loads((storage / "nodes" / resumed[0].data.tags["occkd.node"] / "placement.json").read_text())[
+        "ray_node"] == resumed[0].data.tags["occkd.ray_node"]
+    result = json.loads((storage / "nodes" / resumed[0].data.tags["occkd.node"] / "result.json").read_text())
+    assert result["epochs_run"] == 12 and result["placement"]["resumed_from_epoch"] >= 1

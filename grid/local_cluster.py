@@ -1,0 +1,171 @@
+"""A local autoscaling Ray cluster and MLflow server, to try the cluster path on one machine.
+
+    python grid/local_cluster.py --tasks gender --archs vggf
+
+starts Ray's fake multi-node provider (a CPU head whose autoscaler launches "GPU workers" as extra
+raylets on this machine, with logical GPUs, as pending work asks for them) and a real ``mlflow server``
+over HTTP, runs the grid against them exactly as on a cloud cluster (``--ray-address auto
+--cluster-config ... --tracking-uri http://127.0.0.1:PORT``), prints where each training node ran,
+and tears both down (``--keep`` leaves them up; ``ray stop --force`` and the printed ``kill`` end them).
+The workers' GPUs are logical: CUDA is absent, so training runs on the CPU device with the gloo DDP
+backend, but every scheduling decision (autoscaling, placement, Ray Train worker groups, restarts
+after a lost node) is Ray's real one. It refuses to start where a Ray cluster already runs.
+
+Ray 2.60 turns token authentication on for ``ray start``: drivers and the ``ray`` CLI need
+``RAY_AUTH_MODE=token`` in their environment (this script sets it for what it starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
+MLFLOW = str(Path(sys.executable).with_name("mlflow")) if Path(sys.executable).with_name("mlflow").exists() else "mlflow"
+
+
+def fake_cluster_config(source: Path = REPO / "cluster.yaml", *, head_cpus: int = 1,
+                        max_workers: int = 2) -> dict[str, Any]:
+    """A config for Ray's fake multi-node provider with the worker node types of ``source`` (the project's
+    cluster.yaml: the same names and resources, at ``min_workers: 0``, at most ``max_workers`` each), and
+    a head of ``head_cpus`` CPUs (the provider names it ``ray.head.default``). Resources are logical: a
+    48-CPU, 4-GPU worker type is a raylet that schedules as one. ``disable_node_updaters``: the
+    provider's nodes cannot be re-tagged, so the updater would mark every launch failed."""
+    cloud = yaml.safe_load(Path(source).read_text())
+    workers = {name: {"resources": dict(spec.get("resources") or {}), "node_config": {},
+                      "min_workers": 0, "max_workers": min(max_workers, int(spec.get("max_workers", max_workers)))}
+               for name, spec in cloud["available_node_types"].items() if name != cloud["head_node_type"]}
+    return {
+        "cluster_name": "occkd-local", "max_workers": max_workers * len(workers), "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 1,
+        "provider": {"type": "fake_multinode", "disable_node_updaters": True, "disable_launch_config_check": True},
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": {"ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {},
+                                                      "max_workers": 0}, **workers},
+        "head_node_type": "ray.head.default",
+        **{key: [] for key in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
+                               "setup_commands", "head_setup_commands", "worker_setup_commands",
+                               "head_start_ray_commands", "worker_start_ray_commands")},
+        "file_mounts": {}, "file_mounts_sync_continuously": False,
+    }
+
+
+def token_env() -> dict[str, str]:
+    """The environment a driver or ``ray`` CLI needs to reach a cluster started with ``ray start`` (2.60)."""
+    return {**os.environ, "RAY_AUTH_MODE": "token"}
+
+
+def ray_is_running() -> bool:
+    return subprocess.run([RAY, "status"], capture_output=True, env=token_env(), timeout=60).returncode == 0
+
+
+@contextmanager
+def autoscaling_cluster(config: Mapping[str, Any], workdir: Path) -> Iterator[Path]:
+    """Start a fake autoscaling cluster from ``config`` (written to workdir/cluster.yaml) and stop it after.
+    The fake workers dial the GCS on Ray's default port 6379, so the head must use it."""
+    if ray_is_running():
+        raise RuntimeError("a Ray cluster already runs on this machine; stop it first (ray stop) or use it directly")
+    path = workdir / "cluster.yaml"
+    path.write_text(yaml.safe_dump(dict(config)))
+    started = subprocess.run(
+        [RAY, "start", "--head", "--port=6379", f"--num-cpus={config['available_node_types']['ray.head.default']['resources']['CPU']}",
+         f"--autoscaling-config={path}"],
+        capture_output=True, text=True, timeout=180,
+        env={**token_env(), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+    if started.returncode != 0:
+        raise RuntimeError(f"ray start failed:\n{started.stdout[-2000:]}{started.stderr[-2000:]}")
+    try:
+        yield path
+    finally:
+        # `ray stop --force` stops every Ray process here; ray_is_running() above made sure they are ours.
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(workdir: Path, port: int | None = None) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1, its SQLite store and artifacts under ``workdir``; yields its URI."""
+    port = port or free_port()
+    log = open(workdir / "mlflow-server.log", "w")
+    process = subprocess.Popen(
+        [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+         "--artifacts-destination", str(workdir / "mlartifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start; see {workdir / 'mlflow-server.log'}")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def grid_command(config_path: Path, tracking_uri: str, storage: Path, grid_args: list[str]) -> list[str]:
+    return [sys.executable, str(REPO / "grid" / "run_all.py"), "--ray-address", "auto",
+            "--cluster-config", str(config_path), "--tracking-uri", tracking_uri, "--storage", str(storage), *grid_args]
+
+
+def kill_ray_node(node_id: str) -> bool:
+    """Stop one Ray node as a lost machine would: SIGKILL its raylet (its workers die with it)."""
+    found = subprocess.run(["pgrep", "-f", f"raylet.*--node_id={node_id}"], capture_output=True, text=True)
+    pids = [int(p) for p in found.stdout.split()]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return bool(pids)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("occkd_local_cluster"),
+                        help="where the cluster config, MLflow store and grid storage go")
+    parser.add_argument("--cluster-yaml", type=Path, default=REPO / "cluster.yaml",
+                        help="the cloud config whose worker node types the local cluster copies")
+    parser.add_argument("--max-workers", type=int, default=2, help="nodes of each worker type the autoscaler may launch")
+    parser.add_argument("--keep", action="store_true", help="leave the cluster and MLflow server running")
+    args, grid_args = parser.parse_known_args(argv)
+    if not grid_args:
+        grid_args = ["--tasks", "gender", "--archs", "vggf"]
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = fake_cluster_config(args.cluster_yaml, max_workers=args.max_workers)
+    with autoscaling_cluster(config, workdir) as config_path, mlflow_server(workdir) as uri:
+        print(f"local autoscaling cluster up ({config_path}); MLflow at {uri}", flush=True)
+        code = subprocess.run(grid_command(config_path, uri, workdir / "occkd_runs", grid_args),
+                              env=token_env()).returncode
+        if args.keep:
+            print(f"left running: `ray stop --force`, and the MLflow server at {uri}")
+            input("press Enter to tear down ...")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,8 +5,8 @@
 starts Ray's fake multi-node provider (a CPU head whose autoscaler launches "GPU workers" as extra
 raylets on this machine, with logical GPUs, as pending work asks for them) and a real ``mlflow server``
 over HTTP, runs the grid against them exactly as on a cloud cluster (``--ray-address auto
---cluster-config ... --tracking-uri http://127.0.0.1:PORT``), prints where each training node ran,
-and tears both down (``--keep`` leaves them up; ``ray stop --force`` and the printed ``kill`` end them).
+--cluster-config ... --tracking-uri http://127.0.0.1:PORT``), and tears both down; the runs stay in
+WORKDIR/mlflow.db (``mlflow ui --backend-store-uri sqlite:///WORKDIR/mlflow.db`` opens them).
 The workers' GPUs are logical: CUDA is absent, so training runs on the CPU device with the gloo DDP
 backend, but every scheduling decision (autoscaling, placement, Ray Train worker groups, restarts
 after a lost node) is Ray's real one. It refuses to start where a Ray cluster already runs.
@@ -150,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster-yaml", type=Path, default=REPO / "cluster.yaml",
                         help="the cloud config whose worker node types the local cluster copies")
     parser.add_argument("--max-workers", type=int, default=2, help="nodes of each worker type the autoscaler may launch")
-    parser.add_argument("--keep", action="store_true", help="leave the cluster and MLflow server running")
     args, grid_args = parser.parse_known_args(argv)
     if not grid_args:
         grid_args = ["--tasks", "gender", "--archs", "vggf"]
@@ -161,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"local autoscaling cluster up ({config_path}); MLflow at {uri}", flush=True)
         code = subprocess.run(grid_command(config_path, uri, workdir / "occkd_runs", grid_args),
                               env=token_env()).returncode
-        if args.keep:
-            print(f"left running: `ray stop --force`, and the MLflow server at {uri}")
-            input("press Enter to tear down ...")
+    print(f"cluster and MLflow server stopped; the runs: mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'}")
     return code
 
 

@@ -71,14 +71,17 @@ class DependencySearcher(Searcher):
         if not ready and not self.running:
             return Searcher.FINISHED  # nothing left, or only descendants of failed nodes
         held = [self._bundles(key) for key in self.running.values()]
-        for key in ready:  # by priority; a smaller ready node fills room the first cannot use
-            if self.capacity is None or self.capacity.admits(held, self._bundles(key)):
-                self.pending.remove(key)
-                self.running[trial_id] = key
-                self.ready_at[key] = time.time()
-                return self._config(key)
-        # Running nodes may release more, or the cluster may grow (or get back a node it lost).
-        return None
+        # By priority; a smaller ready node fills room the first cannot use. With nothing running, the first
+        # ready node goes even if the packing finds no room: its request fits some node or node type
+        # (fit_resources), so Ray places it or its autoscaler adds a node (the packing is only a model).
+        admitted = next((key for key in ready if self.capacity is None or self.capacity.admits(held, self._bundles(key))),
+                        None if self.running else (ready[0] if ready else None))
+        if admitted is None:  # running nodes may release more, or the cluster may grow (or get a node back)
+            return None
+        self.pending.remove(admitted)
+        self.running[trial_id] = admitted
+        self.ready_at[admitted] = time.time()
+        return self._config(admitted)
 
     def _bundles(self, key: str) -> list[dict[str, float]]:
         node = self.graph.nodes[key]
@@ -261,7 +264,10 @@ class ClusterCapacity:
     def admits(self, held: list[list[dict[str, float]]], candidate: list[dict[str, float]]) -> bool:
         free = [dict(n) for n in self.room()]
         bundles = [b for node in held for b in node] + list(candidate)
-        for bundle in sorted(bundles, key=lambda b: (b.get("GPU", 0.0), b.get("CPU", 0.0)), reverse=True):
+        # Head-pinned bundles (Train nodes' trial drivers) first: Ray places a trial before its workers, and
+        # they fit nowhere else; then the largest.
+        order = sorted(bundles, key=lambda b: (HEAD in b, b.get("GPU", 0.0), b.get("CPU", 0.0)), reverse=True)
+        for bundle in order:
             slot = next((n for n in free if all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())), None)
             if slot is None:
                 return False

@@ -177,9 +177,21 @@ def test_the_searcher_backfills_a_smaller_ready_node_and_waits_rather_than_finis
     searcher.on_trial_complete("t1")
     live[0] = [{"CPU": 1.0}]  # the cluster shrank; the VGG-f teacher still fits
     assert searcher.suggest("t3")["node"]["key"] in teachers
-    live[0] = []  # every node lost, nothing running: wait for the cluster to come back
+    live[0] = []  # every node lost: with nothing running a ready node still goes (Ray or the autoscaler places it)
     searcher.on_trial_complete("t3")
-    assert searcher.suggest("t4") is None
+    assert searcher.suggest("t4") is not None
+
+
+def test_a_train_nodes_driver_takes_the_head_first_and_its_workers_go_to_a_worker_node():
+    """A 1-CPU head: the trial driver's sliver takes it, so the node's 1-CPU worker cannot go there too
+    (as in Ray, which places the trial first); a worker node the autoscaler may add holds it."""
+    head = {"CPU": 1.0, "node:__internal_head__": 1.0}
+    train = node_bundles({"kind": "train", "resources": {"cpus": 1, "gpus": 0, "workers": 1}}, "always")
+    assert not ClusterCapacity(read_nodes=lambda: [head], refresh_s=0.0).admits([], train)
+    with_worker = ClusterCapacity({"gpu_worker": ({"CPU": 48.0, "GPU": 4.0}, 2)}, read_nodes=lambda: [head],
+                                  refresh_s=0.0)
+    assert with_worker.admits([], train) and with_worker.admits([train] * 50, train)  # 48 + 48 CPUs
+    assert not with_worker.admits([train] * 96, train)
 
 
 def test_dry_run_prints_the_graph_and_starts_nothing(tmp_path: Path):

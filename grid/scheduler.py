@@ -115,12 +115,12 @@ class DependencySearcher(Searcher):
 
 #: Ray's marker resource of the head node.
 HEAD = "node:__internal_head__"
-#: What the trial of a node run through Ray Train holds itself: a sliver of CPU on the head node. A sliver,
-#: because with trial drivers holding 0.5 CPU each, Train worker groups on a 2-core machine could not be
-#: placed and timed out. On the head, because a sliver on a worker node leaves it 0.99 of a CPU short
-#: of a whole worker: on a local autoscaling cluster the drivers landed on the GPU nodes and no worker
-#: group asking for that node's CPUs could ever be placed there.
-TRAIN_DRIVER = {"CPU": 0.01, HEAD: 0.001}
+#: What the trial of a node run through Ray Train holds itself: no CPU, only a sliver of the head node's
+#: marker resource, so it runs on the head and every CPU and GPU stays for Train's workers. With trial
+#: drivers holding 0.5 CPU each, Train worker groups on a 2-core machine could not be placed; with 0.01 CPU
+#: on a GPU worker the node was left short of a whole CPU for its worker group, and with 0.01 CPU on a
+#: 1-CPU head a CPU-only worker group could never go there (both seen on the local autoscaling cluster).
+TRAIN_DRIVER = {HEAD: 0.001}
 
 
 def trial_resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
@@ -240,7 +240,7 @@ class ClusterCapacity:
     change it) plus, per autoscaler node type, the nodes it may still launch (``max_workers`` less the
     live nodes of that type, matched by their CPU/GPU totals). Every bundle of the running nodes and of
     the candidate is packed first-fit, largest first, into that room: a candidate is admitted only if
-    all fit. Ray places them itself; the packing only keeps Tune from launching trials whose Train
+    all fit. As Ray's autoscaler, a node still to launch with GPUs takes only bundles that ask for GPUs. Ray places them itself; the packing only keeps Tune from launching trials whose Train
     workers could not be placed (they would time out waiting, as they did on a 2-core machine).
     """
 
@@ -248,7 +248,8 @@ class ClusterCapacity:
                  read_nodes: Any = live_nodes, refresh_s: float = 2.0) -> None:
         self.node_types = dict(node_types or {})
         self.read_nodes, self.refresh_s = read_nodes, refresh_s
-        self._room: list[dict[str, float]] = []
+        self._room: list[dict[str, float]] = []  # live nodes, then launchable ones
+        self._launchable = 0
         self._read_at = -math.inf
 
     def room(self) -> list[dict[str, float]]:
@@ -258,17 +259,20 @@ class ClusterCapacity:
             for resources, max_workers in self.node_types.values():
                 same = sum(1 for n in live if all(n.get(k, 0.0) == resources.get(k, 0.0) for k in ("CPU", "GPU")))
                 launchable += [{k: resources.get(k, 0.0) for k in ("CPU", "GPU")}] * max(0, max_workers - same)
-            self._room, self._read_at = live + launchable, time.monotonic()
+            self._room, self._launchable, self._read_at = live + launchable, len(launchable), time.monotonic()
         return self._room
 
     def admits(self, held: list[list[dict[str, float]]], candidate: list[dict[str, float]]) -> bool:
         free = [dict(n) for n in self.room()]
+        live = len(free) - self._launchable
         bundles = [b for node in held for b in node] + list(candidate)
         # Head-pinned bundles (Train nodes' trial drivers) first: Ray places a trial before its workers, and
         # they fit nowhere else; then the largest.
         order = sorted(bundles, key=lambda b: (HEAD in b, b.get("GPU", 0.0), b.get("CPU", 0.0)), reverse=True)
         for bundle in order:
-            slot = next((n for n in free if all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())), None)
+            # Ray's autoscaler launches no GPU node for work that asks for no GPU (it conserves GPU nodes).
+            slot = next((n for i, n in enumerate(free) if all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+                         and (i < live or bundle.get("GPU", 0.0) > 0 or not n.get("GPU", 0.0))), None)
             if slot is None:
                 return False
             for k, v in bundle.items():
@@ -276,7 +280,7 @@ class ClusterCapacity:
         return True
 
     def __getstate__(self) -> dict[str, Any]:  # Tune checkpoints its searcher: drop the cached room
-        return {**self.__dict__, "_room": [], "_read_at": -math.inf}
+        return {**self.__dict__, "_room": [], "_launchable": 0, "_read_at": -math.inf}
 
 
 def run_node_trial(config: dict[str, Any]) -> None:

@@ -126,7 +126,7 @@ def test_ray_train_by_default_where_the_cluster_has_or_can_add_gpus():
     assert resolve_ray_train("always", cluster_shape({"CPU": 2.0}, [{"CPU": 2.0}])) == "always"
     # A node run through Train holds a sliver of CPU in its trial and a bundle per worker.
     train = {"kind": "train", "resources": {"cpus": 1, "gpus": 1, "workers": 2}}
-    driver = {"CPU": 0.01, "node:__internal_head__": 0.001}  # on the head: worker nodes keep whole CPUs
+    driver = {"node:__internal_head__": 0.001}  # on the head, holding no CPU: workers get them all
     assert node_bundles(train, "multi") == [driver, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
     one = {"kind": "train", "resources": {"cpus": 2, "gpus": 0, "workers": 1}}
     assert node_bundles(one, "multi") == [{"CPU": 2.0}] and node_bundles(one, "always") == [driver, {"CPU": 2.0}]
@@ -146,8 +146,8 @@ def test_capacity_counts_launchable_nodes_and_follows_nodes_that_join_and_leave(
     assert capacity.room() == [head, {"CPU": 1.0, "GPU": 2.0}, {"CPU": 1.0, "GPU": 2.0}]
     assert capacity.admits([], train) and capacity.admits([train], train)
     assert not capacity.admits([train, train], train)
-    # The Train nodes' trial drivers hold 0.01 CPU each on the head: half-CPU nodes fit beside them once.
-    fusion = [{"CPU": 0.5}]
+    # The Train nodes' trial drivers hold no CPU on the head: a 1-CPU node fits beside them, once.
+    fusion = [{"CPU": 1.0}]
     assert capacity.admits([train, train], fusion) and not capacity.admits([train, train, fusion], fusion)
     # One worker launched: it replaces one launchable node, the room is the same.
     live[0] = [head, {"CPU": 1.0, "GPU": 2.0}]
@@ -182,16 +182,24 @@ def test_the_searcher_backfills_a_smaller_ready_node_and_waits_rather_than_finis
     assert searcher.suggest("t4") is not None
 
 
-def test_a_train_nodes_driver_takes_the_head_first_and_its_workers_go_to_a_worker_node():
-    """A 1-CPU head: the trial driver's sliver takes it, so the node's 1-CPU worker cannot go there too
-    (as in Ray, which places the trial first); a worker node the autoscaler may add holds it."""
+def test_a_cpu_only_train_node_fits_a_one_cpu_head_beside_its_driver():
+    """The trial driver holds no CPU, so a 1-CPU head takes one CPU-only Train node (the smoke preset on
+    the local autoscaling cluster, whose autoscaler launches no GPU node for CPU-only work); worker node
+    types the autoscaler may add count too."""
     head = {"CPU": 1.0, "node:__internal_head__": 1.0}
     train = node_bundles({"kind": "train", "resources": {"cpus": 1, "gpus": 0, "workers": 1}}, "always")
-    assert not ClusterCapacity(read_nodes=lambda: [head], refresh_s=0.0).admits([], train)
-    with_worker = ClusterCapacity({"gpu_worker": ({"CPU": 48.0, "GPU": 4.0}, 2)}, read_nodes=lambda: [head],
-                                  refresh_s=0.0)
-    assert with_worker.admits([], train) and with_worker.admits([train] * 50, train)  # 48 + 48 CPUs
-    assert not with_worker.admits([train] * 96, train)
+    head_only = ClusterCapacity(read_nodes=lambda: [head], refresh_s=0.0)
+    assert head_only.admits([], train) and not head_only.admits([train], train)
+    live = [[head]]
+    with_workers = ClusterCapacity({"gpu_worker": ({"CPU": 48.0, "GPU": 4.0}, 2)}, read_nodes=lambda: live[0],
+                                   refresh_s=0.0)
+    # Ray's autoscaler launches no GPU node for CPU-only work: only the head's CPU counts for it ...
+    assert with_workers.admits([], train) and not with_workers.admits([train], train)
+    gpu_train = node_bundles({"kind": "train", "resources": {"cpus": 1, "gpus": 1, "workers": 1}}, "always")
+    assert with_workers.admits([train] + [gpu_train] * 7, gpu_train)  # ... while GPU work launches them
+    # ... but a GPU node that runs takes CPU-only work too.
+    live[0] = [head, {"CPU": 48.0, "GPU": 4.0}]
+    assert with_workers.admits([train] * 48, train) and not with_workers.admits([train] * 49, train)
 
 
 def test_dry_run_prints_the_graph_and_starts_nothing(tmp_path: Path):

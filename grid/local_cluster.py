@@ -1,13 +1,15 @@
 """A local autoscaling Ray cluster and MLflow server, to try the cluster path on one machine.
 
-    python grid/local_cluster.py --tasks gender --archs vggf
+    python grid/local_cluster.py --tasks gender --archs vggf [--preset smoke] [--gpus 4] [grid options]
 
 starts Ray's fake multi-node provider (a CPU head whose autoscaler launches "GPU workers" as extra
 raylets on this machine, with logical GPUs, as pending work asks for them) and a real ``mlflow server``
 over HTTP, runs the grid against them exactly as on a cloud cluster (``--ray-address auto
 --cluster-config ... --tracking-uri http://127.0.0.1:PORT``), and tears both down; the runs stay in
 WORKDIR/mlflow.db (``mlflow ui --backend-store-uri sqlite:///WORKDIR/mlflow.db`` opens them).
-The workers' GPUs are logical: CUDA is absent, so training runs on the CPU device with the gloo DDP
+Every training node of the preset asks for ``--gpus`` GPUs (and
+1 CPU; the preset is copied to WORKDIR with that change), since Ray's autoscaler launches GPU nodes only
+for work that asks for GPUs. The workers' GPUs are logical: CUDA is absent, so training runs on the CPU device with the gloo DDP
 backend, but every scheduling decision (autoscaling, placement, Ray Train worker groups, restarts
 after a lost node) is Ray's real one. It refuses to start where a Ray cluster already runs.
 
@@ -143,6 +145,23 @@ def kill_ray_node(node_id: str) -> bool:
     return bool(pids)
 
 
+def gpu_preset(preset: str, gpus: float, workdir: Path) -> Path:
+    """The preset (a built-in name or a YAML path) with every training node asking for ``gpus`` GPUs and
+    1 CPU, written to ``workdir``; ``gpus`` 0 leaves it as it is."""
+    from occkd_core.presets import PRESET_DIR
+
+    path = Path(preset) if Path(preset).suffix in (".yaml", ".yml") else PRESET_DIR / f"{preset}.yaml"
+    if not gpus:
+        return path
+    raw = yaml.safe_load(path.read_text())
+    raw["name"] = f"{raw['name']}-local-gpu"
+    raw["resources"] = {**(raw.get("resources") or {}),
+                        **{arch: {"cpus": 1, "gpus": gpus} for arch in ("vggf", "vggface", "resnet50")}}
+    target = workdir / f"{raw['name']}.yaml"
+    target.write_text(yaml.safe_dump(raw))
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("occkd_local_cluster"),
@@ -150,11 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster-yaml", type=Path, default=REPO / "cluster.yaml",
                         help="the cloud config whose worker node types the local cluster copies")
     parser.add_argument("--max-workers", type=int, default=2, help="nodes of each worker type the autoscaler may launch")
+    parser.add_argument("--preset", default="smoke", help="the grid's preset (built-in name or YAML path)")
+    parser.add_argument("--gpus", type=float, default=4,
+                        help="GPUs each training node asks for (4: a whole cluster.yaml worker; 0: the preset's own)")
     args, grid_args = parser.parse_known_args(argv)
     if not grid_args:
         grid_args = ["--tasks", "gender", "--archs", "vggf"]
+    from occkd_core.presets import load_preset
+
+    try:
+        load_preset(args.preset)
+    except ValueError as err:
+        parser.error(str(err))
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    grid_args += ["--preset", str(gpu_preset(args.preset, args.gpus, workdir))]
     config = fake_cluster_config(args.cluster_yaml, max_workers=args.max_workers)
     with autoscaling_cluster(config, workdir) as config_path, mlflow_server(workdir) as uri:
         print(f"local autoscaling cluster up ({config_path}); MLflow at {uri}", flush=True)

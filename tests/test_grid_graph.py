@@ -426,3 +426,15 @@ def test_weights_are_staged_on_the_storage_every_node_mounts_without_changing_th
         return next(n for n in graph.nodes.values() if n.strategy == "teacher").hash
 
     assert teacher_hash(staged) == teacher_hash(found)
+
+
+def test_the_local_cluster_script_asks_for_gpus_so_the_autoscaler_launches_workers(tmp_path: Path):
+    """Ray's autoscaler launches GPU nodes only for work that asks for GPUs: the script's copy of the preset
+    asks for them (a whole cluster.yaml worker by default), and is a valid preset."""
+    from grid.local_cluster import gpu_preset
+
+    preset = load_preset(gpu_preset("smoke", 4, tmp_path))
+    assert preset.name == "smoke-local-gpu"
+    assert all(preset.resources[a] == {"cpus": 1, "gpus": 4} for a in ("vggf", "vggface", "resnet50"))
+    assert preset.resources["fusion"] == load_preset("smoke").resources["fusion"]
+    assert gpu_preset("smoke", 0, tmp_path).name == "smoke.yaml"

@@ -276,8 +276,9 @@ def default_resources(preset: Preset, archs: Iterable[str]) -> dict[str, Resourc
 
 
 def describe_graph(graph: StageGraph, ray_train: str = "multi") -> str:
-    """A readable listing of the graph for ``--dry-run``: per node its hash, the resources it asks for
-    (before they are fitted to a cluster), whether it trains through Ray Train, and its parents."""
+    """A readable listing of the graph for ``--dry-run``: per node its hash, the resources it asks for (as
+    given: run_all fits them to the cluster first), whether it trains through Ray Train under the resolved
+    ``ray_train`` mode ("always" or "multi"), and its parents."""
     lines = []
     counts: dict[str, int] = {}
     for node in graph.nodes.values():

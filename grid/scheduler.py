@@ -124,8 +124,8 @@ TRAIN_DRIVER = {HEAD: 0.001}
 
 
 def trial_resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
-    """A one-worker node holds its CPUs/GPU in the trial itself; a Train node's trial holds a sliver of
-    CPU and its TorchTrainer asks for the workers."""
+    """A node run in its trial holds its CPUs/GPU in the trial itself; a Train node's trial holds only
+    ``TRAIN_DRIVER`` (on the head, no CPU) and its TorchTrainer asks for the workers."""
     if _uses_train(config):
         return tune.PlacementGroupFactory([dict(TRAIN_DRIVER)])
     return tune.PlacementGroupFactory(node_bundles(config["node"], config["settings"]["ray_train"]))

@@ -7,11 +7,12 @@ raylets on this machine, with logical GPUs, as pending work asks for them) and a
 over HTTP, runs the grid against them exactly as on a cloud cluster (``--ray-address auto
 --cluster-config ... --tracking-uri http://127.0.0.1:PORT``), and tears both down; the runs stay in
 WORKDIR/mlflow.db (``mlflow ui --backend-store-uri sqlite:///WORKDIR/mlflow.db`` opens them).
-Every training node of the preset asks for ``--gpus`` GPUs (and
-1 CPU; the preset is copied to WORKDIR with that change), since Ray's autoscaler launches GPU nodes only
-for work that asks for GPUs. The workers' GPUs are logical: CUDA is absent, so training runs on the CPU device with the gloo DDP
-backend, but every scheduling decision (autoscaling, placement, Ray Train worker groups, restarts
-after a lost node) is Ray's real one. It refuses to start where a Ray cluster already runs.
+
+Every training node of the preset asks for ``--gpus`` GPUs and 1 CPU (the preset is copied to WORKDIR
+with that change), since Ray's autoscaler launches GPU nodes only for work that asks for GPUs. The
+workers' GPUs are logical: CUDA is absent, so training runs on the CPU device with the gloo DDP backend,
+but every scheduling decision (autoscaling, placement, Ray Train worker groups, restarts after a lost
+node) is Ray's real one. It refuses to start where a Ray cluster already runs.
 
 Ray 2.60 turns token authentication on for ``ray start``: drivers and the ``ray`` CLI need
 ``RAY_AUTH_MODE=token`` in their environment (this script sets it for what it starts).
@@ -33,6 +34,8 @@ from typing import Any, Iterator, Mapping
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: make `occkd_core` importable from a clone
+    sys.path.insert(0, str(REPO))
 RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
 MLFLOW = str(Path(sys.executable).with_name("mlflow")) if Path(sys.executable).with_name("mlflow").exists() else "mlflow"
 
@@ -185,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     grid_args += ["--preset", str(gpu_preset(args.preset, args.gpus, workdir))]
     config = fake_cluster_config(args.cluster_yaml, max_workers=args.max_workers)
+    if ray_is_running():
+        print("error: a Ray cluster already runs on this machine; stop it first (ray stop) or run the grid on it "
+              "with --ray-address auto", file=sys.stderr)
+        return 2
     with autoscaling_cluster(config, workdir) as config_path, mlflow_server(workdir) as uri:
         print(f"local autoscaling cluster up ({config_path}); MLflow at {uri}", flush=True)
         code = subprocess.run(grid_command(config_path, uri, workdir / "occkd_runs", grid_args),

@@ -133,7 +133,13 @@ def train_stage(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(spec.seed)
     order_generator = torch.Generator().manual_seed(spec.seed)  # row order, mining pools: same on every rank
-    flip_generator = torch.Generator().manual_seed(spec.seed * 7919 + 1 + rank)
+    # Flips are drawn for the whole global batch on every rank, each rank taking its own rows' flips, so a
+    # node trains the same at any width (the papers' batch is the global batch).
+    flip_generator = torch.Generator().manual_seed(spec.seed * 7919 + 1)
+    if train.batch_size % world:
+        raise ValueError(f"batch size {train.batch_size} does not split over {world} workers: the global batch "
+                         f"stays the preset's, so the width must divide it")
+    worker_batch = train.batch_size // world
     train_split, val_split = data.split("train"), data.split("val")
     train_targets = torch.as_tensor(train_split.labels(task.name)).to(device)  # validates labels before training
     val_split.labels(task.name)
@@ -147,6 +153,7 @@ def train_stage(
     dsd = DSDPruner(model) if train.dsd else None
     dsd_schedule = DSDSchedule(train.epochs) if train.dsd else None
     if world > 1:
+        model = with_sync_batchnorm(model, world, device)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     progress = _resume(last_path, best_path, model, optimizer, scheduler, order_generator, flip_generator)
@@ -178,13 +185,14 @@ def train_stage(
                 dsd.release()
         model.train()
         order = strategy.epoch_order(epoch, unwrap(model), order_generator)
-        # Every rank must run the same number of batches or DDP's all-reduce waits forever.
+        # Every rank must run the same number of batches or DDP's all-reduce waits forever. Rank r's k-th batch
+        # holds rows r, r + world, ... of the k-th global batch: together they are the width-1 batch.
         rows = order[: len(order) - len(order) % world][rank::world]
-        sums, train_outputs, train_rows = _run_epoch(model, strategy, rows, optimizer, train.batch_size, flip_generator,
+        sums, train_outputs, train_rows = _run_epoch(model, strategy, rows, optimizer, worker_batch, flip_generator,
                                                      epoch, dsd if phase == "sparse" else None, on_gpu,
-                                                     step_clock)
-        num_batches = max(1, math.ceil(len(rows) / train.batch_size))
-        loss_terms = {name: value / num_batches for name, value in sums.items()}
+                                                     step_clock, rank=rank, world=world)
+        num_batches = max(1, math.ceil(len(rows) / worker_batch))
+        loss_terms = {name: value / num_batches for name, value in _mean_over_ranks(sums, world).items()}
         train_preds = _as_predictions(train_outputs, train_split.labels(task.name)[train_rows], spec.train_visible)
         val_preds = predict(unwrap(model), val_split, task, spec.train_visible, input_spec, device=device)
         val_metrics = task_metrics(task, val_preds)
@@ -318,6 +326,9 @@ def _run_epoch(
     dsd: DSDPruner | None,
     on_gpu: bool,
     step_clock: dict[str, float] | None = None,
+    *,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[dict[str, float], torch.Tensor, np.ndarray]:
     """One pass over ``rows``; returns summed loss terms, the batches' outputs and their rows.
     ``step_clock`` gets the wall-clock time of the first step it sees ("first") and of the last ("last")."""
@@ -327,7 +338,7 @@ def _run_epoch(
     outputs: list[torch.Tensor] = []
     for batch_index, start in enumerate(range(0, len(rows), batch_size)):
         batch_rows = rows[start : start + batch_size]
-        flip = random_flips(len(batch_rows), flip_generator, device)
+        flip = random_flips(len(batch_rows) * world, flip_generator, device)[rank::world]
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
             terms, batch_outputs = strategy.loss_terms(model, batch_rows, flip)
         loss = sum(terms.values())
@@ -351,6 +362,25 @@ def _run_epoch(
     totals = {name: float(value) for name, value in sums.items()}
     all_outputs = torch.cat(outputs).cpu() if outputs else torch.zeros(0, 1)
     return totals, all_outputs, rows
+
+
+def with_sync_batchnorm(model: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
+    """BatchNorm layers as SyncBatchNorm when a node trains on several GPUs, so their statistics come from
+    the global batch, as at width 1. PyTorch's SyncBatchNorm works with GPU modules only: on CPU workers
+    (gloo; tests, logical-GPU clusters) BatchNorm keeps per-worker statistics."""
+    if world > 1 and torch.device(device).type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _mean_over_ranks(sums: dict[str, float], world: int) -> dict[str, float]:
+    """Each loss term's per-rank sum averaged over the ranks (every rank runs as many batches)."""
+    if world == 1 or not sums:
+        return sums
+    names = sorted(sums)
+    values = torch.tensor([sums[name] for name in names], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {name: float(v) / world for name, v in zip(names, values)}
 
 
 def _check_finite(window: list[tuple[int, dict[str, torch.Tensor]]], epoch: int) -> None:

@@ -170,3 +170,57 @@ def test_two_process_ddp_trains_and_rank_zero_writes(tmp_path: Path):
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     state = read_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 2 and (tmp_path / "best.pt").exists()
+
+
+def _width_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from occkd_core.data import make_synthetic_faces
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        train_stage(_width_spec(), make_synthetic_faces(WIDTH_FACES, image_size=32, seed=5), Path(out_dir))
+    finally:
+        dist.destroy_process_group()
+
+
+#: 300 faces: 180 training rows, even, so width 2 drops no row; batch 32: the last global batch is partial.
+WIDTH_FACES = 300
+
+
+def _width_spec() -> StageSpec:
+    # No dropout: its masks are drawn per process, the one thing that differs by width on VGG-f.
+    return replace(stage("gender", "teacher", "full", epochs=2, batch_size=32), dropout=False)
+
+
+def test_a_node_trains_the_same_at_width_one_and_two(tmp_path: Path):
+    """Same global batch (32) and seed: 1 worker, and 2 gloo workers each with half of every batch (rows
+    r, r+2, ... of it, with their flips), end two epochs of VGG-f at the same weights to 1e-4."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from occkd_core.data import make_synthetic_faces
+
+    train_stage(_width_spec(), make_synthetic_faces(WIDTH_FACES, image_size=32, seed=5), tmp_path / "one")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_width_worker, args=(2, port, str(tmp_path / "two")), nprocs=2, join=True)
+    one, two = (read_checkpoint(tmp_path / name / "last.pt")["state_dict"] for name in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(two[name], value, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_resnet50_batchnorm_is_synchronised_across_gpu_workers():
+    from occkd_core.models import ModelSpec, build_model
+    from occkd_core.training import with_sync_batchnorm
+
+    count = lambda m: sum(isinstance(x, torch.nn.SyncBatchNorm) for x in m.modules())  # noqa: E731
+    model = lambda: build_model(ModelSpec(arch="resnet50", num_outputs=2, width_mult=0.125))  # noqa: E731
+    assert count(with_sync_batchnorm(model(), 2, torch.device("cuda", 0))) == 53  # every BatchNorm of ResNet-50
+    assert count(with_sync_batchnorm(model(), 1, torch.device("cuda", 0))) == 0
+    assert count(with_sync_batchnorm(model(), 2, torch.device("cpu"))) == 0  # PyTorch's SyncBatchNorm is GPU-only

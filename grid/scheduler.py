@@ -240,7 +240,8 @@ class ClusterCapacity:
     change it) plus, per autoscaler node type, the nodes it may still launch (``max_workers`` less the
     live nodes of that type, matched by their CPU/GPU totals). Every bundle of the running nodes and of
     the candidate is packed first-fit, largest first, into that room: a candidate is admitted only if
-    all fit. As Ray's autoscaler, a node still to launch with GPUs takes only bundles that ask for GPUs. Ray places them itself; the packing only keeps Tune from launching trials whose Train
+    all fit. As in Ray's autoscaler, a node still to launch with GPUs takes only bundles that ask for
+    GPUs. Ray places the bundles itself; the packing only keeps Tune from launching trials whose Train
     workers could not be placed (they would time out waiting, as they did on a 2-core machine).
     """
 

@@ -55,6 +55,7 @@ class DependencySearcher(Searcher):
                  capacity: "ClusterCapacity | None" = None) -> None:
         super().__init__(metric=None, mode=None)
         self.graph, self.settings, self.capacity = graph, settings, capacity
+        self._bundle_cache: dict[str, list[dict[str, float]]] = {}
         self.pending = list(to_run)
         self.done = set(done)
         self.running: dict[str, str] = {}  # trial_id -> node key
@@ -84,8 +85,12 @@ class DependencySearcher(Searcher):
         return self._config(admitted)
 
     def _bundles(self, key: str) -> list[dict[str, float]]:
-        node = self.graph.nodes[key]
-        return node_bundles(node.to_dict(), self.settings.ray_train)
+        """What a node holds while it runs; Tune asks for suggestions often, so computed once per node."""
+        if key not in self._bundle_cache:
+            node = self.graph.nodes[key]
+            self._bundle_cache[key] = node_bundles({"kind": node.kind, "resources": node.resources.as_dict()},
+                                                   self.settings.ray_train)
+        return self._bundle_cache[key]
 
     def _config(self, key: str) -> dict[str, Any]:
         node = self.graph.nodes[key]

@@ -47,9 +47,12 @@ class Resources:
     cpus: float = 1.0
     gpus: float = 0.0
     workers: int = 1  # >1: a Ray Train worker group with DDP, each worker with `gpus` GPUs
+    # The widest the grid may make a GPU node (grid.widths): 0 = up to one machine's GPUs; equal to
+    # ``workers`` = fixed at ``workers``. Not part of any hash: the width does not change the training.
+    max_workers: int = 0
 
     def as_dict(self) -> dict[str, float]:
-        return {"cpus": self.cpus, "gpus": self.gpus, "workers": self.workers}
+        return {"cpus": self.cpus, "gpus": self.gpus, "workers": self.workers, "max_workers": self.max_workers}
 
 
 @dataclass(frozen=True)
@@ -267,11 +270,20 @@ def teacher_init(preset: Preset, task: str, arch: str, weights: Mapping[str, Wei
 
 
 def default_resources(preset: Preset, archs: Iterable[str]) -> dict[str, Resources]:
-    """Per-architecture resources from the preset's ``resources`` section (CPU-only defaults)."""
+    """Per-architecture resources from the preset's ``resources`` section (CPU-only defaults). An entry that
+    sets ``workers`` without ``max_workers`` fixes the width there; one that sets neither lets the grid
+    choose it (``max_workers`` 0)."""
     table = dict(preset.resources)
-    out = {arch: Resources(**table.get(arch, {})) for arch in archs}
-    out["fusion"] = Resources(**table.get("fusion", {}))
-    out["significance"] = Resources(**table.get("significance", {}))
+
+    def arch_resources(entry: Mapping[str, float]) -> Resources:
+        workers = int(entry.get("workers", 1))
+        max_workers = int(entry.get("max_workers", workers if "workers" in entry else 0))
+        return Resources(cpus=float(entry.get("cpus", 1.0)), gpus=float(entry.get("gpus", 0.0)), workers=workers,
+                         max_workers=max_workers)
+
+    out = {arch: arch_resources(table.get(arch, {})) for arch in archs}
+    out["fusion"] = arch_resources(table.get("fusion", {}))
+    out["significance"] = arch_resources(table.get("significance", {}))
     return out
 
 

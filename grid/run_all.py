@@ -58,6 +58,7 @@ class GridSpec:
     max_failures: int
     ray_train: str
     dry_run: bool
+    widths: str = "auto"  # "auto": the searcher chooses GPU nodes' widths (grid.widths); "preset": as given
 
 
 def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
@@ -105,6 +106,12 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
                              "worker); on a CPU-only one inside its Tune trial, except nodes with several "
                              "workers (on a CPU machine a worker group costs more to start than a small node "
                              "trains). always / multi: either way, whatever the cluster")
+    parser.add_argument("--widths", choices=("auto", "preset"), default="auto",
+                        help="how many GPUs (DDP workers) a training node gets on a GPU cluster. auto: chosen as "
+                             "the node starts, more for the chains of nodes that bound the grid's makespan while "
+                             "GPUs are free, in powers of two up to one machine's GPUs, within the preset's "
+                             "resources.<arch>.max_workers / workers and the batch (grid/widths.py). preset: the "
+                             "preset's workers (default 1). The training is the same at any width")
     parser.add_argument("--dry-run", action="store_true", help="print the stage graph with resources and exit")
     args = parser.parse_args(argv)
     try:
@@ -128,7 +135,8 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
                     experiment=args.experiment or f"occkd-{preset.name}", ray_address=args.ray_address,
                     cluster_config=cluster_config,
                     seeds=args.seeds, weights=weights, from_scratch=args.from_scratch,
-                    max_failures=args.max_failures, ray_train=args.ray_train, dry_run=args.dry_run)
+                    max_failures=args.max_failures, ray_train=args.ray_train, widths=args.widths,
+                    dry_run=args.dry_run)
 
 
 def _fault_injection() -> dict[str, Any] | None:
@@ -303,6 +311,10 @@ def plan_cluster(spec: GridSpec, graph: StageGraph, *, connect: bool) -> Cluster
         lines.append("no GPU in the cluster and no autoscaler node type with GPUs"
                      + (f" in {spec.cluster_config}" if spec.cluster_config else " known (see --cluster-config)")
                      + ": GPU requests dropped, training on CPUs")
+    machine_gpus = max((n.get("GPU", 0.0) for n in shape.nodes), default=0.0)
+    if spec.widths == "auto" and machine_gpus >= 2 and any(n.resources.gpus for n in fitted.nodes.values()):
+        lines.append(f"widths: each GPU training node gets 1 to {machine_gpus:g} GPUs (DDP workers) as it starts, "
+                     "more for the chains that bound the makespan (--widths preset: the preset's workers)")
     return ClusterPlan(graph=fitted, shape=shape, node_types=node_types, ray_train=ray_train, lines=tuple(lines))
 
 
@@ -374,6 +386,7 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
     from grid.scheduler import (
         ClusterCapacity, DependencySearcher, RunSettings, max_concurrency, run_node_trial, trial_resources,
     )
+    from grid.widths import WidthPolicy
 
     ray.init(address=spec.ray_address, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", configure_logging=True)
@@ -385,11 +398,14 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
     graph = plan.graph
     # Tune's cap on trials; which node starts when is the capacity's call, as nodes join and leave.
     concurrency = max_concurrency([graph.nodes[k].resources for k in to_run], plan.shape.potential)
+    machine_gpus = max((n.get("GPU", 0.0) for n in plan.shape.nodes), default=0.0)
     settings = RunSettings(storage=str(spec.storage), data_paths={t: str(p.path) for t, p in prepared.items()},
                            ray_train=plan.ray_train, fault_injection=_fault_injection(),
-                           train_max_failures=spec.max_failures)
+                           train_max_failures=spec.max_failures, machine_gpus=machine_gpus)
     outcome = RayOutcome(graph=graph, started_at=time.time())
-    searcher = DependencySearcher(graph, to_run, set(results), settings, capacity=ClusterCapacity(plan.node_types))
+    widths = WidthPolicy(machine_gpus=int(machine_gpus)) if spec.widths == "auto" and machine_gpus >= 1 else None
+    searcher = DependencySearcher(graph, to_run, set(results), settings, capacity=ClusterCapacity(plan.node_types),
+                                  widths=widths)
     callback = GridCallback(graph, tracker, progress, spec.storage, results, outcome.failed)
     tuner = tune.Tuner(
         tune.with_resources(run_node_trial, resources=trial_resources),

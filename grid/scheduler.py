@@ -3,7 +3,8 @@ are done, so there is no barrier between stages.
 
 - :class:`DependencySearcher` suggests the ready node with the longest remaining chain of work below
   it (critical-path priority), returns ``None`` while nothing is ready, and blocks the descendants of
-  a node that failed for good.
+  a node that failed for good. Given a :class:`grid.widths.WidthPolicy`, it also chooses each GPU
+  training node's width (DDP workers) as it hands it out: wider for the chains that bound the makespan.
 - :func:`run_node_trial` is the Tune trainable. On a cluster that has or can add GPUs every training
   node runs its loop as a Ray Train ``TorchTrainer`` worker group (DDP, Train's checkpoints and
   worker-group restarts); on a CPU-only cluster a one-worker node trains inside its trial process,
@@ -32,6 +33,7 @@ from ray.tune.search import Searcher
 
 from grid.artifacts import node_dir
 from grid.graph import Node, Resources, StageGraph
+from grid.widths import WidthChoice, WidthPolicy
 
 if TYPE_CHECKING:
     from grid.nodes import ParentOutput
@@ -46,16 +48,19 @@ class RunSettings:
     ray_train: str = "multi"  # resolved (see resolve_ray_train): "multi" or "always"
     fault_injection: Mapping[str, Any] | None = None  # tests only: {"node": key, "times": n}
     train_max_failures: int = 2  # worker-group restarts Ray Train allows a node (FailureConfig)
+    machine_gpus: float = 0.0  # GPUs of the largest machine: a node's GPU workers up to it share one machine
 
 
 class DependencySearcher(Searcher):
     """Suggests nodes whose parents are all done; a node that errors blocks its descendants."""
 
     def __init__(self, graph: StageGraph, to_run: list[str], done: set[str], settings: RunSettings,
-                 capacity: "ClusterCapacity | None" = None) -> None:
+                 capacity: "ClusterCapacity | None" = None, widths: WidthPolicy | None = None) -> None:
         super().__init__(metric=None, mode=None)
-        self.graph, self.settings, self.capacity = graph, settings, capacity
+        self.graph, self.settings, self.capacity, self.widths = graph, settings, capacity, widths
         self._bundle_cache: dict[str, list[dict[str, float]]] = {}
+        self.resources: dict[str, Resources] = {}  # node key -> what it was handed out with (its width)
+        self.width_choices: dict[str, WidthChoice] = {}  # node key -> why it got its width
         self.pending = list(to_run)
         self.done = set(done)
         self.running: dict[str, str] = {}  # trial_id -> node key
@@ -65,6 +70,7 @@ class DependencySearcher(Searcher):
         self.ready_at: dict[str, float] = {}
         self.completed_at: dict[str, float] = {}
         priority = graph.critical_path()
+        self.priority = priority
         self.pending.sort(key=lambda k: -priority[k])
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
@@ -75,28 +81,80 @@ class DependencySearcher(Searcher):
         # By priority; a smaller ready node fills room the first cannot use. With nothing running, the first
         # ready node goes even if the packing finds no room: its request fits some node or node type
         # (fit_resources), so Ray places it or its autoscaler adds a node (the packing is only a model).
-        admitted = next((key for key in ready if self.capacity is None or self.capacity.admits(held, self._bundles(key))),
-                        None if self.running else (ready[0] if ready else None))
+        admitted = None
+        for key in ready:
+            resources = self._admit(key, held)
+            if resources is not None:
+                admitted = key
+                break
+        if admitted is None and not self.running and ready:
+            admitted, resources = ready[0], self.graph.nodes[ready[0]].resources
         if admitted is None:  # running nodes may release more, or the cluster may grow (or get a node back)
             return None
         self.pending.remove(admitted)
         self.running[trial_id] = admitted
+        self.resources[admitted] = resources
+        self._bundle_cache[admitted] = self._node_bundles(admitted, resources)
         self.ready_at[admitted] = time.time()
         return self._config(admitted)
+
+    def _admit(self, key: str, held: list[list[dict[str, float]]]) -> Resources | None:
+        """The resources ``key`` can start with now (its width chosen if it is a widenable GPU node), or None."""
+        node = self.graph.nodes[key]
+        if self.capacity is None:
+            return node.resources
+        if not self._widenable(node):
+            return node.resources if self.capacity.admits(held, self._bundles(key)) else None
+        room = self.capacity.free_after(held)
+        if room is None:
+            return None
+        res = node.resources
+        # Workers of a widened node (a whole GPU each, see widened) that one machine has room for; width 1 is
+        # the preset's own request, which admits() checks below.
+        per_worker = widened(res, res.workers + 1)
+        free_workers = max((min(m.get("GPU", 0.0) // per_worker.gpus, m.get("CPU", 0.0) // max(res.cpus, 1e-9))
+                            for m in room), default=0.0)
+        total_gpus = sum(m.get("GPU", 0.0) for m in self.capacity.room())
+        choice = self.widths.choose(arch=node.arch, workers=res.workers, max_workers=res.max_workers,
+                                    batch_size=int(node.params["train"]["batch_size"]), chain=self.priority[key],
+                                    target=self._gpu_work_left() / max(total_gpus, 1.0),
+                                    free_workers=max(int(free_workers), 1))
+        if choice is None:
+            return None
+        # The packing above is a model: should the chosen width not pack next to the running nodes, narrower may.
+        for width in sorted((w for w in choice.allowed if w <= choice.width), reverse=True):
+            resources = widened(res, width)
+            if self.capacity.admits(held, self._node_bundles(key, resources)):
+                self.width_choices[key] = dataclasses.replace(choice, width=width)
+                return resources
+        return None
+
+    def _widenable(self, node: Node) -> bool:
+        """Only GPU training nodes get a width (a CPU-only cluster keeps the preset's workers)."""
+        return self.widths is not None and node.kind == "train" and node.resources.gpus > 0
+
+    def _gpu_work_left(self) -> float:
+        """GPU work of the nodes not yet finished, at width 1 (cost × GPUs): what the rest cannot beat."""
+        keys = [*self.pending, *self.running.values()]
+        return sum(self.graph.nodes[k].cost * self.graph.nodes[k].resources.gpus for k in keys)
 
     def _bundles(self, key: str) -> list[dict[str, float]]:
         """What a node holds while it runs; Tune asks for suggestions often, so computed once per node."""
         if key not in self._bundle_cache:
-            node = self.graph.nodes[key]
-            self._bundle_cache[key] = node_bundles({"kind": node.kind, "resources": node.resources.as_dict()},
-                                                   self.settings.ray_train)
+            self._bundle_cache[key] = self._node_bundles(key, self.graph.nodes[key].resources)
         return self._bundle_cache[key]
 
+    def _node_bundles(self, key: str, resources: Resources) -> list[dict[str, float]]:
+        return node_bundles({"kind": self.graph.nodes[key].kind, "resources": resources.as_dict()},
+                            self.settings.ray_train, self.settings.machine_gpus)
+
     def _config(self, key: str) -> dict[str, Any]:
-        node = self.graph.nodes[key]
+        node = self.graph.nodes[key].replace(resources=self.resources.get(key, self.graph.nodes[key].resources))
         storage = Path(self.settings.storage)
+        choice = self.width_choices.get(key)
         return {
             "node": node.to_dict(),
+            "width": None if choice is None else {**dataclasses.asdict(choice), "allowed": list(choice.allowed)},
             "parents": [{"role": edge.role, "key": edge.key, "arch": self.graph.nodes[edge.key].arch,
                          "directory": str(node_dir(storage, self.graph.nodes[edge.key].hash))}
                         for edge in node.parents],
@@ -136,13 +194,34 @@ def trial_resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
     return tune.PlacementGroupFactory(node_bundles(config["node"], config["settings"]["ray_train"]))
 
 
-def node_bundles(node: Mapping[str, Any], ray_train: str) -> list[dict[str, float]]:
-    """Every resource bundle a node holds while it runs: its trial's, and its Train workers' if any."""
+def node_bundles(node: Mapping[str, Any], ray_train: str, machine_gpus: float = 0.0) -> list[dict[str, float]]:
+    """Every resource bundle a node holds while it runs: its trial's, and its Train workers' if any. GPU
+    workers that fit one machine (``machine_gpus``) are placed together there (:func:`worker_placement`),
+    so they count as one bundle of their sum."""
     res = node["resources"]
     bundle = {"CPU": float(res["cpus"]), **({"GPU": float(res["gpus"])} if res["gpus"] else {})}
     if uses_ray_train(node, ray_train):
-        return [dict(TRAIN_DRIVER)] + [dict(bundle) for _ in range(int(res["workers"]))]
+        workers = int(res["workers"])
+        if worker_placement(res, machine_gpus) == "STRICT_PACK":
+            return [dict(TRAIN_DRIVER), {k: v * workers for k, v in bundle.items()}]
+        return [dict(TRAIN_DRIVER)] + [dict(bundle) for _ in range(workers)]
     return [bundle]
+
+
+def worker_placement(resources: Mapping[str, Any], machine_gpus: float) -> str:
+    """Ray's placement strategy for a node's Train workers: several GPU workers that fit one machine stay on
+    it (``STRICT_PACK``: DDP's all-reduce over NVLink, not the network); otherwise ``PACK`` (as few machines
+    as Ray can, e.g. a preset that fixes more workers than a machine has GPUs)."""
+    total = float(resources["gpus"]) * int(resources["workers"])
+    return "STRICT_PACK" if int(resources["workers"]) > 1 and 0 < total <= machine_gpus else "PACK"
+
+
+def widened(resources: Resources, width: int) -> Resources:
+    """A node's resources at ``width`` workers: the preset's own at its width, else a whole GPU per worker
+    (NCCL cannot run two ranks of one job on the same GPU, so a half-GPU VGG-f node takes whole ones)."""
+    if width == resources.workers:
+        return resources
+    return dataclasses.replace(resources, gpus=float(max(1, math.ceil(resources.gpus))), workers=width)
 
 
 def uses_ray_train(node: Mapping[str, Any], ray_train: str) -> bool:
@@ -215,7 +294,7 @@ def fit_resources(wanted: Resources, shape: ClusterShape) -> Resources:
         types = "; ".join(f"{name}: {dict(res)}" for name, res in shape.node_types.items()) or "none"
         raise ValueError(f"no node can hold a request of {cpus:g} CPUs and {gpus:g} GPUs; live nodes "
                          f"{[dict(n) for n in shape.nodes]}, autoscaler node types {types}")
-    return Resources(cpus=cpus, gpus=gpus, workers=wanted.workers)
+    return dataclasses.replace(wanted, cpus=cpus, gpus=gpus)
 
 
 def max_concurrency(resources: list[Resources], cluster: Mapping[str, float]) -> int:
@@ -269,9 +348,14 @@ class ClusterCapacity:
         return self._room
 
     def admits(self, held: list[list[dict[str, float]]], candidate: list[dict[str, float]]) -> bool:
+        return self.free_after([*held, candidate]) is not None
+
+    def free_after(self, held: list[list[dict[str, float]]]) -> list[dict[str, float]] | None:
+        """What each machine (live, then launchable) has left once every bundle of ``held`` is packed, or None
+        if they do not all fit. A launchable GPU machine shows its room only to GPU work (see :meth:`admits`)."""
         free = [dict(n) for n in self.room()]
         live = len(free) - self._launchable
-        bundles = [b for node in held for b in node] + list(candidate)
+        bundles = [b for node in held for b in node]
         # Head-pinned bundles (Train nodes' trial drivers) first: Ray places a trial before its workers, and
         # they fit nowhere else; then the largest.
         order = sorted(bundles, key=lambda b: (HEAD in b, b.get("GPU", 0.0), b.get("CPU", 0.0)), reverse=True)
@@ -280,10 +364,10 @@ class ClusterCapacity:
             slot = next((n for i, n in enumerate(free) if all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
                          and (i < live or bundle.get("GPU", 0.0) > 0 or not n.get("GPU", 0.0))), None)
             if slot is None:
-                return False
+                return None
             for k, v in bundle.items():
                 slot[k] = slot.get(k, 0.0) - v
-        return True
+        return free
 
     def __getstate__(self) -> dict[str, Any]:  # Tune checkpoints its searcher: drop the cached room
         return {**self.__dict__, "_room": [], "_launchable": 0, "_read_at": -math.inf}
@@ -310,7 +394,7 @@ def run_node_trial(config: dict[str, Any]) -> None:
         device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
         nodes.run_train_node(node, storage, data_path, parents, device=device, report=tune.report,
                              pretrained=_pretrained_file(node), started_at=started_at,
-                             placement=_placement(device, workers=1, ray_train=False))
+                             placement=_placement(device, workers=1, ray_train=False, width=config.get("width")))
     elif node.kind == "fusion":
         torch.set_num_threads(max(1, int(node.resources.cpus)))
         nodes.run_fusion_node(node, storage, data_path, parents, started_at=started_at)
@@ -354,20 +438,25 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
 
     # Train hands out cuda:N for every GPU Ray assigned, even where CUDA is absent (logical GPUs).
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
-    placement = _placement(device, workers=context.get_world_size(), ray_train=True)
+    placement = _placement(device, workers=context.get_world_size(), ray_train=True, width=config.get("width"))
     nodes.run_train_node(node, storage, Path(settings["data_paths"][node.task]), _parent_outputs(config),
                          device=device, report=report, pretrained=_pretrained_file(node),
                          is_writer=rank == 0, started_at=config.get("trial_started_at"),
                          placement={**placement, "resumed_from_epoch": resumed_from})
 
 
-def _placement(device: Any, *, workers: int, ray_train: bool) -> dict[str, Any]:
+def _placement(device: Any, *, workers: int, ray_train: bool, width: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Where a training node ran, for its record: the Ray node, the GPUs Ray gave it (logical ids: a fake
-    or CPU-only cluster hands out GPU ids without CUDA), the torch device, and whether Ray Train ran it."""
+    or CPU-only cluster hands out GPU ids without CUDA), the torch device, whether Ray Train ran it, and why
+    it got its width when the grid chose it (``width``: a :class:`WidthChoice` as a dict)."""
     import ray
 
+    from grid.widths import describe_choice
+
     return {"ray_node": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "device": str(device), "workers": workers, "ray_train": ray_train}
+            "device": str(device), "workers": workers, "ray_train": ray_train,
+            "width": describe_choice(WidthChoice(**{**width, "allowed": tuple(width["allowed"])})) if width
+            else f"{workers} (the preset's)"}
 
 
 def _pretrained_file(node: Node) -> Path | None:
@@ -399,7 +488,8 @@ def _run_with_torch_trainer(config: dict[str, Any]) -> None:
         train_loop_config=config,
         torch_config=DeviceTorchConfig(),
         scaling_config=ScalingConfig(num_workers=int(res["workers"]), use_gpu=bool(res["gpus"]),
-                                     resources_per_worker=per_worker),
+                                     resources_per_worker=per_worker,
+                                     placement_strategy=worker_placement(res, float(settings.get("machine_gpus", 0)))),
         run_config=RunConfig(name=f"train-{config['node']['hash']}",
                              storage_path=str(Path(settings["storage"]) / "ray_train"),
                              failure_config=FailureConfig(max_failures=int(settings.get("train_max_failures", 2))),

@@ -246,7 +246,7 @@ def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
     return preset
 
 
-RESOURCE_KEYS = ("cpus", "gpus", "workers")
+RESOURCE_KEYS = ("cpus", "gpus", "workers", "max_workers")
 
 
 def _parse_pretrained(raw: Any) -> dict[tuple[str, str], str]:
@@ -314,6 +314,12 @@ def _parse_resources(raw: Mapping[str, Any]) -> dict[str, dict[str, float]]:
             raise ValueError(f"resources.{owner}: values must be numbers >= 0, got {values}")
         if values.get("workers", 1) < 1:
             raise ValueError(f"resources.{owner}: workers must be >= 1")
+        for key in ("workers", "max_workers"):
+            if key in values and int(values[key]) != values[key]:
+                raise ValueError(f"resources.{owner}: {key} must be a whole number, got {values[key]}")
+        if "max_workers" in values and values["max_workers"] < values.get("workers", 1):
+            raise ValueError(f"resources.{owner}: max_workers ({values['max_workers']}) is below workers "
+                             f"({values.get('workers', 1)}); set workers alone to fix the width")
         out[owner] = dict(values)
     return out
 

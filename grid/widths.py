@@ -1,0 +1,126 @@
+"""How many DDP workers (GPUs) a training node gets: its *width*, chosen when the searcher hands it out.
+
+A grid's makespan is at least max(GPU work ÷ GPUs, critical path). On the paper grid with one GPU per node
+the critical path wins by far (RESULTS.md §3: FER VGG-face teacher → student → KD is ~5× the work
+bound on 4 × 8 GPUs), so most GPUs idle while that chain trains. Giving the chain's nodes several GPUs
+shortens it; giving every node several would only waste GPUs on DDP's overhead. The rule:
+
+- ``target`` = the GPU work still to do ÷ the cluster's GPUs: the makespan the rest of the grid cannot beat.
+- A node whose remaining chain (its cost plus the costliest chain below it, at width 1) is longer than
+  ``target`` gets the smallest width whose speed-up brings the chain within it, so chains stop being the
+  bound; every other node gets width 1. As the grid drains, ``target`` falls and the chains still left get
+  wider: GPUs that would idle go to the work that decides the makespan.
+- Widths are powers of two, at most the GPUs one machine has free (DDP stays inside a machine, where
+  NVLink makes all-reduce cheap; a preset that fixes ``workers`` above that asks for cross-machine DDP),
+  at most the preset's ``max_workers`` for the architecture, and they must split the stage's batch into
+  per-worker batches of at least :data:`MIN_BATCH_PER_WORKER` images (the global batch is the papers').
+
+The width never changes what a node computes (the global batch, its rows and flips, SyncBatchNorm:
+``occkd_core.training``), only how long it takes, so it is not part of a node's hash.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+#: Scaling efficiency at 8 GPUs in one machine (speed-up ÷ 8) assumed per architecture; between 1 and 8
+#: GPUs it is interpolated geometrically (efficiency(w) = e8 ** log2(w) / 3), so each doubling costs the
+#: same factor. Why these values: published data-parallel scaling of these families, on 8 GPUs with
+#: NVLink, is near-linear for ResNet-50 (~90 %, weak scaling) and clearly worse for VGG-16 (~70 %), whose
+#: 138 M parameters, 90 % of them in the fully connected layers, make every step's all-reduce large
+#: (Sergeev & Del Balso 2018, Horovod, fig. 6; Li et al. 2020, PyTorch DDP). VGG-f is AlexNet-shaped
+#: (61 M parameters, little compute per image): the worst ratio of communication to compute
+#: (Krizhevsky 2014, "One weird trick"). Those figures are weak scaling (a fixed batch per GPU); the grid
+#: keeps the papers' global batch, so each GPU's batch shrinks with the width and efficiency is lower
+#: still. The values are therefore set below the published ones; ``benchmarks/bench_scheduling.py``
+#: also reports the schedule with them halved at 8 GPUs. Measure them on your GPUs and pass your own
+#: (``WidthPolicy(efficiency_at_8=...)``) when they differ.
+EFFICIENCY_AT_8 = {"vggf": 0.6, "vggface": 0.65, "resnet50": 0.8}
+#: Fewest images a worker's batch may hold: below it a GPU step is mostly all-reduce and launch overhead,
+#: and BatchNorm statistics (synchronised, but computed per worker first) come from very few images.
+MIN_BATCH_PER_WORKER = 4
+
+
+def scaling_efficiency(efficiency_at_8: float, width: int) -> float:
+    """Speed-up ÷ width at ``width`` workers, from the efficiency at 8 (1.0 at width 1)."""
+    return efficiency_at_8 ** (math.log2(width) / 3) if width > 1 else 1.0
+
+
+def speedup(efficiency_at_8: float, width: int) -> float:
+    """How many times faster a node trains with ``width`` workers than with one."""
+    return width * scaling_efficiency(efficiency_at_8, width)
+
+
+def batch_widths(batch_size: int, min_per_worker: int = MIN_BATCH_PER_WORKER) -> list[int]:
+    """Powers of two that split ``batch_size`` into equal per-worker batches of ``min_per_worker`` or more."""
+    widths, width = [], 1
+    while batch_size % width == 0 and batch_size // width >= min(min_per_worker, batch_size):
+        widths.append(width)
+        width *= 2
+    return widths
+
+
+@dataclass(frozen=True)
+class WidthChoice:
+    """The inputs the rule sees for one node, and so the record of why it got its width."""
+
+    chain: float  # the node's remaining chain at width 1, in cost units
+    target: float  # GPU work left ÷ GPUs, in cost units
+    allowed: tuple[int, ...]  # widths within the batch, preset and machine bounds
+    width: int
+
+
+def choose_width(*, chain: float, target: float, efficiency_at_8: float, batch_size: int,
+                 min_width: int = 1, max_width: int = 8, free_workers: int = 8) -> WidthChoice | None:
+    """The width of one node, or None when even ``min_width`` does not fit ``free_workers`` (wait for GPUs).
+
+    ``min_width`` / ``max_width``: the preset's bounds (equal when it fixes ``workers``); ``max_width``
+    already includes one machine's GPUs. ``free_workers``: the most workers (a GPU each) one machine has
+    room for now.
+    """
+    allowed = tuple(w for w in batch_widths(batch_size) if min_width <= w <= max_width)
+    if min_width > 1 and min_width not in allowed:
+        allowed = (min_width,)  # a fixed width outside the rule: the preset's word (training checks the batch)
+    if not allowed:
+        allowed = (1,)
+    fitting = [w for w in allowed if w <= free_workers]
+    if not fitting:
+        return None
+    # Smallest width whose speed-up brings the chain within the target; else the widest that fits now.
+    enough = [w for w in fitting if chain / speedup(efficiency_at_8, w) <= target * (1 + 1e-9)]
+    width = enough[0] if enough else fitting[-1]
+    return WidthChoice(chain=chain, target=target, allowed=allowed, width=width)
+
+
+@dataclass(frozen=True)
+class WidthPolicy:
+    """The grid's width rule with its settings: per-architecture scaling efficiency at 8 GPUs and the
+    GPUs of the largest machine (widths never exceed it unless a preset fixes ``workers`` above it)."""
+
+    machine_gpus: int = 8
+    efficiency_at_8: tuple[tuple[str, float], ...] = tuple(EFFICIENCY_AT_8.items())
+
+    def efficiency(self, arch: str) -> float:
+        return dict(self.efficiency_at_8).get(arch, min(EFFICIENCY_AT_8.values()))
+
+    def bounds(self, workers: int, max_workers: int) -> tuple[int, int]:
+        """(min, max) width from a node's resources: ``max_workers`` 0 = up to one machine's GPUs."""
+        if max_workers == 0:
+            return workers, max(workers, self.machine_gpus)
+        if max_workers <= workers:
+            return workers, workers  # fixed by the preset
+        return workers, min(max_workers, self.machine_gpus)
+
+    def choose(self, *, arch: str, workers: int, max_workers: int, batch_size: int, chain: float,
+               target: float, free_workers: int) -> WidthChoice | None:
+        low, high = self.bounds(workers, max_workers)
+        return choose_width(chain=chain, target=target, efficiency_at_8=self.efficiency(arch),
+                            batch_size=batch_size, min_width=low, max_width=high, free_workers=free_workers)
+
+
+def describe_choice(choice: WidthChoice) -> str:
+    """One line saying why a node got its width (an MLflow tag, the dry run)."""
+    allowed = ",".join(str(w) for w in choice.allowed)
+    ratio = choice.chain / choice.target if choice.target > 0 else float("inf")
+    return f"{choice.width} (its chain {ratio:.2g}x the GPU work left per GPU; widths allowed {allowed})"

@@ -123,6 +123,13 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
         parser.error(str(err))
     if not tasks or not archs:
         parser.error("--tasks and --archs need at least one name each")
+    for option, names in (("--tasks", tasks), ("--archs", archs)):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            parser.error(f"{option} names {', '.join(repeated)} more than once")
+    problem = storage_problem(args.storage)
+    if problem:
+        parser.error(f"--storage {str(args.storage)!r}: {problem}")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     cluster_config = args.cluster_config
@@ -137,6 +144,22 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
                     seeds=args.seeds, weights=weights, from_scratch=args.from_scratch,
                     max_failures=args.max_failures, ray_train=args.ray_train, widths=args.widths,
                     dry_run=args.dry_run)
+
+
+def storage_problem(storage: Path) -> str | None:
+    """Why the grid could not write under ``storage``, or None: checked before anything is written. The
+    nearest existing folder on the path must be a writable directory (the rest is created later)."""
+    path = storage.expanduser().resolve()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == path and not path.is_dir():
+        return "exists and is not a folder"
+    if not existing.is_dir():
+        return f"{existing} is a file, so no folder can be made under it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user"
+    return None
 
 
 def _fault_injection() -> dict[str, Any] | None:
@@ -242,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         weights = resolve_weights(spec.preset, list(spec.tasks), list(spec.archs), spec.weights, spec.from_scratch)
         if not spec.dry_run:
+            try:
+                spec.storage.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"--storage {str(spec.storage)!r}: cannot create it ({err.strerror})") from None
             weights = stage_weights(weights, spec.storage)
         prepared = prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=not spec.dry_run)
     except (ValueError, OSError) as err:

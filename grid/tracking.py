@@ -182,9 +182,21 @@ def metric_name(row: Mapping[str, Any], node_strategy: str) -> str:
     return f"{prefix}{row['test_set']}_{row['visible']}_{row['metric']}"
 
 
+#: Tracking-store schemes MLflow 3 serves runs from (its SQLAlchemy databases, a server, Databricks).
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
 def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
     """Fail fast, before anything is written, when the tracking store cannot be reached (MLflow's own
     client retries a dead server for minutes)."""
+    scheme = uri.partition("://")[0].split("+")[0].lower() if "://" in uri else ""
+    if scheme in ("", "file"):
+        raise RuntimeError(f"--tracking-uri {uri!r}: MLflow 3 keeps its file store ('mlruns' folders) in maintenance "
+                           f"mode; use a database, e.g. sqlite:///{Path.cwd() / 'mlflow.db'}, or an MLflow server "
+                           f"(http://HOST:PORT)")
+    if scheme not in TRACKING_SCHEMES:
+        raise RuntimeError(f"--tracking-uri {uri!r}: unknown scheme {scheme!r}; use sqlite:///PATH/mlflow.db, "
+                           f"http(s)://HOST:PORT (an MLflow server) or {', '.join(s for s in TRACKING_SCHEMES if s not in ('sqlite', 'http', 'https'))}")
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:

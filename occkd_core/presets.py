@@ -201,6 +201,10 @@ def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
     unknown = sorted(k for k in raw if k not in TOP_LEVEL_KEYS and not str(k).startswith("_"))
     if unknown:
         raise ValueError(f"preset {origin}: unknown key(s) {unknown}; valid: {', '.join(TOP_LEVEL_KEYS)}")
+    for key in ("data", "models", "fusion", "stages"):
+        if key in raw and not isinstance(raw[key], Mapping):
+            raise ValueError(f"preset {origin}: {key} must be a mapping, got {raw[key]!r}"
+                             + (" (it is empty)" if raw[key] is None else ""))
     try:
         models = {arch: ArchSettings(**raw["models"][arch]) for arch in ARCHITECTURES}
         defaults = raw.get("stage_defaults", {}) or {}
@@ -337,4 +341,25 @@ def load_preset(name_or_path: str | Path) -> Preset:
             raise ValueError(f"unknown preset {str(name_or_path)!r}; valid names: {', '.join(builtin_presets())} (or a path to a .yaml file)")
     elif not path.exists():
         raise ValueError(f"preset file {str(path)!r} does not exist")
-    return _parse_preset(yaml.safe_load(path.read_text()), str(path))
+    return _parse_preset(_read_preset_file(path), str(path))
+
+
+def _read_preset_file(path: Path) -> Mapping[str, Any]:
+    """The YAML mapping of a preset file; ValueError naming the file for anything else."""
+    if not path.is_file():
+        raise ValueError(f"preset {str(path)!r} is not a file (a folder or a device?); give a preset .yaml file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"preset {str(path)!r} is not a text file (not UTF-8); give a preset .yaml file") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"preset {str(path)!r} is not valid YAML{line}: {problem}") from None
+    if raw is None:
+        raise ValueError(f"preset {str(path)!r} is empty; copy a built-in one (occkd_core/presets/smoke.yaml) to start")
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"preset {str(path)!r} holds a {type(raw).__name__}, not a mapping of preset keys "
+                         f"({', '.join(TOP_LEVEL_KEYS)})")
+    return raw

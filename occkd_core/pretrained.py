@@ -21,7 +21,6 @@ Formats read by :func:`read_weights_file`:
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -105,7 +104,8 @@ def read_weights_file(path: str | Path) -> Mapping[str, Any]:
         return read_matconvnet(path)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, IndexError) as err:
+    except Exception as err:  # noqa: BLE001 - torch.load of a file that is not torch's raises a version-
+        # dependent zoo (UnpicklingError, RuntimeError, EOFError, OSError, KeyError for text, IndexError, ...)
         raise ValueError(f"cannot read {str(path)!r} as a state dict ({type(err).__name__}: {err}); save weights "
                          f"with torch.save(model.state_dict(), path), or pass a MatConvNet .mat file") from None
     if not isinstance(raw, Mapping):

@@ -77,18 +77,19 @@ class DependencySearcher(Searcher):
         ready = [key for key in self.pending if all(p in self.done for p in self.graph.nodes[key].parent_keys)]
         if not ready and not self.running:
             return Searcher.FINISHED  # nothing left, or only descendants of failed nodes
-        held = [self._bundles(key) for key in self.running.values()]
         # By priority; a smaller ready node fills room the first cannot use. With nothing running, the first
         # ready node goes even if the packing finds no room: its request fits some node or node type
         # (fit_resources), so Ray places it or its autoscaler adds a node (the packing is only a model).
         admitted = None
         for key in ready:
-            resources = self._admit(key, held)
+            resources = self._admit(key)
             if resources is not None:
                 admitted = key
                 break
         if admitted is None and not self.running and ready:
             admitted, resources = ready[0], self.graph.nodes[ready[0]].resources
+            if self.capacity is not None:
+                self.capacity.place(admitted, self._bundles(admitted))  # where it can, if anywhere
         if admitted is None:  # running nodes may release more, or the cluster may grow (or get a node back)
             return None
         self.pending.remove(admitted)
@@ -98,16 +99,14 @@ class DependencySearcher(Searcher):
         self.ready_at[admitted] = time.time()
         return self._config(admitted)
 
-    def _admit(self, key: str, held: list[list[dict[str, float]]]) -> Resources | None:
+    def _admit(self, key: str) -> Resources | None:
         """The resources ``key`` can start with now (its width chosen if it is a widenable GPU node), or None."""
         node = self.graph.nodes[key]
         if self.capacity is None:
             return node.resources
         if not self._widenable(node):
-            return node.resources if self.capacity.admits(held, self._bundles(key)) else None
-        room = self.capacity.free_after(held)
-        if room is None:
-            return None
+            return node.resources if self.capacity.place(key, self._bundles(key)) else None
+        room = self.capacity.free()
         res = node.resources
         # Workers of a widened node (a whole GPU each, see widened) that one machine has room for; width 1 is
         # the preset's own request, which admits() checks below.
@@ -124,7 +123,7 @@ class DependencySearcher(Searcher):
         # The packing above is a model: should the chosen width not pack next to the running nodes, narrower may.
         for width in sorted((w for w in choice.allowed if w <= choice.width), reverse=True):
             resources = widened(res, width)
-            if self.capacity.admits(held, self._node_bundles(key, resources)):
+            if self.capacity.place(key, self._node_bundles(key, resources)):
                 self.width_choices[key] = dataclasses.replace(choice, width=width)
                 return resources
         return None
@@ -165,6 +164,8 @@ class DependencySearcher(Searcher):
         key = self.running.pop(trial_id, None)
         if key is None:
             return
+        if self.capacity is not None:
+            self.capacity.release(key)
         self.completed_at[key] = time.time()
         if error:
             self.failed[key] = "trial errored"
@@ -309,11 +310,11 @@ def max_concurrency(resources: list[Resources], cluster: Mapping[str, float]) ->
     return max(1, min(limits[0], len(resources)))
 
 
-def live_nodes() -> list[dict[str, float]]:
-    """The total resources of each live Ray node (``ray.nodes()``)."""
+def live_nodes() -> list[dict[str, Any]]:
+    """The total resources of each live Ray node (``ray.nodes()``), with its ``NodeID``."""
     import ray
 
-    return [{k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU", HEAD)}
+    return [{**{k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU", HEAD)}, "NodeID": n["NodeID"]}
             for n in ray.nodes() if n.get("Alive")]
 
 
@@ -322,11 +323,11 @@ class ClusterCapacity:
 
     The room is the live nodes (re-read at most every ``refresh_s`` seconds, so nodes that join or leave
     change it) plus, per autoscaler node type, the nodes it may still launch (``max_workers`` less the
-    live nodes of that type, matched by their CPU/GPU totals). Every bundle of the running nodes and of
-    the candidate is packed first-fit, largest first, into that room: a candidate is admitted only if
-    all fit. As in Ray's autoscaler, a node still to launch with GPUs takes only bundles that ask for
-    GPUs. Ray places the bundles itself; the packing only keeps Tune from launching trials whose Train
-    workers could not be placed (they would time out waiting, as they did on a 2-core machine).
+    live nodes of that type, matched by their CPU/GPU totals). The bundles of the running nodes, in the
+    order they were handed out, then the candidate's, are placed where Ray would place them
+    (:func:`ray_like_choice`): a candidate is admitted only if all fit. Ray places the bundles itself; the
+    model only keeps Tune from launching trials whose Train workers could not be placed (they would wait,
+    as they did on a 2-core machine), and tells the width rule how many GPUs one machine has free.
     """
 
     def __init__(self, node_types: Mapping[str, tuple[Mapping[str, float], int]] | None = None,
@@ -336,6 +337,9 @@ class ClusterCapacity:
         self._room: list[dict[str, float]] = []  # live nodes, then launchable ones
         self._launchable = 0
         self._read_at = -math.inf
+        # Node key -> where its bundles were placed, as (machine, bundle): Ray never moves a placed bundle, so
+        # the model must not either (re-packing on every call once promised machines that were not free).
+        self._placed: dict[str, list[tuple[str, dict[str, float]]]] = {}
 
     def room(self) -> list[dict[str, float]]:
         if time.monotonic() - self._read_at >= self.refresh_s:
@@ -347,30 +351,92 @@ class ClusterCapacity:
             self._room, self._launchable, self._read_at = live + launchable, len(launchable), time.monotonic()
         return self._room
 
+    def _machine_ids(self) -> list[str]:
+        room, live = self.room(), len(self.room()) - self._launchable
+        return [str(m.get("NodeID", f"live-{i}")) if i < live else f"launchable-{i - live}" for i, m in enumerate(room)]
+
+    def free(self) -> list[dict[str, float]]:
+        """What each machine (live, then launchable) has left after the placed nodes. Bundles whose machine
+        is gone (lost, or a launchable slot whose node has joined) are placed again where Ray would."""
+        totals, ids = self.room(), self._machine_ids()
+        free = [{k: v for k, v in m.items() if k != "NodeID"} for m in totals]
+        index = {ident: i for i, ident in enumerate(ids)}
+        live = len(free) - self._launchable
+        for placed in self._placed.values():
+            for n, (ident, bundle) in enumerate(placed):
+                slot = index.get(ident)
+                if slot is None or slot >= live:  # its machine is gone, or not launched yet: where Ray would put it now
+                    slot = ray_like_choice(bundle, free, totals, live)
+                    if slot is None:
+                        continue  # nowhere now: Ray keeps it pending, the model counts it nowhere
+                    placed[n] = (ids[slot], bundle)
+                for k, v in bundle.items():
+                    free[slot][k] = free[slot].get(k, 0.0) - v
+        return free
+
+    def place(self, key: str, bundles: list[dict[str, float]]) -> bool:
+        """Record node ``key``'s bundles where Ray would place them, if all fit now; else change nothing."""
+        free, totals, ids = self.free(), self.room(), self._machine_ids()
+        live = len(free) - self._launchable
+        placed = []
+        for bundle in bundles:
+            slot = ray_like_choice(bundle, free, totals, live)
+            if slot is None:
+                return False
+            placed.append((ids[slot], dict(bundle)))
+            for k, v in bundle.items():
+                free[slot][k] = free[slot].get(k, 0.0) - v
+        self._placed[key] = placed
+        return True
+
+    def release(self, key: str) -> None:
+        self._placed.pop(key, None)
+
     def admits(self, held: list[list[dict[str, float]]], candidate: list[dict[str, float]]) -> bool:
+        """Whether ``candidate`` fits next to ``held`` placed in that order (stateless; see :meth:`place`)."""
         return self.free_after([*held, candidate]) is not None
 
     def free_after(self, held: list[list[dict[str, float]]]) -> list[dict[str, float]] | None:
-        """What each machine (live, then launchable) has left once every bundle of ``held`` is packed, or None
-        if they do not all fit. A launchable GPU machine shows its room only to GPU work (see :meth:`admits`)."""
-        free = [dict(n) for n in self.room()]
+        """What each machine (live, then launchable) has left once every bundle of ``held`` is placed, in the
+        order given (the order nodes were handed out: Ray never moves a placed bundle), or None if they do
+        not all fit. Each bundle goes where Ray's scheduler would put it (:func:`ray_like_choice`)."""
+        totals = self.room()
+        free = [{k: v for k, v in n.items() if k != "NodeID"} for n in totals]
         live = len(free) - self._launchable
-        bundles = [b for node in held for b in node]
-        # Head-pinned bundles (Train nodes' trial drivers) first: Ray places a trial before its workers, and
-        # they fit nowhere else; then the largest.
-        order = sorted(bundles, key=lambda b: (HEAD in b, b.get("GPU", 0.0), b.get("CPU", 0.0)), reverse=True)
-        for bundle in order:
-            # Ray's autoscaler launches no GPU node for work that asks for no GPU (it conserves GPU nodes).
-            slot = next((n for i, n in enumerate(free) if all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
-                         and (i < live or bundle.get("GPU", 0.0) > 0 or not n.get("GPU", 0.0))), None)
+        for bundle in (b for node in held for b in node):
+            slot = ray_like_choice(bundle, free, totals, live)
             if slot is None:
                 return None
             for k, v in bundle.items():
-                slot[k] = slot.get(k, 0.0) - v
+                free[slot][k] = free[slot].get(k, 0.0) - v
         return free
 
     def __getstate__(self) -> dict[str, Any]:  # Tune checkpoints its searcher: drop the cached room
         return {**self.__dict__, "_room": [], "_launchable": 0, "_read_at": -math.inf}
+
+
+def ray_like_choice(bundle: Mapping[str, float], free: list[dict[str, float]], totals: list[Mapping[str, float]],
+                    live: int) -> int | None:
+    """The machine Ray would place ``bundle`` on, as an index into ``free``, or None if none has room.
+
+    Ray spreads placement groups: ten one-GPU bundles on four empty 8-GPU machines land 3, 3, 2, 2
+    (measured with Ray 2.60), so a model that packed them first-fit would promise an 8-GPU machine that
+    is not there. So: a live machine before one the autoscaler must launch (which, as in Ray, takes only
+    work that asks for GPUs), then the least used share of what the bundle asks for; CPU-only work
+    keeps off GPU machines while it can (Ray's scheduler avoids GPU nodes for it).
+    """
+    def fits(i: int) -> bool:
+        machine = free[i]
+        return (all(machine.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+                and (i < live or bundle.get("GPU", 0.0) > 0 or not totals[i].get("GPU", 0.0)))
+
+    def preference(i: int) -> tuple:
+        share = min((free[i].get(k, 0.0) - v) / totals[i][k] for k, v in bundle.items() if totals[i].get(k))
+        cpu_on_gpu_machine = not bundle.get("GPU") and totals[i].get("GPU", 0.0) > 0
+        return (i < live, not cpu_on_gpu_machine, share, -i)
+
+    candidates = [i for i in range(len(free)) if fits(i)]
+    return max(candidates, key=preference) if candidates else None
 
 
 def run_node_trial(config: dict[str, Any]) -> None:

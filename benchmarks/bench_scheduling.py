@@ -1,22 +1,27 @@
-"""Scheduling the full paper grid on a simulated 4-node × 8-GPU cluster (issue 5, target 3).
+"""Scheduling the full paper grid on simulated 4, 2 and 1 machines × 8 GPUs, with and without widths (issue 13).
 
-Ray's ``cluster_utils.Cluster`` starts four raylets on this machine, each declaring 8 GPUs and 64
-CPUs that do not exist (logical resources schedule like real ones). The grid's own scheduling code
+Ray's ``cluster_utils.Cluster`` starts one raylet per machine on this computer, each declaring 8 GPUs and
+64 CPUs that do not exist (logical resources schedule like real ones). The grid's own scheduling code
 runs unchanged: the stage graph of the ``paper`` preset for every task × architecture (``expand_graph``),
-its per-node requests (``trial_resources``: VGG-f half a GPU, VGG-face and ResNet-50 one), the
-critical-path ``DependencySearcher`` and ``max_concurrency``. Only the node body is replaced: each
-trial sleeps for its node's duration under the cost model that ``expand_graph`` attaches to every node
-(epochs × training images × architecture cost × strategy cost), scaled so that the lower bound lasts
-``--lower-bound`` seconds (a node holding half a GPU runs at the same speed as one holding a whole GPU:
-the cost model counts work per node, not per GPU).
+its per-node requests (VGG-f half a GPU, VGG-face and ResNet-50 one), the critical-path
+``DependencySearcher`` with ``ClusterCapacity`` and, for the "widths" schedule, ``WidthPolicy``
+(grid/widths.py), which gives nodes on the chains that bound the makespan several GPUs. Only the node
+body is replaced: each trial holds its node's resources (a width-w node: w bundles of one GPU, packed on
+one machine, as its Train workers would be) and sleeps for its node's duration under the cost model
+that ``expand_graph`` attaches to every node (epochs × training images × architecture cost × strategy
+cost), divided by the speed-up of its width: w × the scaling efficiency of grid.widths.EFFICIENCY_AT_8
+(justified there; ``--efficiency-scale 0.5`` halves it at 8 GPUs). Durations are scaled so that the
+one-GPU-per-node lower bound on 4 × 8 GPUs (its critical path) lasts ``--lower-bound`` seconds.
 
-Lower bound = max(critical path, total GPU-seconds ÷ 32 GPUs). The same graph is then run with stage
-barriers instead (every teacher, then every student, then every KD node, then fusion, then the
-significance tests; a stage starts when the whole previous stage is done), the schedule a
-stage-by-stage script gets. Both schedules are also computed without Ray by a list-scheduling
-simulation of the same policy, which shows what Ray's per-trial overhead adds.
+Bounds reported per run: the *work bound* (GPU work at width 1 ÷ GPUs: no schedule, at any widths, can
+beat it) and the *bound at the chosen widths* (max of the GPU-seconds the run held ÷ GPUs and its
+critical path with each node at the width it got). Every schedule is also run without Ray by driving
+the same searcher through a list-scheduling simulation (no per-trial overhead; placement as the
+searcher's capacity model packs it), and the one-GPU schedule with stage barriers (issue 5) is
+simulated for reference.
 
-    python benchmarks/bench_scheduling.py                 # ~2 × 4 min
+    python benchmarks/bench_scheduling.py                 # ~25 min: 6 runs on Ray
+    python benchmarks/bench_scheduling.py --no-ray        # seconds: the simulations only
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -37,6 +44,10 @@ from occkd_core.presets import load_preset  # noqa: E402
 from occkd_core.stages import get_stage  # noqa: E402
 from occkd_core.models import ARCHITECTURES  # noqa: E402
 from occkd_core.tasks import TASKS  # noqa: E402
+from grid.widths import EFFICIENCY_AT_8, WidthPolicy, speedup  # noqa: E402
+
+if TYPE_CHECKING:
+    from grid.scheduler import DependencySearcher
 
 NUM_NODES, GPUS_PER_NODE, CPUS_PER_NODE = 4, 8, 64
 #: Training images per task in the papers (spec §2): FER+ 25,045 + capped AffectNet 88,021 (joint
@@ -84,110 +95,194 @@ def durations(graph: StageGraph, lower_bound_s: float) -> tuple[dict[str, float]
     return ({k: n.cost * scale for k, n in graph.nodes.items()}, critical * scale, work * scale, lower_bound_s)
 
 
-def simulate(graph: StageGraph, seconds: dict[str, float], num_nodes: int = NUM_NODES) -> float:
-    """Makespan of the searcher's policy without Ray: ready nodes in critical-path order, each placed on
-    the first cluster node with room for its CPUs and GPU share (no per-trial overhead)."""
-    priority = graph.critical_path()
-    free = [[CPUS_PER_NODE, GPUS_PER_NODE] for _ in range(num_nodes)]
-    done: set[str] = set()
-    pending = sorted(graph.nodes, key=lambda k: -priority[k])
-    running: list[tuple[float, str, int]] = []
-    now = 0.0
-    while pending or running:
-        started = True
-        while started:
-            started = False
-            for key in pending:
-                node = graph.nodes[key]
-                if not all(p in done for p in node.parent_keys):
-                    continue
-                res = node.resources
-                slot = next((i for i, (c, g) in enumerate(free) if c >= res.cpus and g >= res.gpus - 1e-9), None)
-                if slot is None:
-                    continue
-                free[slot][0] -= res.cpus
-                free[slot][1] -= res.gpus
-                heapq.heappush(running, (now + seconds[key], key, slot))
-                pending.remove(key)
-                started = True
+def node_seconds(graph: StageGraph, seconds: dict[str, float], key: str, resources: dict, policy: WidthPolicy) -> float:
+    """How long a node runs with the resources it was handed: its width-1 duration ÷ its width's speed-up."""
+    workers = int(resources["workers"])
+    arch = graph.nodes[key].arch
+    return seconds[key] / speedup(policy.efficiency(arch), workers) if workers > 1 and arch else seconds[key]
+
+
+def make_searcher(graph: StageGraph, machines: int, widths: bool, policy: WidthPolicy, storage: str,
+                  read_nodes=None) -> "DependencySearcher":
+    """The grid's searcher over ``graph``, admitting by the grid's capacity model of ``machines`` × 8 GPUs
+    (or of the live Ray nodes), choosing widths when ``widths``."""
+    from grid.scheduler import HEAD, ClusterCapacity, DependencySearcher, RunSettings
+
+    if read_nodes is None:
+        layout = [{"CPU": float(CPUS_PER_NODE), "GPU": float(GPUS_PER_NODE)} for _ in range(machines)]
+        layout[0][HEAD] = 1.0
+        read_nodes = lambda: layout  # noqa: E731
+    settings = RunSettings(storage=storage, data_paths={}, ray_train="always", machine_gpus=float(GPUS_PER_NODE))
+    nodes = {k: n.replace(params={"train": {"batch_size": n.params["train"]["batch_size"]}} if n.kind == "train"
+                          else {}) for k, n in graph.nodes.items()}  # keep trial configs small
+    return DependencySearcher(StageGraph(nodes=nodes), list(nodes), set(), settings,
+                              capacity=ClusterCapacity(read_nodes=read_nodes, refresh_s=0.0),
+                              widths=policy if widths else None)
+
+
+@dataclass
+class Schedule:
+    """What one schedule did: when each node started and ended, and what it held."""
+
+    makespan: float
+    spans: dict[str, tuple[float, float]]  # node key -> (start, end), from the first start
+    gpus: dict[str, float]  # node key -> GPUs held
+    widths: dict[str, int]
+
+    def gpu_seconds(self) -> float:
+        return sum(self.gpus[k] * (end - start) for k, (start, end) in self.spans.items())
+
+    def critical_path(self, graph: StageGraph) -> float:
+        """The longest chain with each node at the duration it ran."""
+        below: dict[str, float] = {}
+        for key in reversed(list(graph.nodes)):
+            start, end = self.spans[key]
+            below[key] = (end - start) + max((below[c] for c in graph.children(key)), default=0.0)
+        return max(below.values())
+
+
+def simulate(graph: StageGraph, seconds: dict[str, float], machines: int, widths: bool, policy: WidthPolicy) -> Schedule:
+    """List scheduling driven by the grid's own searcher, without Ray: whenever a node ends, the searcher
+    is asked for nodes until it has none, each starting at once for its duration at its width."""
+    searcher = make_searcher(graph, machines, widths, policy, storage="/nowhere")
+    running: list[tuple[float, str, str]] = []  # (end, key, trial id)
+    spans, gpus, chosen = {}, {}, {}
+    now, count = 0.0, 0
+    while True:
+        while True:
+            config = searcher.suggest(f"t{count}")
+            if not isinstance(config, dict):
                 break
-        now, key, slot = heapq.heappop(running)
-        free[slot][0] += graph.nodes[key].resources.cpus
-        free[slot][1] += graph.nodes[key].resources.gpus
-        done.add(key)
-    return now
+            key, res = config["node"]["key"], config["node"]["resources"]
+            end = now + node_seconds(graph, seconds, key, res, policy)
+            heapq.heappush(running, (end, key, f"t{count}"))
+            spans[key], gpus[key], chosen[key] = (now, end), res["gpus"] * res["workers"], int(res["workers"])
+            count += 1
+        if not running:
+            break
+        now, key, trial_id = heapq.heappop(running)
+        searcher.on_trial_complete(trial_id)
+    return Schedule(makespan=now, spans=spans, gpus=gpus, widths=chosen)
 
 
-def run_on_ray(graph: StageGraph, seconds: dict[str, float], storage: Path, reuse_actors: bool) -> dict[str, float]:
-    """Makespan of the real searcher and resource requests on the simulated cluster, sleeping trials."""
+def run_on_ray(graph: StageGraph, seconds: dict[str, float], storage: Path, widths: bool, policy: WidthPolicy) -> Schedule:
+    """The same searcher handing nodes to Ray Tune on the simulated cluster; each trial holds its node's
+    resources and sleeps."""
     import ray
     from ray import tune
 
-    from grid.scheduler import DependencySearcher, RunSettings, max_concurrency, trial_resources
+    from grid.scheduler import live_nodes, max_concurrency, worker_placement
 
     def sleeping_node(config: dict) -> None:
-        time.sleep(config["node"]["sleep_s"])
+        # As in the grid: a training node's trial holds only a sliver of the head, and its workers' bundles
+        # are a placement group of their own (TorchTrainer's), w bundles of one GPU packed on one machine;
+        # the node runs once Ray has placed that group. Other nodes hold their CPUs in the trial.
+        group = None
+        if config["node"]["kind"] == "train":
+            from ray.util.placement_group import placement_group
 
-    resources = {k: n.resources for k, n in graph.nodes.items()}
-    nodes = {k: n.replace(params={}) for k, n in graph.nodes.items()}  # keep configs small
-    slim = StageGraph(nodes=nodes)
-    settings = RunSettings(storage=str(storage), data_paths={})
-    searcher = DependencySearcher(slim, list(slim.nodes), set(), settings)
+            res = config["node"]["resources"]
+            bundle = {"CPU": float(res["cpus"]), **({"GPU": float(res["gpus"])} if res["gpus"] else {})}
+            workers = int(res["workers"])
+            group = placement_group([dict(bundle) for _ in range(workers)],
+                                    strategy=config["placement_strategy"])
+            ray.get(group.ready())
+        started = time.time()
+        record = Path(config["starts"]) / config["node"]["hash"]
+        record.write_text(f"{started} {ray.get_runtime_context().get_node_id()}")
+        time.sleep(config["node"]["sleep_s"])
+        if group is not None:
+            ray.util.remove_placement_group(group)
+
+    def held(config: dict) -> tune.PlacementGroupFactory:
+        # Defined here, not imported from grid.scheduler: shipping that module would make every trial
+        # process import torch.
+        if config["node"]["kind"] == "train":
+            return tune.PlacementGroupFactory([{"node:__internal_head__": 0.001}])
+        return tune.PlacementGroupFactory([{"CPU": float(config["node"]["resources"]["cpus"])}])
+
+    searcher = make_searcher(graph, 0, widths, policy, storage=str(storage), read_nodes=live_nodes)
+    starts = storage / f"starts-{int(time.time())}"  # each trial's start and Ray node, for the waits
+    starts.mkdir()
     config_of = searcher._config
 
     def config_with_sleep(key: str) -> dict:
         config = config_of(key)
-        config["node"]["sleep_s"] = seconds[key]
+        config["node"]["sleep_s"] = node_seconds(graph, seconds, key, config["node"]["resources"], policy)
+        config["starts"] = str(starts)
+        config["placement_strategy"] = worker_placement(config["node"]["resources"], float(GPUS_PER_NODE))
         return config
 
     searcher._config = config_with_sleep  # the node body sleeps; everything else is the grid's own
-    concurrency = max_concurrency(list(resources.values()), ray.cluster_resources())
-    # The grid's requests, computed here: shipping trial_resources itself would make every trial process
-    # import grid.scheduler and with it torch (~1 GB and seconds of CPU each on this 2-core machine).
-    requests = {key: trial_resources(config_of(key)) for key in nodes}
+    concurrency = max_concurrency([n.resources for n in graph.nodes.values()], ray.cluster_resources())
     tuner = tune.Tuner(
-        tune.with_resources(sleeping_node, resources=lambda config: requests[config["node"]["key"]]),
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(nodes), max_concurrent_trials=concurrency,
-                                    reuse_actors=reuse_actors),
+        tune.with_resources(sleeping_node, resources=held),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(graph.nodes), max_concurrent_trials=concurrency,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=f"sched-{int(time.time())}", storage_path=str(storage), verbose=0),
     )
-    start = time.time()
+    started = time.time()
     tuner.fit()
-    end = time.time()
-    first_ready = min(searcher.ready_at.values())
-    return {"makespan": end - start, "from_first_trial": max(searcher.completed_at.values()) - first_ready,
-            "concurrency": concurrency}
+    ended = time.time()
+    first = min(searcher.ready_at.values())
+    began = {k: float((starts / n.hash).read_text().split()[0]) for k, n in graph.nodes.items()}
+    # A node's span: from holding its GPUs (its workers' group placed) to Tune seeing it done.
+    spans = {k: (began[k] - first, searcher.completed_at[k] - first) for k in graph.nodes}
+    res = searcher.resources
+    waits = sorted((began[k] - searcher.ready_at[k], k) for k in graph.nodes)
+    print(f"  handed out -> trial started: median {waits[len(waits) // 2][0]:.1f} s, longest "
+          + ", ".join(f"{k} {w:.1f} s (width {res[k].workers})" for w, k in waits[-5:]), flush=True)
+    return Schedule(makespan=ended - started, spans=spans, gpus={k: r.gpus * r.workers for k, r in res.items()},
+                    widths={k: r.workers for k, r in res.items()})
+
+
+def describe(name: str, machines: int, how: str, run: Schedule, graph: StageGraph, work1: float,
+             one_gpu: float | None) -> list:
+    """One table row: the makespan against both bounds, the speed-up on one GPU per node, GPU use."""
+    gpus = machines * GPUS_PER_NODE
+    held = run.gpu_seconds()
+    at_widths = max(held / gpus, run.critical_path(graph))
+    wide = sum(1 for w in run.widths.values() if w > 1)
+    return [name, f"{machines}×{GPUS_PER_NODE}", how, run.makespan, work1 / gpus, at_widths,
+            f"{run.makespan / at_widths:.2f}", f"{run.makespan / (work1 / gpus):.2f}",
+            f"{one_gpu / run.makespan:.2f}×" if one_gpu else "1", f"{held / (gpus * run.makespan):.0%}",
+            f"{work1 / (gpus * run.makespan):.0%}", wide]
+
+
+HEADERS = ["schedule", "GPUs", "how", "makespan s", "work bound s", "bound at widths s", "÷ bound at widths",
+           "÷ work bound", "speed-up", "GPUs held", "useful", "nodes widened"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lower-bound", type=float, default=240.0,
-                        help="seconds the lower bound is scaled to (longer: Ray's per-trial overhead matters less)")
-    parser.add_argument("--no-ray", action="store_true", help="only the list-scheduling simulation")
-    parser.add_argument("--no-reuse-actors", action="store_true", help="start a new process for every trial")
+                        help="seconds the one-GPU lower bound on 4 × 8 GPUs is scaled to (longer: Ray's per-trial "
+                             "overhead matters less)")
+    parser.add_argument("--machines", default="4,2,1", help="cluster sizes to run, in machines of 8 GPUs")
+    parser.add_argument("--efficiency-scale", type=float, default=1.0,
+                        help="multiply every architecture's scaling efficiency at 8 GPUs (sensitivity)")
+    parser.add_argument("--no-ray", action="store_true", help="only the list-scheduling simulations")
+    parser.add_argument("--ray-schedules", default="one,widths", help="which schedules to run on Ray: one, widths")
     args = parser.parse_args(argv)
+    machines_list = [int(m) for m in args.machines.split(",")]
+    policy = WidthPolicy(machine_gpus=GPUS_PER_NODE, efficiency_at_8=tuple(
+        (arch, e * args.efficiency_scale) for arch, e in EFFICIENCY_AT_8.items()))
     graph = paper_graph()
-    barrier_graph = with_barriers(graph)
     seconds, critical, work, bound = durations(graph, args.lower_bound)
-    gpu_nodes = sum(1 for n in graph.nodes.values() if n.resources.gpus)
+    work1 = work * NUM_NODES * GPUS_PER_NODE  # GPU-seconds at width 1
     print(machine_line())
-    print(f"paper grid: {len(graph.nodes)} nodes ({gpu_nodes} on GPUs); simulated cluster {NUM_NODES} nodes × "
-          f"{GPUS_PER_NODE} GPUs × {CPUS_PER_NODE} CPUs; critical path {critical:.1f} s, GPU work ÷ "
-          f"{NUM_NODES * GPUS_PER_NODE} = {work:.1f} s, lower bound {bound:.1f} s")
+    print(f"paper grid: {len(graph.nodes)} nodes; critical path at one GPU per node {critical:.1f} s, GPU work "
+          f"{work1:.0f} GPU-s; scaling efficiency at 8 GPUs {dict(policy.efficiency_at_8)}")
     rows = []
-    for name, g in (("dependency edges (grid)", graph), ("stage barriers", barrier_graph)):
-        makespan = simulate(g, seconds)
-        rows.append([name, f"{NUM_NODES}×{GPUS_PER_NODE} GPUs", "list simulation, no overhead", makespan,
-                     f"{makespan / bound:.3f}"])
-        print(" | ".join(str(v) for v in rows[-1]), flush=True)
-    # Fewer GPUs make the total work, not the critical path, the bound: where barriers start to cost.
-    for num_nodes in (2, 1):
-        gpus = num_nodes * GPUS_PER_NODE
-        small_bound = max(critical, work * NUM_NODES * GPUS_PER_NODE / gpus)
-        for name, g in (("dependency edges (grid)", graph), ("stage barriers", barrier_graph)):
-            makespan = simulate(g, seconds, num_nodes)
-            rows.append([name, f"{num_nodes}×{GPUS_PER_NODE} GPUs", "list simulation, no overhead", makespan,
-                         f"{makespan / small_bound:.3f}"])
+    for machines in machines_list:
+        one = simulate(graph, seconds, machines, widths=False, policy=policy)
+        wide = simulate(graph, seconds, machines, widths=True, policy=policy)
+        barriers = simulate(with_barriers(graph), seconds, machines, widths=False, policy=policy)
+        rows.append(describe("one GPU per node, stage barriers", machines, "simulation", barriers, graph, work1, None))
+        rows.append(describe("one GPU per node", machines, "simulation", one, graph, work1, None))
+        rows.append(describe("**widths**", machines, "simulation", wide, graph, work1, one.makespan))
+        for row in rows[-3:]:
+            print(" | ".join(str(v) for v in row), flush=True)
     if not args.no_ray:
         os.environ.setdefault("RAY_enable_worker_prestart", "0")  # no idle process per logical CPU
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
@@ -196,24 +291,30 @@ def main(argv: list[str] | None = None) -> int:
         import ray
         from ray.cluster_utils import Cluster
 
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": CPUS_PER_NODE, "num_gpus": GPUS_PER_NODE})
-        for _ in range(NUM_NODES - 1):
-            cluster.add_node(num_cpus=CPUS_PER_NODE, num_gpus=GPUS_PER_NODE)
-        ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, g in (("dependency edges (grid)", graph), ("stage barriers", barrier_graph)):
-                    result = run_on_ray(g, seconds, Path(tmp), reuse_actors=not args.no_reuse_actors)
-                    rows.append([name, f"{NUM_NODES}×{GPUS_PER_NODE} GPUs",
-                                 f"Ray Tune on {NUM_NODES} raylets (≤ {result['concurrency']} trials at once)",
-                                 result["makespan"], f"{result['makespan'] / bound:.3f}"])
-                    print(" | ".join(str(v) for v in rows[-1]), flush=True)
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+        for machines in machines_list:
+            cluster = Cluster(initialize_head=True,
+                              head_node_args={"num_cpus": CPUS_PER_NODE, "num_gpus": GPUS_PER_NODE})
+            for _ in range(machines - 1):
+                cluster.add_node(num_cpus=CPUS_PER_NODE, num_gpus=GPUS_PER_NODE)
+            ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    one_makespan = None
+                    if "one" in args.ray_schedules:
+                        one = run_on_ray(graph, seconds, Path(tmp), widths=False, policy=policy)
+                        one_makespan = one.makespan
+                        rows.append(describe("one GPU per node", machines, "Ray Tune", one, graph, work1, None))
+                        print(" | ".join(str(v) for v in rows[-1]), flush=True)
+                    if "widths" in args.ray_schedules:
+                        wide = run_on_ray(graph, seconds, Path(tmp), widths=True, policy=policy)
+                        rows.append(describe("**widths**", machines, "Ray Tune", wide, graph, work1, one_makespan))
+                        print(" | ".join(str(v) for v in rows[-1]), flush=True)
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
     print()
-    print(markdown_table(["schedule", "cluster", "how", "makespan s", "makespan ÷ lower bound"], rows))
-    print("\ntarget for the grid on Ray: <= 1.15")
+    print(markdown_table(HEADERS, rows))
+    print("\ntargets (widths, 4×8): ≤ 1.2 × the bound at widths, ≥ 3× the one-GPU schedule, GPUs held ≥ 60 %")
     return 0
 
 

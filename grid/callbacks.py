@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ from grid.tracking import Tracker
 
 class GridCallback(tune.Callback):
     def __init__(self, graph: StageGraph, tracker: Tracker, progress: Progress, storage: Path,
-                 results: dict[str, dict[str, Any]], failed: dict[str, str]) -> None:
+                 results: dict[str, dict[str, Any]], failed: dict[str, str], interrupts: Any = None) -> None:
         self.graph, self.tracker, self.progress = graph, tracker, progress
         self.storage, self.results, self.failed = storage, results, failed
+        self.interrupts = interrupts  # grid.interrupts.Interrupts: set once the driver got SIGINT / SIGTERM
+        self.interrupted: list[str] = []  # nodes stopped by it
 
     def _node(self, trial) -> Node:
         return self.graph.nodes[trial.config["node"]["key"]]
@@ -37,6 +40,11 @@ class GridCallback(tune.Callback):
         node = self._node(trial)
         directory = node_dir(self.storage, node.hash)
         result = read_result(directory)
+        if result is None and self.interrupts is not None and self.interrupts.signum is not None:
+            self.interrupted.append(node.key)  # stopped by Ctrl-C / SIGTERM: KILLED, resumed by the rerun
+            self.tracker.kill_node(node, f"interrupted by {signal.Signals(self.interrupts.signum).name}")
+            self.progress.set_state(node.key, "interrupted")
+            return
         if result is None:
             self.failed[node.key] = "the node finished without sealing its outputs"
             self.tracker.fail_node(node, self.failed[node.key])

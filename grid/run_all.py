@@ -27,6 +27,7 @@ from grid.progress import quiet_ray_environment  # noqa: E402
 
 quiet_ray_environment()  # before Ray is imported
 
+from grid import storage_lock  # noqa: E402
 from grid.artifacts import ARTIFACTS, node_dir, read_result  # noqa: E402
 from occkd_core.files import atomic_write_bytes  # noqa: E402
 from grid.data import PreparedData, prepare_data  # noqa: E402
@@ -59,6 +60,7 @@ class GridSpec:
     ray_train: str
     dry_run: bool
     widths: str = "auto"  # "auto": the searcher chooses GPU nodes' widths (grid.widths); "preset": as given
+    wait: bool = False  # another grid holds the storage: wait for it rather than stop
 
 
 def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
@@ -112,6 +114,9 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
                              "GPUs are free, in powers of two up to one machine's GPUs, within the preset's "
                              "resources.<arch>.max_workers / workers and the batch (grid/widths.py). preset: the "
                              "preset's workers (default 1). The training is the same at any width")
+    parser.add_argument("--wait", action="store_true",
+                        help="when another grid is running on --storage, wait for it to end instead of stopping "
+                             "(one grid per storage at a time)")
     parser.add_argument("--dry-run", action="store_true", help="print the stage graph with resources and exit")
     args = parser.parse_args(argv)
     try:
@@ -143,7 +148,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
                     cluster_config=cluster_config,
                     seeds=args.seeds, weights=weights, from_scratch=args.from_scratch,
                     max_failures=args.max_failures, ray_train=args.ray_train, widths=args.widths,
-                    dry_run=args.dry_run)
+                    dry_run=args.dry_run, wait=args.wait)
 
 
 def storage_problem(storage: Path) -> str | None:
@@ -253,6 +258,21 @@ def describe_init(graph: StageGraph, preset: Preset, from_scratch: bool) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     spec = parse_args(argv)
+    if spec.dry_run:
+        return _main(spec, None)
+    from grid.interrupts import GridInterrupted, Interrupts, exit_status
+
+    interrupts = Interrupts()
+    interrupts.install()
+    try:
+        return _main(spec, interrupts)
+    except GridInterrupted as stop:  # before any node ran: nothing to close but the parent run, if any
+        print(f"\n{stop}: stopped before any node ran; rerun the same command to start again", file=sys.stderr)
+        return exit_status(stop.signum)
+
+
+def _main(spec: GridSpec, interrupts: Any) -> int:
+    lock = None
     if not spec.dry_run:
         from grid.tracking import check_tracking_uri, default_tracking_uri
 
@@ -269,9 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 spec.storage.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise ValueError(f"--storage {str(spec.storage)!r}: cannot create it ({err.strerror})") from None
+            lock = storage_lock.acquire(spec.storage, wait=spec.wait, on_wait=lambda holder: print(
+                f"waiting for the grid running on this storage ({storage_lock.describe_holder(holder)}) ...",
+                flush=True))
             weights = stage_weights(weights, spec.storage)
         prepared = prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=not spec.dry_run)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, storage_lock.StorageBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     graph = expand_graph(spec.preset, spec.tasks, spec.archs, seeds=spec.seeds,
@@ -294,7 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe_graph(plan.graph, ray_train=plan.ray_train))
         print("\n".join(plan.lines))
         return 0
-    return run_graph(spec, graph, prepared)
+    try:
+        return run_graph(spec, graph, prepared, interrupts)
+    finally:
+        lock.release()
 
 
 @dataclass(frozen=True)
@@ -355,10 +381,13 @@ class RayOutcome:
     ready_at: dict[str, float] = field(default_factory=dict)  # node key -> handed to Tune (wall clock)
     completed_at: dict[str, float] = field(default_factory=dict)
     started_at: float = 0.0
+    interrupted: int | None = None  # the signal that stopped the experiment, if one did
 
 
-def run_graph(spec: GridSpec, graph: StageGraph, prepared: Mapping[str, PreparedData]) -> int:
-    """Resume what is done, run the rest on Ray, write the report; the exit status (0, 1: nodes failed, 2)."""
+def run_graph(spec: GridSpec, graph: StageGraph, prepared: Mapping[str, PreparedData], interrupts: Any = None) -> int:
+    """Resume what is done, run the rest on Ray, write the report; the exit status (0, 1: nodes failed, 2;
+    130 / 143 after SIGINT / SIGTERM)."""
+    from grid.interrupts import GridInterrupted
     from grid.tracking import Tracker
 
     started = time.monotonic()
@@ -368,7 +397,8 @@ def run_graph(spec: GridSpec, graph: StageGraph, prepared: Mapping[str, Prepared
                                   "preset": spec.preset.name, "seeds": spec.seeds,
                                   "data_root": str(spec.data_root or "synthetic"), "storage": str(spec.storage),
                                   "from_scratch": spec.from_scratch,
-                                  "weights": {n.key: dict(n.init) for n in graph.nodes.values() if n.init}})
+                                  "weights": {n.key: dict(n.init) for n in graph.nodes.values() if n.init}},
+                          storage=str(spec.storage))
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -380,13 +410,41 @@ def run_graph(spec: GridSpec, graph: StageGraph, prepared: Mapping[str, Prepared
     print(f"{len(graph.nodes)} nodes: {len(results)} already complete, {len(to_run)} to run "
           f"(storage {spec.storage}, MLflow {spec.tracking_uri})")
     try:
-        outcome = (run_on_ray(spec, graph, to_run, results, prepared, tracker, progress) if to_run
+        outcome = (run_on_ray(spec, graph, to_run, results, prepared, tracker, progress, interrupts) if to_run
                    else RayOutcome(graph=graph))
     except ValueError as err:  # a request that no node of the cluster can ever hold
         print(f"error: {err}", file=sys.stderr)
         tracker.finish("FAILED")
         return 2
+    except GridInterrupted:
+        tracker.finish("KILLED")
+        raise
+    if outcome.interrupted is not None:
+        return write_interrupted(spec, outcome, results, tracker, to_run)
     return write_outputs(spec, outcome, results, tracker, progress, started)
+
+
+def write_interrupted(spec: GridSpec, outcome: "RayOutcome", results: Mapping[str, Any], tracker: Any,
+                      to_run: list[str]) -> int:
+    """After SIGINT / SIGTERM: every node run this invocation left open and the parent end as KILLED, the
+    report stays as the last complete invocation wrote it, and the user learns what stopped and how to go
+    on. The exit status is the shell's for the signal."""
+    import signal
+
+    from grid.interrupts import exit_status
+
+    name = signal.Signals(outcome.interrupted).name
+    for key in tracker.node_runs:
+        if key not in results and key not in outcome.failed:
+            tracker.kill_node(outcome.graph.nodes[key], f"interrupted by {name}")
+    tracker.finish("KILLED")
+    sealed = [k for k in to_run if k in results]
+    stopped = sorted(k for k in tracker.node_runs if k not in results and k not in outcome.failed)
+    print(f"\ninterrupted by {name}: {len(sealed)} of the {len(to_run)} nodes to run were sealed"
+          + (f"; stopped: {', '.join(stopped)}" if stopped else "")
+          + ". No report written. Rerun the same command to resume (sealed nodes are kept, training nodes "
+          "resume from their last epoch).", file=sys.stderr)
+    return exit_status(outcome.interrupted)
 
 
 def resume(graph: StageGraph, storage: Path, tracker: Any) -> dict[str, dict[str, Any]]:
@@ -404,7 +462,8 @@ def resume(graph: StageGraph, storage: Path, tracker: Any) -> dict[str, dict[str
 
 
 def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: dict[str, dict[str, Any]],
-               prepared: Mapping[str, PreparedData], tracker: Any, progress: Progress) -> RayOutcome:
+               prepared: Mapping[str, PreparedData], tracker: Any, progress: Progress,
+               interrupts: Any = None) -> RayOutcome:
     """One Tune experiment over the nodes still to run; ``results`` gains each node as it seals."""
     import ray
     from ray import tune
@@ -433,7 +492,7 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
     widths = WidthPolicy(machine_gpus=int(machine_gpus)) if spec.widths == "auto" and machine_gpus >= 1 else None
     searcher = DependencySearcher(graph, to_run, set(results), settings, capacity=ClusterCapacity(plan.node_types),
                                   widths=widths)
-    callback = GridCallback(graph, tracker, progress, spec.storage, results, outcome.failed)
+    callback = GridCallback(graph, tracker, progress, spec.storage, results, outcome.failed, interrupts)
     tuner = tune.Tuner(
         tune.with_resources(run_node_trial, resources=trial_resources),
         # reuse_actors: a trial process (Ray worker, torch and the data libraries imported) runs the
@@ -442,11 +501,19 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
                                     max_concurrent_trials=concurrency, reuse_actors=True),
         run_config=tune.RunConfig(name=f"grid-{int(time.time())}", storage_path=str(spec.storage / "ray_results"),
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                  callbacks=[callback], verbose=0),
+                                  callbacks=[callback], verbose=0, stop=interrupts),
     )
     print("\n".join([plan.lines[0] + f"; up to {concurrency} nodes at once as the cluster has room", *plan.lines[1:]]))
     logging.getLogger("ray").setLevel(logging.CRITICAL)  # failures are summarised below, once
-    tuner.fit()
+    if interrupts is not None:
+        interrupts.install()  # again: ray.init put its own SIGTERM handler in place
+        interrupts.in_experiment = True
+    try:
+        tuner.fit()
+    finally:
+        if interrupts is not None:
+            interrupts.in_experiment = False
+    outcome.interrupted = interrupts.signum if interrupts is not None else None
     outcome.blocked.update(searcher.blocked)
     outcome.ready_at.update(searcher.ready_at)
     outcome.completed_at.update(searcher.completed_at)

@@ -10,6 +10,8 @@ again, and runs that a killed invocation left RUNNING are closed as FAILED on th
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -17,7 +19,7 @@ import urllib.error
 import urllib.request
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 # Against a tracking server MLflow prints "View run ... at: URL" for every run it ends: dozens of lines
 # through the grid's progress view. The report and the parent run link the runs instead.
@@ -27,8 +29,12 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from grid.graph import Node
+from grid.storage_lock import driver_alive, driver_identity
 
 PARENT_TAG = "mlflow.parentRunId"
+#: The driver (host, pid, process start) that created a run, and the storage it ran on.
+DRIVER_TAG = "occkd.driver"
+STORAGE_TAG = "occkd.storage"
 #: Keys Tune adds to every reported result; they are bookkeeping, not the node's metrics.
 TUNE_KEYS = {"timestamp", "pid", "time_this_iter_s", "time_total_s", "time_since_restore", "iterations_since_restore",
              "training_iteration", "done", "date", "hostname", "node_ip", "trial_id", "experiment_tag",
@@ -56,31 +62,50 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
 class Tracker:
     """Wraps an MlflowClient for one grid invocation."""
 
-    def __init__(self, tracking_uri: str, experiment: str, *, run_name: str, params: Mapping[str, Any]) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, *, run_name: str, params: Mapping[str, Any],
+                 storage: str = "") -> None:
         for name in ("mlflow", "alembic"):  # schema set-up chatter on a new store, not the user's business
             logging.getLogger(name).setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         try:
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            with _schema_lock(tracking_uri):  # two drivers creating one new SQLite store race on its tables
+                found = self.client.get_experiment_by_name(experiment)
+                self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         except Exception as err:  # unreachable server, unwritable store: say which URI
             raise RuntimeError(f"cannot reach the MLflow tracking store {tracking_uri!r}: {err}") from None
         self.sha = git_sha()
+        self.storage = storage
+        # Which driver a run belongs to, so that another invocation closes only runs whose driver is gone.
+        self.driver_tags = {DRIVER_TAG: json.dumps(driver_identity()), STORAGE_TAG: storage}
         self.closed_stale = self._close_stale_runs()
         self.parent = self.client.create_run(self.experiment_id, run_name=run_name,
-                                             tags={"occkd.kind": "grid", "mlflow.source.git.commit": self.sha})
+                                             tags={"occkd.kind": "grid", "mlflow.source.git.commit": self.sha,
+                                                   **self.driver_tags})
         self._log_params(self.parent.info.run_id, params)
         self.node_runs: dict[str, str] = {}  # node key -> run id of this invocation
 
     def _close_stale_runs(self) -> int:
-        """Runs left RUNNING by a killed invocation end as FAILED (their nodes re-run or resume)."""
-        stale = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
-                                        max_results=5000)
+        """Runs left RUNNING by a killed invocation end as FAILED (their nodes re-run or resume). Only runs
+        whose driver is gone: a driver on this host that no longer runs, or, on another host, one that ran
+        on this invocation's storage (whose lock this invocation holds, so that driver has ended). Runs of a
+        live grid on other storage sharing the MLflow store are left alone."""
+        running = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                          max_results=5000)
+        stale = [run for run in running if self._driver_gone(run.data.tags)]
         for run in stale:
             self.client.set_tag(run.info.run_id, "occkd.closed_reason", "driver stopped before the node finished")
             self.client.set_terminated(run.info.run_id, status="FAILED")
         return len(stale)
+
+    def _driver_gone(self, tags: Mapping[str, str]) -> bool:
+        if DRIVER_TAG not in tags:
+            return True  # recorded before drivers were named
+        try:
+            alive = driver_alive(json.loads(tags[DRIVER_TAG]))
+        except ValueError:
+            return True
+        return not alive if alive is not None else tags.get(STORAGE_TAG) == self.storage
 
     def finished_hashes(self) -> set[str]:
         runs = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'FINISHED'",
@@ -98,9 +123,8 @@ class Tracker:
             return self.node_runs[node.key]
         tags = {PARENT_TAG: self.parent.info.run_id, "occkd.task": node.task, "occkd.arch": node.arch or "-",
                 "occkd.strategy": node.strategy, "occkd.train_faces": node.train_faces, "occkd.node": node.hash,
-                "occkd.seed": str(node.seed), "mlflow.source.git.commit": self.sha}
+                "occkd.seed": str(node.seed), "mlflow.source.git.commit": self.sha, **self.driver_tags}
         run = self.client.create_run(self.experiment_id, run_name=node.run_name, tags=tags)
-        self._supersede(node, run.info.run_id)
         params = {"spec": node.params, "grid_point": node.grid_point, "resources": node.resources.as_dict(),
                   "parents": ",".join(f"{edge.role}={edge.key}" for edge in node.parents)}
         if node.init:  # a teacher: which weights it started from, the file and its sha256
@@ -110,11 +134,12 @@ class Tracker:
         return run.info.run_id
 
     def _supersede(self, node: Node, new_run_id: str) -> None:
-        """A node that runs again (its stored outputs were damaged) keeps one FINISHED run: the older
-        ones end as KILLED, pointing at the new run."""
+        """A node that ran again (its stored outputs were damaged) keeps one FINISHED run: once the new one
+        has finished, the older ones end as KILLED, pointing at it. Until then the old record stands (a
+        rerun that fails must not leave the node with no finished run while its children have one)."""
         older = self.client.search_runs([self.experiment_id], max_results=100,
                                         filter_string=f"tags.`occkd.node` = '{node.hash}' and attributes.status = 'FINISHED'")
-        for run in older:
+        for run in (r for r in older if r.info.run_id != new_run_id):
             self.client.set_tag(run.info.run_id, "occkd.superseded_by", new_run_id)
             self.client.set_terminated(run.info.run_id, status="KILLED")
 
@@ -154,6 +179,7 @@ class Tracker:
                 self.client.log_artifact(run_id, str(path), artifact_path=str(Path(name).parent) if "/" in name else None)
         self.client.log_artifact(run_id, str(directory / "result.json"))
         self.client.set_terminated(run_id, status="FINISHED")
+        self._supersede(node, run_id)
 
     def _log_comparison(self, run_id: str, row: Mapping[str, Any]) -> None:
         name = f"{row['arch']}.{row['model']}.{row['test_set']}"
@@ -169,10 +195,33 @@ class Tracker:
         self.client.set_tag(run_id, "occkd.error", reason[:5000])
         self.client.set_terminated(run_id, status="FAILED")
 
+    def kill_node(self, node: Node, reason: str) -> None:
+        """An interrupted node's run ends as KILLED (its checkpoint stays; the rerun resumes it)."""
+        run_id = self.node_runs.get(node.key)
+        if run_id is None:
+            return
+        self.client.set_tag(run_id, "occkd.closed_reason", reason)
+        self.client.set_terminated(run_id, status="KILLED")
+
     def finish(self, status: str, artifacts: Iterable[Path] = ()) -> None:
         for path in artifacts:
             self.client.log_artifact(self.parent.info.run_id, str(path))
         self.client.set_terminated(self.parent.info.run_id, status=status)
+
+
+@contextlib.contextmanager
+def _schema_lock(uri: str) -> Iterator[None]:
+    """Hold an OS lock beside a SQLite store while MLflow first opens it: MLflow creates the schema on first
+    use, and two processes doing so at once crash with "table ... already exists" (seen with two grids
+    started together on a new mlflow.db). Other stores serialise this themselves."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(f"{uri[len('sqlite:///'):]}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def metric_name(row: Mapping[str, Any], node_strategy: str) -> str:

@@ -1,6 +1,7 @@
 """The grid end to end on a real local Ray and a real MLflow SQLite store (no mocks of either)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,11 +35,11 @@ TINY = {
 }
 
 
-def run_grid(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_grid(workdir: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "gender", "--archs", "vggf",
          "--preset", str(workdir / "tiny.yaml"), *extra],
-        cwd=workdir, capture_output=True, text=True, timeout=600)
+        cwd=workdir, capture_output=True, text=True, timeout=600, env=None if env is None else {**os.environ, **env})
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +144,25 @@ def test_a_node_with_a_corrupted_file_reruns_in_a_ray_train_worker_group(grid_ru
     assert sorted(r.info.status for r in teachers) == ["FINISHED", "KILLED"]  # one FINISHED run per node
     old = next(r for r in teachers if r.info.status == "KILLED")
     assert old.data.tags["occkd.superseded_by"] == next(r for r in teachers if r.info.status == "FINISHED").info.run_id
+
+
+def test_a_damaged_nodes_old_record_stands_until_its_rerun_succeeds(grid_run):
+    """The rerun of a damaged node fails (an injected fault, every attempt): the node keeps its FINISHED run;
+    the failed attempt is a FAILED run beside it, and nothing is marked superseded."""
+    workdir, _ = grid_run
+    storage = workdir / "occkd_runs"
+    teacher_dir = next(d for d in storage.glob("nodes/*") if json.loads((d / "result.json").read_text())
+                       .get("strategy") == "teacher")
+    client, _, runs = finished_runs(workdir)
+    before = next(r for r in runs if r.info.run_name == "gender/vggf/teacher" and r.info.status == "FINISHED")
+    predictions = teacher_dir / "predictions.parquet"
+    predictions.write_bytes(predictions.read_bytes()[:50])
+    rerun = run_grid(workdir, "--max-failures", "0",
+                     env={"OCCKD_FAULT_INJECTION": json.dumps({"node": "gender/vggf/teacher", "times": 99})})
+    assert rerun.returncode == 1, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert "FAILED  gender/vggf/teacher" in rerun.stderr
+    _, _, runs = finished_runs(workdir)
+    teachers = {r.info.run_id: r for r in runs if r.info.run_name == "gender/vggf/teacher"}
+    assert teachers[before.info.run_id].info.status == "FINISHED"
+    assert "occkd.superseded_by" not in teachers[before.info.run_id].data.tags
+    assert sum(1 for r in teachers.values() if r.info.status == "FAILED") == 1

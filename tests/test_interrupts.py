@@ -1,0 +1,129 @@
+"""Real signals to a real driver, and two real drivers on one storage (issue 14): a second grid on the same
+storage stops at once naming the first; Ctrl-C and SIGTERM stop the nodes, record them KILLED, write no
+report and exit 130 / 143; a second Ctrl-C exits at once; the rerun resumes and finishes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from test_grid_e2e import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+#: The teacher trains long enough to be interrupted mid-node, three times (each epoch, ~0.1 s here, is a
+#: checkpoint to resume from).
+TEACHER_EPOCHS = 400
+PRESET = {**TINY, "name": "tiny-long",
+          "stage_defaults": {**TINY["stage_defaults"],
+                             "teacher": {**TINY["stage_defaults"]["teacher"], "epochs": TEACHER_EPOCHS}},
+          "resources": {a: {"cpus": 1} for a in ("vggf", "vggface", "resnet50", "fusion", "significance")}}
+
+
+def command(workdir: Path) -> list[str]:
+    return [sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "gender", "--archs", "vggf",
+            "--preset", str(workdir / "tiny-long.yaml")]
+
+
+def start(workdir: Path, name: str) -> subprocess.Popen:
+    log = open(workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(command(workdir), cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+
+
+def teacher_epochs(workdir: Path) -> int:
+    """Epochs the teacher has checkpointed (its progress.json-free view: the MLflow-independent last.pt)."""
+    import torch
+
+    for last in (workdir / "occkd_runs").glob("nodes/*/train/last.pt"):
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - being written
+            continue
+        if state.get("stage_spec", {}).get("strategy") == "teacher":
+            return int(state.get("epoch", 0))
+    return 0
+
+
+def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the driver exited ({process.returncode}) before {what}")
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def runs(workdir: Path):
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("occkd-tiny-long")
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def test_a_second_driver_ctrl_c_sigterm_and_the_rerun(tmp_path: Path):
+    (tmp_path / "tiny-long.yaml").write_text(yaml.safe_dump(PRESET))
+    first = start(tmp_path, "first")
+    wait_for(lambda: teacher_epochs(tmp_path) >= 1, 180, "the teacher's first epoch", first)
+
+    # A second grid on the same storage: refused at once, naming the running one; nothing of it runs.
+    second = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stdout + second.stderr
+    errors = [line for line in second.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "another grid is running on --storage" in errors[0] and f"pid {first.pid}" in errors[0]
+
+    # Ctrl-C: the nodes stop within seconds, KILLED in MLflow, no report, exit 130.
+    first.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    assert first.wait(timeout=60) == 130
+    assert time.monotonic() - sent < 30
+    log = (tmp_path / "first.log").read_text()
+    assert "interrupted by SIGINT" in log and "Rerun the same command to resume" in log
+    assert not (tmp_path / "occkd_runs" / "reports").exists()
+    recorded = runs(tmp_path)
+    assert not [r for r in recorded if r.info.status == "RUNNING"]
+    parent = next(r for r in recorded if r.data.tags.get("occkd.kind") == "grid")
+    assert parent.info.status == "KILLED"
+    teacher = next(r for r in recorded if r.info.run_name == "gender/vggf/teacher")
+    assert teacher.info.status == "KILLED" and teacher.data.tags["occkd.closed_reason"] == "interrupted by SIGINT"
+    interrupted_at = teacher_epochs(tmp_path)
+
+    # SIGTERM (a scheduler's or `kill`'s): the same, exit 143, no crash dump from Ray's handler.
+    again = start(tmp_path, "again")
+    wait_for(lambda: teacher_epochs(tmp_path) > interrupted_at, 180, "the teacher to resume and train on", again)
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(timeout=60) == 143
+    log = (tmp_path / "again.log").read_text()
+    assert "interrupted by SIGTERM" in log and "SIGTERM received at time" not in log
+
+    # A second Ctrl-C exits at once, without waiting for the nodes.
+    terminated_at = teacher_epochs(tmp_path)
+    third = start(tmp_path, "third")
+    wait_for(lambda: teacher_epochs(tmp_path) > terminated_at, 180, "the third driver to train", third)
+    third.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    third.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    assert third.wait(timeout=30) == 130
+    assert time.monotonic() - sent < 10
+
+    # The rerun resumes and finishes: one FINISHED run per node, the teacher resumed, not restarted.
+    final = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    recorded = runs(tmp_path)
+    finished = [r for r in recorded if r.info.status == "FINISHED" and "occkd.node" in r.data.tags]
+    assert len(finished) == len({r.data.tags["occkd.node"] for r in finished}) == 8
+    assert not [r for r in recorded if r.info.status == "RUNNING"]
+    teacher = next(r for r in finished if r.info.run_name == "gender/vggf/teacher")
+    steps = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
+        teacher.info.run_id, "train_loss")]
+    assert steps and min(steps) > 1 and max(steps) == TEACHER_EPOCHS  # resumed from its checkpoint, not retrained

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from occkd_core.data import open_face_store
-from occkd_core.data.sources import prepare_real_data, prepare_synthetic_data, real_store_path
+from occkd_core.data.checks import check_split_sizes
+from occkd_core.data.sources import check_planned_splits, prepare_real_data, prepare_synthetic_data, real_store_path
+from occkd_core.data.utkface import SPLIT_NAMES
 from occkd_core.presets import Preset
 
 
@@ -47,6 +49,12 @@ def prepare_data(preset: Preset, tasks: list[str], storage: Path, data_root: Pat
     prepared = {}
     for task in tasks:
         path = prepare_real_data(task, root, cache, **options) if write else real_store_path(task, root, cache, **options)
-        num_train = len(open_face_store(path).split("train")) if path.is_file() else 0
+        if path.is_file():  # converted now or before: its splits are checked for this task too
+            store = open_face_store(path)
+            check_split_sizes({name: store.split(name).labels(task) for name in SPLIT_NAMES}, task, source=str(path))
+            num_train = len(store.split("train"))
+        else:  # a dry run before the conversion: the sources' labels say what it would give
+            check_planned_splits(task, root, cache, **options)
+            num_train = 0
         prepared[task] = PreparedData(path, path.stem, num_train)
     return prepared

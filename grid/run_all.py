@@ -285,6 +285,9 @@ def _main(spec: GridSpec, interrupts: Any) -> int:
     try:
         weights = resolve_weights(spec.preset, list(spec.tasks), list(spec.archs), spec.weights, spec.from_scratch)
         if not spec.dry_run:
+            # The data checked as a dry run checks it (split sizes from the sources' labels) before anything
+            # is written; the conversion below checks the converted store again.
+            prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=False)
             try:
                 spec.storage.mkdir(parents=True, exist_ok=True)
             except OSError as err:

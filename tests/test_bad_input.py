@@ -64,3 +64,65 @@ def test_refused_with_one_line_and_nothing_written(tmp_path: Path, monkeypatch, 
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], err
     assert set(tmp_path.iterdir()) == before  # no occkd_runs/, no mlflow.db, no data store
+
+
+# -- degenerate data: refused with the counts and the minimum, in --dry-run already ----------------------
+
+def fer_rows(train: int, val: int, test: int) -> list:
+    """FER+ rows whose votes give a clear majority, alternating neutral and happiness."""
+    rows = []
+    for usage, count in (("Training", train), ("PublicTest", val), ("PrivateTest", test)):
+        for _ in range(count):
+            votes = [10, 0, 0, 0, 0, 0, 0, 0, 0, 0] if len(rows) % 2 == 0 else [0, 10, 0, 0, 0, 0, 0, 0, 0, 0]
+            rows.append((usage, f"fer{len(rows):07d}.png", votes))
+    return rows
+
+
+def write_utkface(folder: Path, count: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", (200, 200), (i * 20 % 256, 80, 120)).save(folder / f"{20 + i}_{i % 2}_0_2017011617452{i}.jpg.chip.jpg")
+
+
+def run_main(tmp_path: Path, monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    try:
+        code = main(args)
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_six_utkface_images_are_refused_with_the_counts(tmp_path: Path, monkeypatch, capsys, dry_run):
+    write_utkface(tmp_path / "data" / "utkface" / "UTKFace", 6)
+    code, err = run_main(tmp_path, monkeypatch, capsys, ["--tasks", "gender", "--archs", "vggf", "--preset", "mini",
+                                                         "--data-root", "data", *(["--dry-run"] if dry_run else [])])
+    assert code == 2 and "Traceback" not in err
+    assert "too few usable images for task 'gender': {'train': 4, 'val': 1, 'test': 1} per split" in err
+    assert "at least {'train': 8, 'val': 2, 'test': 2}" in err
+    assert not (tmp_path / "occkd_runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_fer_without_its_test_rows_is_refused_in_the_dry_run(tmp_path: Path, monkeypatch, capsys):
+    from test_loaders import write_fer_pair
+
+    write_fer_pair(tmp_path / "data" / "ferplus", fer_rows(train=40, val=0, test=0))
+    code, err = run_main(tmp_path, monkeypatch, capsys, ["--tasks", "fer", "--archs", "vggf", "--preset", "mini",
+                                                         "--data-root", "data", "--dry-run"])
+    assert code == 2 and "{'train': 40, 'val': 0, 'test': 0} per split" in err and "short: val, test" in err
+
+
+def test_a_truncated_fer_csv_gz_is_named(tmp_path: Path, monkeypatch, capsys):
+    from test_loaders import write_fer_pair
+
+    fer, _ = write_fer_pair(tmp_path / "data" / "ferplus", fer_rows(train=40, val=4, test=4), gz=True)
+    fer.write_bytes(fer.read_bytes()[: len(fer.read_bytes()) // 2])
+    code, err = run_main(tmp_path, monkeypatch, capsys, ["--tasks", "fer", "--archs", "vggf", "--preset", "mini",
+                                                         "--data-root", "data"])
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1, err
+    assert "fer2013.csv.gz is not a valid FER2013 CSV" in errors[0]

@@ -113,7 +113,7 @@ def read_fer2013(fer_csv: Path) -> tuple[np.ndarray, np.ndarray]:
             images.append(_parse_pixels(batch.column("pixels"), num_rows, fer_csv))
             usages.append(batch.column("Usage").to_numpy(zero_copy_only=False))
             num_rows += batch.num_rows
-    except pa.ArrowInvalid as error:
+    except (pa.ArrowInvalid, OSError, EOFError) as error:  # a bad row, or a truncated / damaged .gz
         raise ValueError(f"{fer_csv} is not a valid FER2013 CSV: {error}") from None
     if num_rows == 0:
         raise ValueError(f"{fer_csv} has a header but no rows; pass the full FER2013 CSV")
@@ -197,8 +197,7 @@ def load_ferplus(fer_csv: Path, votes_csv: Path, *, label_rule: LabelRule = "maj
                          f"{fer_csv.name} says {usage[row]!r}, {votes_csv.name} says {vote_usage[row]!r}; "
                          "the files are not in the same row order, pass the matching pair")
 
-    name_codes = _name_drops(names)
-    labels = np.where(name_codes < 0, name_codes, ferplus_labels(votes, label_rule))
+    labels = _kept_labels(names, votes, label_rule)
     splits, dropped, class_counts = {}, {}, {}
     for usage_name, split_name in USAGE_TO_SPLIT.items():
         in_split = usage == usage_name
@@ -224,12 +223,26 @@ def load_ferplus(fer_csv: Path, votes_csv: Path, *, label_rule: LabelRule = "maj
     return FaceData(name="ferplus", splits=splits, metadata=metadata)
 
 
+def _kept_labels(names: np.ndarray, votes: np.ndarray, label_rule: LabelRule) -> np.ndarray:
+    """Per row, its expression class, or a negative drop code (see _DROP_REASONS)."""
+    name_codes = _name_drops(names)
+    return np.where(name_codes < 0, name_codes, ferplus_labels(votes, label_rule))
+
+
+def ferplus_split_labels(votes_csv: Path, *, label_rule: LabelRule = "majority") -> dict[str, np.ndarray]:
+    """Per split, the expression labels :func:`load_ferplus` keeps, from the votes file alone (no pixels)."""
+    usage, names, votes = read_ferplus_votes(Path(votes_csv))
+    labels = _kept_labels(names, votes, label_rule)
+    return {split: labels[(usage == usage_name) & (labels >= 0)] for usage_name, split in USAGE_TO_SPLIT.items()}
+
+
 __all__ = [
     "FER_HEADER",
     "LABEL_RULES",
     "VOTES_HEADER",
     "LabelRule",
     "ferplus_labels",
+    "ferplus_split_labels",
     "load_ferplus",
     "read_fer2013",
     "read_ferplus_votes",

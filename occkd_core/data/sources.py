@@ -40,10 +40,11 @@ from PIL import Image
 
 from occkd_core.data import affectnet
 from occkd_core.data.affectnet import load_affectnet
-from occkd_core.data.ferplus import LABEL_RULES, LabelRule, load_ferplus
+from occkd_core.data.checks import check_split_sizes
+from occkd_core.data.ferplus import LABEL_RULES, LabelRule, ferplus_split_labels, load_ferplus
 from occkd_core.data.synthetic import make_synthetic_faces, synthetic_split_sizes
 from occkd_core.data.store import SCHEMA_VERSION, FaceData, FaceSplit, open_face_store, write_face_store
-from occkd_core.data.utkface import UTKFACE_SIZE, load_utkface
+from occkd_core.data.utkface import UTKFACE_SIZE, load_utkface, utkface_split_labels
 from occkd_core.files import file_sha256
 from occkd_core.tasks import get_task
 
@@ -292,6 +293,21 @@ def _plan(task: str, data_root: Path, cache_dir: Path, *, label_rule: LabelRule 
                                      "sources": checksums, "settings": settings}, sort_keys=True).encode())
     path = Path(cache_dir) / f"{sources.store_name}-{key.hexdigest()[:20]}.arrow"
     return _StorePlan(path=path, found=found, settings=settings, checksums=checksums)
+
+
+def check_planned_splits(task: str, data_root: Path, cache_dir: Path, **options: Any) -> None:
+    """For ``--dry-run``, before anything is converted: the split sizes a conversion would give, from the
+    sources' labels alone (FER+ votes, UTKFace names), checked like a conversion checks them. FER+ joined
+    with AffectNet is checked at conversion only (AffectNet's labels need its annotation files read)."""
+    plan = _plan(task, data_root, cache_dir, **options)
+    if "fer2013new" in plan.found and "affectnet" not in plan.found:
+        labels = ferplus_split_labels(plan.found["fer2013new"], label_rule=plan.settings["label_rule"])
+    elif "utkface" in plan.found:
+        labels = utkface_split_labels(plan.found["utkface"], task, seed=plan.settings["seed"],
+                                      split_fractions=plan.settings["split_fractions"])
+    else:
+        return
+    check_split_sizes(labels, task, source=", ".join(str(value) for _, value in sorted(plan.found.items())))
 
 
 def _convert_and_write(task: str, plan: _StorePlan) -> Path:

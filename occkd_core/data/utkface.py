@@ -62,6 +62,17 @@ def split_rows(num_rows: int, fractions: Sequence[float], seed: int) -> dict[str
     return dict(zip(SPLIT_NAMES, np.split(order, [num_train, num_train + num_val])))
 
 
+def utkface_split_labels(folder: Path, task: str, *, seed: int = 0,
+                         split_fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> dict[str, np.ndarray]:
+    """Per split, the gender or age labels :func:`load_utkface` would give, from the file names alone
+    (images that turn out unreadable are not known without decoding them)."""
+    names = sorted(entry.name for entry in Path(folder).iterdir() if entry.is_file())
+    parsed = [parse_utkface_name(name) for name in names if name.lower().endswith(".jpg")]
+    values = np.array([age if task == "age" else gender for age, gender in (p for p in parsed if p is not None)],
+                      dtype=np.float32 if task == "age" else np.int64)
+    return {split: values[rows] for split, rows in split_rows(len(values), split_fractions, seed).items()}
+
+
 def load_utkface(folder: Path, *, seed: int = 0, split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
                  image_size: int = UTKFACE_SIZE) -> FaceData:
     """UTKFace as :class:`FaceData` "utkface": RGB uint8 [N, S, S, 3], gender and age from the names.
@@ -135,4 +146,4 @@ def load_utkface(folder: Path, *, seed: int = 0, split_fractions: Sequence[float
     return FaceData(name="utkface", splits=splits, metadata=metadata)
 
 
-__all__ = ["UTKFACE_SIZE", "load_utkface", "parse_utkface_name", "split_rows"]
+__all__ = ["UTKFACE_SIZE", "load_utkface", "parse_utkface_name", "split_rows", "utkface_split_labels"]

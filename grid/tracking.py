@@ -66,10 +66,10 @@ class Tracker:
                  storage: str = "") -> None:
         for name in ("mlflow", "alembic"):  # schema set-up chatter on a new store, not the user's business
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         try:
             with _schema_lock(tracking_uri):  # two drivers creating one new SQLite store race on its tables
+                self.client = MlflowClient(tracking_uri=tracking_uri)
                 found = self.client.get_experiment_by_name(experiment)
                 self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         except Exception as err:  # unreachable server, unwritable store: say which URI

@@ -39,3 +39,23 @@ def test_teacher_runs_record_weights_name_file_and_checksum(tmp_path: Path):
     assert run.metrics["pvalue.vggf.fusion.test"] == 0.0414 and run.metrics["dagger.vggf.fusion.test"] == 1.0
     assert run.tags["verdict.vggf.fusion.test"] == "no significant difference"  # Holm
     assert run.tags["verdict_uncorrected.vggf.fusion.test"] == "better"  # the papers' rule
+
+
+def test_two_drivers_opening_a_new_sqlite_store_at_once_both_get_their_runs(tmp_path: Path):
+    """MLflow creates a SQLite store's tables on first use; two grids doing so together crashed with
+    "table ... already exists" before the store was opened under a lock. Real processes, released together."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = ("import sys, time; from grid.tracking import Tracker; "
+              "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
+              "Tracker(sys.argv[1], 'occkd-race', run_name='grid', params={}, storage=sys.argv[3])")
+    start_at = str(__import__("time").time() + 8)  # both import MLflow first, then open the store together
+    drivers = [subprocess.Popen([sys.executable, "-c", script, uri, start_at, str(tmp_path / f"s{i}")],
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for driver in drivers:
+        assert driver.wait(timeout=120) == 0, driver.stderr.read()[-2000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("occkd-race")
+    assert len(client.search_runs([experiment.experiment_id])) == 2

@@ -28,6 +28,8 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # name the file the caller meant, with its folder (not the temporary's bare name)
+        raise type(err)(err.errno, err.strerror or str(err), str(path.resolve())) from err
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -181,3 +181,12 @@ def test_open_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(store, "SCHEMA_VERSION", "1")
     with pytest.raises(ValueError, match="schema version 0, this code reads version 1"):
         open_face_store(old)
+
+
+def test_a_failed_atomic_write_names_the_file_it_meant(tmp_path):
+    from occkd_core.files import atomic_write_bytes
+
+    (tmp_path / "best.pt").mkdir()  # the target cannot be replaced
+    with pytest.raises(IsADirectoryError, match=str(tmp_path / "best.pt")):
+        atomic_write_bytes(tmp_path / "best.pt", b"x")
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary left behind

@@ -109,7 +109,7 @@ class DependencySearcher(Searcher):
         room = self.capacity.free()
         res = node.resources
         # Workers of a widened node (a whole GPU each, see widened) that one machine has room for; width 1 is
-        # the preset's own request, which admits() checks below.
+        # the preset's own request, which place() checks below.
         per_worker = widened(res, res.workers + 1)
         free_workers = max((min(m.get("GPU", 0.0) // per_worker.gpus, m.get("CPU", 0.0) // max(res.cpus, 1e-9))
                             for m in room), default=0.0)
@@ -120,7 +120,7 @@ class DependencySearcher(Searcher):
                                     free_workers=max(int(free_workers), 1))
         if choice is None:
             return None
-        # The packing above is a model: should the chosen width not pack next to the running nodes, narrower may.
+        # Should the chosen width not be placeable after all (its CPUs), a narrower one may be.
         for width in sorted((w for w in choice.allowed if w <= choice.width), reverse=True):
             resources = widened(res, width)
             if self.capacity.place(key, self._node_bundles(key, resources)):

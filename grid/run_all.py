@@ -285,8 +285,8 @@ def _main(spec: GridSpec, interrupts: Any) -> int:
     try:
         weights = resolve_weights(spec.preset, list(spec.tasks), list(spec.archs), spec.weights, spec.from_scratch)
         if not spec.dry_run:
-            # The data checked as a dry run checks it (split sizes from the sources' labels) before anything
-            # is written; the conversion below checks the converted store again.
+            # The data checked as --dry-run checks it (split sizes from the sources' labels) before anything
+            # is written; prepare_data below checks the converted store again.
             prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=False)
             try:
                 spec.storage.mkdir(parents=True, exist_ok=True)
@@ -299,6 +299,8 @@ def _main(spec: GridSpec, interrupts: Any) -> int:
         prepared = prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=not spec.dry_run)
     except (ValueError, OSError, storage_lock.StorageBusy) as err:
         print(f"error: {err}", file=sys.stderr)
+        if lock is not None:
+            lock.release()
         return 2
     graph = expand_graph(spec.preset, spec.tasks, spec.archs, seeds=spec.seeds,
                          train_sizes={t: p.num_train for t, p in prepared.items()},

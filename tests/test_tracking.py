@@ -48,11 +48,12 @@ def test_two_drivers_opening_a_new_sqlite_store_at_once_both_get_their_runs(tmp_
     import sys
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    script = ("import sys, time; from grid.tracking import Tracker; "
-              "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
+    # Both import MLflow, say so with a file, and open the store once both files exist: at the same moment.
+    script = ("import sys, time, pathlib; from grid.tracking import Tracker; "
+              "folder = pathlib.Path(sys.argv[2]); (folder / sys.argv[3]).touch(); "
+              "[time.sleep(0.01) for _ in iter(lambda: len(list(folder.glob('ready*'))) < 2, False)]; "
               "Tracker(sys.argv[1], 'occkd-race', run_name='grid', params={}, storage=sys.argv[3])")
-    start_at = str(__import__("time").time() + 8)  # both import MLflow first, then open the store together
-    drivers = [subprocess.Popen([sys.executable, "-c", script, uri, start_at, str(tmp_path / f"s{i}")],
+    drivers = [subprocess.Popen([sys.executable, "-c", script, uri, str(tmp_path), f"ready{i}"],
                                 stderr=subprocess.PIPE, text=True) for i in range(2)]
     for driver in drivers:
         assert driver.wait(timeout=120) == 0, driver.stderr.read()[-2000:]

@@ -37,11 +37,18 @@ class Interrupts(Stopper):
     def __init__(self) -> None:
         self.signum: int | None = None
         self.in_experiment = False
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
+            previous = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, previous)
+
+    def restore(self) -> None:
+        """The handlers from before :meth:`install` (a caller that runs the grid in-process keeps its own)."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:  # the second signal: the user insists

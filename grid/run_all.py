@@ -269,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GridInterrupted as stop:  # before any node ran: nothing to close but the parent run, if any
         print(f"\n{stop}: stopped before any node ran; rerun the same command to start again", file=sys.stderr)
         return exit_status(stop.signum)
+    finally:
+        interrupts.restore()
 
 
 def _main(spec: GridSpec, interrupts: Any) -> int:

@@ -347,13 +347,14 @@ def test_teacher_identity_follows_the_weights_files_content(tmp_path: Path):
         graph()
 
 
-def test_a_preset_without_its_weights_fails_fast_with_one_line(tmp_path: Path):
+def test_a_preset_without_its_weights_fails_fast_with_one_line(tmp_path: Path, monkeypatch, capsys):
+    from grid.run_all import main
+
     preset = paper_style_preset(tmp_path)
-    command = [sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "fer,gender", "--archs", "vggf,vggface",
-               "--preset", str(preset)]
-    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
+    monkeypatch.chdir(tmp_path)
+    base = ["--tasks", "fer,gender", "--archs", "vggf,vggface", "--preset", str(preset)]
+    assert main(base) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: preset 'pretrained-smoke' starts teachers from pre-trained weights that were not given: "
         "vggf_imagenet (e.g. imagenet-vgg-f.mat) for fer/vggf, gender/vggf; pass --weights vggf_imagenet=PATH, "
         "or --from-scratch to train them from random initialisation"]
@@ -364,13 +365,11 @@ def test_a_preset_without_its_weights_fails_fast_with_one_line(tmp_path: Path):
 
     for extra, start in ((["--weights", f"vggf_imagenet={weights}"], f"vggf_imagenet sha256 {file_sha256(weights)[:12]}"),
                          (["--from-scratch"], "from_scratch")):
-        out = subprocess.run(command + extra + ["--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        teacher = next(line for line in out.stdout.splitlines() if line.startswith("fer/vggf/teacher"))
+        assert main(base + extra + ["--dry-run"]) == 0
+        teacher = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("fer/vggf/teacher"))
         assert teacher.endswith(f"<- {start}")
-    out = subprocess.run(command + ["--from-scratch", "--weights", f"vggf_imagenet={weights}", "--dry-run"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "drop --weights vggf_imagenet or --from-scratch" in out.stderr
+    assert main(base + ["--from-scratch", "--weights", f"vggf_imagenet={weights}", "--dry-run"]) == 2
+    assert "drop --weights vggf_imagenet or --from-scratch" in capsys.readouterr().err
 
 
 def test_weights_of_another_architecture_are_refused_before_anything_runs(tmp_path: Path, monkeypatch, capsys):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 #: The teacher trains long enough to be interrupted mid-node, three times (each epoch, ~0.1 s here, is a
 #: checkpoint to resume from).
-TEACHER_EPOCHS = 400
+TEACHER_EPOCHS = 300
 PRESET = {**TINY, "name": "tiny-long",
           "stage_defaults": {**TINY["stage_defaults"],
                              "teacher": {**TINY["stage_defaults"]["teacher"], "epochs": TEACHER_EPOCHS}},

@@ -393,23 +393,13 @@ class ClusterCapacity:
         self._placed.pop(key, None)
 
     def admits(self, held: list[list[dict[str, float]]], candidate: list[dict[str, float]]) -> bool:
-        """Whether ``candidate`` fits next to ``held`` placed in that order (stateless; see :meth:`place`)."""
-        return self.free_after([*held, candidate]) is not None
-
-    def free_after(self, held: list[list[dict[str, float]]]) -> list[dict[str, float]] | None:
-        """What each machine (live, then launchable) has left once every bundle of ``held`` is placed, in the
-        order given (the order nodes were handed out: Ray never moves a placed bundle), or None if they do
-        not all fit. Each bundle goes where Ray's scheduler would put it (:func:`ray_like_choice`)."""
-        totals = self.room()
-        free = [{k: v for k, v in n.items() if k != "NodeID"} for n in totals]
-        live = len(free) - self._launchable
-        for bundle in (b for node in held for b in node):
-            slot = ray_like_choice(bundle, free, totals, live)
-            if slot is None:
-                return None
-            for k, v in bundle.items():
-                free[slot][k] = free[slot].get(k, 0.0) - v
-        return free
+        """Whether ``candidate`` fits next to ``held`` placed in that order: a what-if through :meth:`place`
+        on an empty record, which is then put back."""
+        saved, self._placed = self._placed, {}
+        try:
+            return all(self.place(f"what-if-{i}", bundles) for i, bundles in enumerate([*held, candidate]))
+        finally:
+            self._placed = saved
 
     def __getstate__(self) -> dict[str, Any]:  # Tune checkpoints its searcher: drop the cached room
         return {**self.__dict__, "_room": [], "_launchable": 0, "_read_at": -math.inf}

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 
 #: Scaling efficiency at 8 GPUs in one machine (speed-up ÷ 8) assumed per architecture; between 1 and 8
-#: GPUs it is interpolated geometrically (efficiency(w) = e8 ** log2(w) / 3), so each doubling costs the
+#: GPUs it is interpolated geometrically (efficiency(w) = e8 ** (log2(w) / 3)), so each doubling costs the
 #: same factor. Why these values: published data-parallel scaling of these families, on 8 GPUs with
 #: NVLink, is near-linear for ResNet-50 (~90 %, weak scaling) and clearly worse for VGG-16 (~70 %), whose
 #: 138 M parameters, 90 % of them in the fully connected layers, make every step's all-reduce large

@@ -1,4 +1,6 @@
-"""A compact live view of the grid: nodes done/running/pending per stage, latest metrics, elapsed, ETA.
+"""The grid's progress: on a terminal a compact live view (nodes done/running/pending per stage, latest
+metrics, elapsed, ETA) redrawn in place; anywhere else (a log file, CI, ``ray job submit``) one line per
+node event (started, done, failed, blocked, interrupted), never a repeated status line.
 
 The ETA divides the remaining estimated work (the graph's cost model) by the rate at which work has
 been finishing in this invocation; it is a rough guide until a few nodes have finished.
@@ -34,13 +36,19 @@ class Progress:
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.lines_drawn = 0  # on a terminal the view redraws in place; in a log it appends
         self.total_cost = sum(n.cost for k, n in graph.nodes.items() if k not in skipped)
+        self.to_run = len(graph.nodes) - len(skipped)
 
     def set_state(self, key: str, state: str) -> None:
         previous = self.state.get(key)
         self.state[key] = state
+        last = self.latest.get(key, "")
         if state == "done" and previous != "done":
             self.done_cost += self.graph.nodes[key].cost
             self.latest.pop(key, None)
+        if not self.tty:
+            if state != previous:
+                self.event_line(key, state, last)
+            return
         self.render(force=state in ("done", "failed", "blocked"))
 
     def epoch(self, key: str, metrics: Mapping[str, float]) -> None:
@@ -49,7 +57,21 @@ class Progress:
             if name in metrics:
                 shown.append(f"{name} {metrics[name]:.3g}")
         self.latest[key] = " ".join(shown)
-        self.render()
+        if self.tty:  # a log gets the node's events, not every epoch of every node
+            self.render()
+
+    def event_line(self, key: str, state: str, last_epoch: str = "") -> None:
+        """One line of a log: time, event, node, its last epoch's metrics when it ends, nodes done, ETA."""
+        ended = sum(s in ("done", "failed", "blocked", "interrupted") for k, s in self.state.items()
+                    if s != "skipped")
+        elapsed = time.monotonic() - self.started
+        rate = self.done_cost / elapsed if elapsed > 0 else 0.0
+        eta = _clock((self.total_cost - self.done_cost) / rate) if rate > 0 else "?"
+        event = {"running": "started"}.get(state, state)
+        detail = f"  ({last_epoch})" if last_epoch and state != "running" else ""
+        self.stream.write(f"[{_clock(elapsed)}] {event:<11} {key}{detail}  [{ended}/{self.to_run} nodes ended, "
+                          f"ETA {eta}]\n")
+        self.stream.flush()
 
     def summary_line(self) -> str:
         parts = []

@@ -136,6 +136,9 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
                "metrics": {"best_epoch": result.best_epoch, "val_score": result.best_val_score},
                "scores": scores, "val_score": result.best_val_score, "best_epoch": result.best_epoch,
                "epochs_run": len(result.history), "seconds": time.perf_counter() - started,
+               # the learning curve, for the report's figures
+               "history": [{"epoch": r.epoch, "train_loss": r.train_loss, "val_score": r.val_score,
+                            **{f"val_{k}": v for k, v in r.val_metrics.items()}} for r in result.history],
                "placement": dict(placement or {}),
                "timing": {"started_at": started_at, "first_step_at": result.first_step_at,
                           "last_step_at": result.last_step_at, "finished_at": time.time()}}

@@ -17,7 +17,7 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from grid.graph import ABLATION_SUFFIX, StageGraph, node_order
 from occkd_core.models import get_architecture
@@ -71,7 +71,7 @@ def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) ->
             for row in result.get("comparisons", []):
                 verdicts[(node.task, row["arch"], row["model"], row["test_set"], node.seed)] = row
             continue
-        selected = _selected_keys(graph, results, node.task, node.arch, node.seed)
+        selected = selected_keys(graph, results, node.task, node.arch, node.seed)
         if node.strategy in distilled_stages() and key not in selected:
             continue  # only the grid point chosen on validation enters the table
         for score in result.get("scores", []):
@@ -106,7 +106,7 @@ def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) ->
     return rows
 
 
-def _selected_keys(graph: StageGraph, results: Mapping[str, Mapping[str, Any]], task: str, arch: str | None,
+def selected_keys(graph: StageGraph, results: Mapping[str, Mapping[str, Any]], task: str, arch: str | None,
                    seed: int) -> set[str]:
     for key, node in graph.nodes.items():
         if node.strategy == "fusion" and (node.task, node.arch, node.seed) == (task, arch, seed) and key in results:
@@ -114,7 +114,10 @@ def _selected_keys(graph: StageGraph, results: Mapping[str, Mapping[str, Any]], 
     return set()
 
 
-def write_report(rows: list[dict[str, Any]], out_dir: Path, *, title: str, setting: str) -> list[Path]:
+def write_report(rows: list[dict[str, Any]], out_dir: Path, *, title: str, setting: str,
+                 figures: Sequence[tuple[str, Path]] = ()) -> list[Path]:
+    """report.csv and report.md in ``out_dir``; ``figures`` (caption, path under ``out_dir``) are embedded
+    in the Markdown after the tables."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / "report.csv", out_dir / "report.md"
     buffer = io.StringIO()
@@ -122,7 +125,8 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, *, title: str, setti
     writer.writeheader()
     writer.writerows(rows)
     csv_path.write_text(buffer.getvalue())
-    md_path.write_text(render_markdown(rows, title=title, setting=setting))
+    figure_links = [(caption, path.relative_to(out_dir).as_posix()) for caption, path in figures]
+    md_path.write_text(render_markdown(rows, title=title, setting=setting, figures=figure_links))
     return [md_path, csv_path]
 
 
@@ -147,7 +151,8 @@ def _holm(cell: Mapping[str, Any]) -> str:
     return "; ".join(f"{p}, {v}" for p, v in zip(cell["pvalue_holm"].split(";"), cell["verdict_holm"].split(";")))
 
 
-def render_markdown(rows: Iterable[dict[str, Any]], *, title: str, setting: str) -> str:
+def render_markdown(rows: Iterable[dict[str, Any]], *, title: str, setting: str,
+                    figures: Sequence[tuple[str, str]] = ()) -> str:
     """One table per task × test set × metric, laid out like the papers' tables: a row per model and
     training faces, a column per test faces, each cell "ours (paper)"."""
     rows = list(rows)
@@ -181,4 +186,10 @@ def render_markdown(rows: Iterable[dict[str, Any]], *, title: str, setting: str)
             lines.append(f"| {arch} | {model} | {train_faces} | " + " | ".join(rendered)
                          + f" | {_papers_rule(main)} | {_holm(main)} |")
         lines.append("")
+    if figures:  # (caption, path relative to the report)
+        lines += ["## Figures", "", "Bars: ours (solid, ± std over seeds) and the papers' (hatched) on the students' "
+                  "half; marks against the student: † p < 0.05 and better by the papers' rule, * better after Holm "
+                  "(‡ / × worse). Curves: each stage's validation metric per epoch.", ""]
+        for caption, path in figures:
+            lines += [f"![{caption}]({path})", ""]
     return "\n".join(lines)

@@ -33,6 +33,7 @@ from occkd_core.files import atomic_write_bytes  # noqa: E402
 from grid.data import PreparedData, prepare_data  # noqa: E402
 from grid.graph import StageGraph, default_resources, describe_graph, expand_graph  # noqa: E402
 from grid.progress import Progress  # noqa: E402
+from grid.figures import write_figures  # noqa: E402
 from grid.report import collect_rows, write_report  # noqa: E402
 from grid.timeline import node_timeline, overheads, summary_line, write_timeline  # noqa: E402
 from occkd_core.presets import Preset, builtin_presets, load_preset  # noqa: E402
@@ -538,7 +539,9 @@ def write_outputs(spec: GridSpec, outcome: RayOutcome, results: Mapping[str, dic
     setting = (f"Preset `{spec.preset.name}`: {spec.preset.description} Data: "
                f"{spec.data_root or 'built-in synthetic faces'}. Seeds: {spec.seeds}. "
                + describe_init(graph, spec.preset, spec.from_scratch))
-    paths = write_report(collect_rows(graph, results), report_dir, title="occkd report", setting=setting)
+    rows = collect_rows(graph, results)
+    figures = write_figures(rows, graph, results, report_dir)
+    paths = write_report(rows, report_dir, title="occkd report", setting=setting, figures=figures)
     if outcome.ready_at:  # where this invocation's wall time went, node by node
         timeline = node_timeline(graph, results, outcome.ready_at, outcome.completed_at, origin=outcome.started_at)
         paths.append(write_timeline(timeline, report_dir / "timeline.csv"))

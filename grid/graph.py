@@ -117,6 +117,12 @@ class StageGraph:
     def children(self, key: str) -> list[str]:
         return [k for k, n in self.nodes.items() if key in n.parent_keys]
 
+    @property
+    def identity(self) -> str:
+        """The grid's content hash: the same nodes (each with its content hash) give the same identity,
+        whatever the resources, widths or invocation. MLflow keeps one parent run per identity."""
+        return _hash({"nodes": sorted(n.hash for n in self.nodes.values())})
+
     def descendants(self, key: str) -> set[str]:
         found: set[str] = set()
         stack = [key]

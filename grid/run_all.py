@@ -396,9 +396,14 @@ def run_graph(spec: GridSpec, graph: StageGraph, prepared: Mapping[str, Prepared
     """Resume what is done, run the rest on Ray, write the report; the exit status (0, 1: nodes failed, 2;
     130 / 143 after SIGINT / SIGTERM)."""
     from grid.interrupts import GridInterrupted
-    from grid.tracking import Tracker
+    from grid.tracking import DataRecord, Tracker
+    from occkd_core.data import store_summary
 
     started = time.monotonic()
+    data = {}  # each task's store as MLflow datasets (name and split sizes from the file's schema)
+    for task, store in prepared.items():
+        name, splits = store_summary(store.path)
+        data[task] = DataRecord(name=name, fingerprint=store.fingerprint, path=str(store.path), splits=splits)
     try:
         tracker = Tracker(spec.tracking_uri, spec.experiment, run_name=f"grid {time.strftime('%Y-%m-%d %H:%M:%S')}",
                           params={"tasks": ",".join(spec.tasks), "archs": ",".join(spec.archs),
@@ -406,7 +411,7 @@ def run_graph(spec: GridSpec, graph: StageGraph, prepared: Mapping[str, Prepared
                                   "data_root": str(spec.data_root or "synthetic"), "storage": str(spec.storage),
                                   "from_scratch": spec.from_scratch,
                                   "weights": {n.key: dict(n.init) for n in graph.nodes.values() if n.init}},
-                          storage=str(spec.storage))
+                          storage=str(spec.storage), grid_id=graph.identity, data=data)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -414,17 +419,20 @@ def run_graph(spec: GridSpec, graph: StageGraph, prepared: Mapping[str, Prepared
         print(f"closed {tracker.closed_stale} MLflow run(s) left RUNNING by an interrupted invocation as FAILED")
     results = resume(graph, spec.storage, tracker)
     to_run = [k for k in graph.nodes if k not in results]
+    tracker.record_invocation(complete=len(results), to_run=len(to_run))
     progress = Progress(graph, skipped=set(results))
+    continued = f", continuing its parent run (invocation {tracker.invocation})" if tracker.invocation > 1 else ""
     print(f"{len(graph.nodes)} nodes: {len(results)} already complete, {len(to_run)} to run "
-          f"(storage {spec.storage}, MLflow {spec.tracking_uri})")
+          f"(storage {spec.storage}, MLflow {spec.tracking_uri}{continued})")
     try:
         outcome = (run_on_ray(spec, graph, to_run, results, prepared, tracker, progress, interrupts) if to_run
                    else RayOutcome(graph=graph))
     except ValueError as err:  # a request that no node of the cluster can ever hold
         print(f"error: {err}", file=sys.stderr)
+        tracker.drain(print)
         tracker.finish("FAILED")
         return 2
-    except GridInterrupted:
+    except GridInterrupted:  # a second signal: leave at once (pending uploads are redone by the next run)
         tracker.finish("KILLED")
         raise
     if outcome.interrupted is not None:
@@ -445,6 +453,7 @@ def write_interrupted(spec: GridSpec, outcome: "RayOutcome", results: Mapping[st
     for key in tracker.node_runs:
         if key not in results and key not in outcome.failed:
             tracker.kill_node(outcome.graph.nodes[key], f"interrupted by {name}")
+    tracker.drain(lambda text: print(text + " (a second Ctrl-C leaves them to the next run)", file=sys.stderr))
     tracker.finish("KILLED")
     sealed = [k for k in to_run if k in results]
     stopped = sorted(k for k in tracker.node_runs if k not in results and k not in outcome.failed)
@@ -549,9 +558,15 @@ def write_outputs(spec: GridSpec, outcome: RayOutcome, results: Mapping[str, dic
         paths.append(atomic_write_bytes(report_dir / "overheads.json", json.dumps(stats, indent=1).encode()))
         print(summary_line(stats))
     failed, blocked = outcome.failed, outcome.blocked
-    tracker.finish("FAILED" if failed or blocked else "FINISHED", artifacts=paths)
+    upload_errors = tracker.drain(print)
+    tracker.finish("FAILED" if failed or blocked or upload_errors else "FINISHED", artifacts=paths,
+                   figures=[path for _, path in figures], note=parent_note(spec, graph, tracker, paths[0]))
     print(progress.summary_line())
-    print(f"report: {paths[0]}  (CSV: {paths[1]}); {time.monotonic() - started:.0f} s")
+    print(f"report: {paths[0]}  (CSV: {paths[1]}; {len(figures)} figures); {time.monotonic() - started:.0f} s")
+    print(mlflow_lines(spec.tracking_uri, tracker.link))
+    for key, error in upload_errors.items():
+        print(f"  MLflow upload of {key} failed ({error}); its outputs are sealed on storage and the next run "
+              f"records them again", file=sys.stderr)
     if failed or blocked:
         print(f"\n{len(failed)} node(s) failed, {len(blocked)} blocked:", file=sys.stderr)
         for key, reason in failed.items():
@@ -560,6 +575,23 @@ def write_outputs(spec: GridSpec, outcome: RayOutcome, results: Mapping[str, dic
             print(f"  BLOCKED {key}: parent {parent} failed", file=sys.stderr)
         return 1
     return 0
+
+
+def mlflow_lines(tracking_uri: str, link: str) -> str:
+    """How to open the runs table: the link (MLflow's model-training view), and for a local store the
+    command that serves it."""
+    from grid.tracking import ui_command
+
+    command = ui_command(tracking_uri)
+    return (f"MLflow runs table: {link}" + (f"\n  (serve it first: {command})" if command else ""))
+
+
+def parent_note(spec: GridSpec, graph: StageGraph, tracker: Any, report: Path) -> str:
+    """The parent run's description in the MLflow UI: what the grid is, where its runs and report are."""
+    return (f"**occkd grid** `{graph.identity}`: {len(graph.nodes)} nodes, tasks {', '.join(spec.tasks)}, "
+            f"architectures {', '.join(spec.archs)}, preset `{spec.preset.name}`, seeds {spec.seeds}.\n\n"
+            f"[Runs table]({tracker.link}) · report `{report}` (also under this run's artifacts, with its figures "
+            f"in `figures/`) · invocations so far: {tracker.invocation} (tags `occkd.invocation.N`).")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,23 @@
-"""MLflow records of a grid invocation. Only the driver talks to MLflow (trials logging the same params
+"""MLflow records of a grid. Only the driver talks to MLflow (trials logging the same params
 concurrently collide, a known problem of per-trial MLflow logging in Ray).
 
-One experiment per grid; one parent run per invocation; one child run per node, named like
-``fer/vggface/triplet_kd``, tagged ``occkd.task/arch/strategy/train_faces/node`` (the node's content
-hash) and the git SHA, with the resolved spec as params, per-epoch metrics, final metrics per test
-condition and the node's files as artifacts. A node already recorded as FINISHED is never recorded
-again, and runs that a killed invocation left RUNNING are closed as FAILED on the next start.
+- One experiment per preset, tagged as model development (``mlflow.experimentKind``), whose runs table
+  :func:`ui_link` opens directly.
+- One parent run per grid: the graph's identity (:attr:`grid.graph.StageGraph.identity`) is its tag, and
+  every rerun of the same grid continues it (a tag per invocation says what each one ran).
+- One child run per node, named like ``fer/vggface/triplet_kd``, tagged ``occkd.task/arch/strategy/
+  train_faces/node`` (the node's content hash) and the git SHA, with the resolved spec as params,
+  per-epoch metrics, its data as dataset inputs (one per split: name ``<data set>/<split>``, digest the
+  prepared store's fingerprint, source its path), final metrics per test condition linked to the test
+  dataset, and its files as artifacts. A training node's ``best.pt`` is an MLflow logged model (a
+  ``weights_only`` state dict with its architecture, not a pickled module) to which those metrics are
+  linked too.
+- Artifact uploads run on a background thread (:class:`Uploads`): a node's run ends FINISHED once its
+  files are up, and the driver drains the queue before it exits. A driver killed with uploads pending
+  leaves those runs RUNNING; the next invocation closes them as FAILED and records the sealed nodes again.
+
+A node already recorded as FINISHED is never recorded again, and runs that a killed invocation left
+RUNNING are closed as FAILED on the next start.
 """
 
 from __future__ import annotations
@@ -14,18 +26,26 @@ import contextlib
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
+import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
-import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 # Against a tracking server MLflow prints "View run ... at: URL" for every run it ends: dozens of lines
 # through the grid's progress view. The report and the parent run link the runs instead.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from grid.graph import Node
@@ -40,6 +60,14 @@ TUNE_KEYS = {"timestamp", "pid", "time_this_iter_s", "time_total_s", "time_since
              "training_iteration", "done", "date", "hostname", "node_ip", "trial_id", "experiment_tag",
              "checkpoint_dir_name", "config", "event", "epoch"}
 MAX_PARAM_LENGTH = 6000
+#: The experiment's kind for MLflow: model development, not GenAI (the UI's default workspace in 3.x).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+#: The parent run's tag holding the graph's identity: reruns of the same grid continue that run.
+GRID_TAG = "occkd.grid"
+#: The port ``mlflow ui`` serves on unless told otherwise.
+UI_PORT = 5000
+#: Tests hold a node's uploads back with OCCKD_FAULT_UPLOAD_DELAY='{"node": KEY, "seconds": S}'.
+UPLOAD_DELAY_ENV = "OCCKD_FAULT_UPLOAD_DELAY"
 
 
 def git_sha(repo: Path | None = None) -> str:
@@ -59,11 +87,125 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+@dataclass(frozen=True)
+class DataRecord:
+    """A task's prepared store as MLflow sees it: one dataset per split, named ``<data set>/<split>``, with
+    the store's fingerprint as digest and its path as source."""
+
+    name: str  # e.g. "ferplus", "utkface", "synthetic"
+    fingerprint: str
+    path: str
+    splits: Mapping[str, int]  # split -> rows
+
+    def dataset(self, split: str) -> "StoreSplit":
+        return StoreSplit(self, split)
+
+    def dataset_name(self, split: str) -> str:
+        return f"{self.name}/{split}"
+
+
+class StoreSplit(MetaDataset):
+    """One split of a prepared store: MLflow's metadata-only dataset plus its row count as the profile
+    (MetaDataset has none, and the UI shows the profile beside the digest)."""
+
+    def __init__(self, record: DataRecord, split: str) -> None:
+        super().__init__(LocalArtifactDatasetSource(record.path), name=record.dataset_name(split),
+                         digest=record.fingerprint[:36])
+        self.rows = int(record.splits[split])
+
+    @property
+    def profile(self) -> dict[str, int]:
+        return {"num_rows": self.rows}
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+
+class Uploads:
+    """Artifact uploads off the scheduler's path: one background thread takes jobs in order, each with
+    its own MlflowClient. A job that fails is kept with its error; :meth:`drain` waits for all."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-uploads")
+        self._jobs: list[tuple[str, int, Future]] = []  # (label, bytes, future)
+        self._lock = threading.Lock()
+        self.errors: dict[str, str] = {}  # label -> error of a job that failed
+
+    def __getstate__(self) -> dict[str, str]:
+        """Tune pickles its callbacks (and so the tracker) into its experiment state: a copy carries no
+        thread or queue, and uploads nothing."""
+        return {"tracking_uri": self.tracking_uri}
+
+    def __setstate__(self, state: Mapping[str, str]) -> None:
+        self.__init__(state["tracking_uri"])
+
+    def submit(self, label: str, size: int, job: Callable[[MlflowClient], None]) -> Future:
+        def run() -> None:
+            try:
+                job(self.client)
+            except Exception as err:  # kept for drain(): the node's run says so, the driver reports it
+                self.errors[label] = f"{type(err).__name__}: {err}"
+                raise
+
+        future = self._pool.submit(run)
+        with self._lock:
+            self._jobs.append((label, size, future))
+        return future
+
+    def pending(self) -> tuple[int, int]:
+        """Jobs not yet done and their bytes."""
+        with self._lock:
+            open_jobs = [(label, size) for label, size, future in self._jobs if not future.done()]
+        return len(open_jobs), sum(size for _, size in open_jobs)
+
+    def drain(self, say: Callable[[str], None] | None = None) -> dict[str, str]:
+        """Wait for every job; the errors of those that failed (label -> error)."""
+        count, size = self.pending()
+        if count and say:
+            say(f"waiting for {count} MLflow upload(s), {size / 1e6:.0f} MB")
+        with self._lock:
+            futures = [future for _, _, future in self._jobs]
+        for future in futures:
+            with contextlib.suppress(Exception):
+                future.result()
+        return dict(self.errors)
+
+
+def _upload_delay() -> dict[str, Any]:
+    text = os.environ.get(UPLOAD_DELAY_ENV)
+    return json.loads(text) if text else {}
+
+
+def model_name(node: Node) -> str:
+    """A node key as an MLflow logged-model name, which may not hold / : . % or quotes."""
+    return re.sub(r"[/:.%\"']", "-", node.key)
+
+
+def ui_link(tracking_uri: str, experiment_id: str, port: int = UI_PORT) -> str:
+    """Where a browser opens the experiment's runs table: on the tracking server itself, or on ``mlflow ui``
+    (its port) for a local store. ``workflowType=machine_learning``: MLflow 3's UI otherwise opens its GenAI
+    workspace, which shows no runs, until the user finds its switch."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{port}"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_command(tracking_uri: str, port: int = UI_PORT) -> str | None:
+    """The command that serves a local store's UI (None for a tracking server, which serves its own)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"mlflow ui --backend-store-uri {tracking_uri} --port {port}"
+
+
 class Tracker:
-    """Wraps an MlflowClient for one grid invocation."""
+    """Wraps an MlflowClient for one grid invocation.
+
+    ``grid_id``: the graph's identity; a parent run tagged with it is continued, not duplicated.
+    ``data``: per task, its prepared store (:class:`DataRecord`), logged as each node's dataset inputs."""
 
     def __init__(self, tracking_uri: str, experiment: str, *, run_name: str, params: Mapping[str, Any],
-                 storage: str = "") -> None:
+                 storage: str = "", grid_id: str = "", data: Mapping[str, DataRecord] | None = None) -> None:
         for name in ("mlflow", "alembic"):  # schema set-up chatter on a new store, not the user's business
             logging.getLogger(name).setLevel(logging.WARNING)
         self.tracking_uri = tracking_uri
@@ -72,18 +214,55 @@ class Tracker:
                 self.client = MlflowClient(tracking_uri=tracking_uri)
                 found = self.client.get_experiment_by_name(experiment)
                 self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+                if found is None or found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                    self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         except Exception as err:  # unreachable server, unwritable store: say which URI
             raise RuntimeError(f"cannot reach the MLflow tracking store {tracking_uri!r}: {err}") from None
         self.sha = git_sha()
         self.storage = storage
+        self.data = dict(data or {})
+        self.uploads = Uploads(tracking_uri)
+        self._delay = _upload_delay()
         # Which driver a run belongs to, so that another invocation closes only runs whose driver is gone.
         self.driver_tags = {DRIVER_TAG: json.dumps(driver_identity()), STORAGE_TAG: storage}
         self.closed_stale = self._close_stale_runs()
-        self.parent = self.client.create_run(self.experiment_id, run_name=run_name,
-                                             tags={"occkd.kind": "grid", "mlflow.source.git.commit": self.sha,
-                                                   **self.driver_tags})
-        self._log_params(self.parent.info.run_id, params)
+        self.parent, self.invocation = self._open_parent(run_name, grid_id, params)
         self.node_runs: dict[str, str] = {}  # node key -> run id of this invocation
+        self.models: dict[str, str] = {}  # node key -> logged model id of this invocation
+        self.link = ui_link(tracking_uri, self.experiment_id)
+
+    def _open_parent(self, run_name: str, grid_id: str, params: Mapping[str, Any]):
+        """The grid's parent run and this invocation's number in it: the last run of the same grid is
+        continued (RUNNING again), unless a live driver holds it (the same grid on other storage at the same
+        time gets its own parent, which names the other)."""
+        previous = []
+        if grid_id:
+            previous = self.client.search_runs(
+                [self.experiment_id], max_results=20, order_by=["attributes.start_time DESC"],
+                filter_string=f"tags.`{GRID_TAG}` = '{grid_id}' and tags.`occkd.kind` = 'grid'")
+        idle = next((run for run in previous if run.info.status != "RUNNING"), None)
+        if idle is not None:
+            run_id = idle.info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            invocation = int(idle.data.tags.get("occkd.invocations", "1")) + 1
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in
+                                                {"mlflow.source.git.commit": self.sha, **self.driver_tags}.items()])
+            return self.client.get_run(run_id), invocation
+        tags = {"occkd.kind": "grid", GRID_TAG: grid_id, "mlflow.source.git.commit": self.sha, **self.driver_tags}
+        if previous:  # the same grid is running from another live driver
+            tags["occkd.alongside"] = previous[0].info.run_id
+        parent = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self._log_params(parent.info.run_id, params)
+        return parent, 1
+
+    def record_invocation(self, *, complete: int, to_run: int) -> None:
+        """What this invocation found and ran, as the parent's ``occkd.invocation.N`` tag."""
+        identity = json.loads(self.driver_tags[DRIVER_TAG])
+        text = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} on {identity.get('host')} (pid {identity.get('pid')}), "
+                f"commit {self.sha[:10]}: {complete} node(s) already complete, {to_run} to run")
+        self.client.log_batch(self.parent.info.run_id, tags=[RunTag("occkd.invocations", str(self.invocation)),
+                                                             RunTag(f"occkd.invocation.{self.invocation}", text),
+                                                             RunTag("occkd.ui_link", self.link)])
 
     def _close_stale_runs(self) -> int:
         """Runs left RUNNING by a killed invocation end as FAILED (their nodes re-run or resume). Only runs
@@ -130,18 +309,30 @@ class Tracker:
         if node.init:  # a teacher: which weights it started from, the file and its sha256
             params["pretrained"] = dict(node.init)
         self._log_params(run.info.run_id, params)
+        if node.task in self.data:
+            self.client.log_inputs(run.info.run_id, datasets=self._dataset_inputs(node, self.data[node.task]))
         self.node_runs[node.key] = run.info.run_id
         return run.info.run_id
 
-    def _supersede(self, node: Node, new_run_id: str) -> None:
-        """A node that ran again (its stored outputs were damaged) keeps one FINISHED run: once the new one
-        has finished, the older ones end as KILLED, pointing at it. Until then the old record stands (a
-        rerun that fails must not leave the node with no finished run while its children have one)."""
-        older = self.client.search_runs([self.experiment_id], max_results=100,
-                                        filter_string=f"tags.`occkd.node` = '{node.hash}' and attributes.status = 'FINISHED'")
-        for run in (r for r in older if r.info.run_id != new_run_id):
-            self.client.set_tag(run.info.run_id, "occkd.superseded_by", new_run_id)
-            self.client.set_terminated(run.info.run_id, status="KILLED")
+    @staticmethod
+    def _dataset_inputs(node: Node, record: DataRecord) -> list[DatasetInput]:
+        """The splits a node reads, each with its split as context and the faces it sees: training and
+        validation under the node's training faces, test sets under every visibility it is scored on."""
+        inputs = []
+        for split in record.splits:
+            is_test = split.startswith("test")
+            if node.kind == "significance" and not is_test:
+                continue
+            faces = "full,lower,upper" if is_test and node.kind == "train" else node.train_faces
+            tags = [InputTag("mlflow.data.context", split), InputTag("occkd.faces", faces)]
+            inputs.append(DatasetInput(record.dataset(split)._to_mlflow_entity(), tags=tags))
+        return inputs
+
+    def _dataset_link(self, node: Node, split: str) -> dict[str, str]:
+        record = self.data.get(node.task)
+        if record is None or split not in record.splits:
+            return {}
+        return {"dataset_name": record.dataset_name(split), "dataset_digest": record.fingerprint[:36]}
 
     def log_epoch(self, node: Node, metrics: Mapping[str, Any]) -> None:
         run_id = self.node_runs.get(node.key)
@@ -155,12 +346,17 @@ class Tracker:
             self.client.log_batch(run_id, metrics=batch)
 
     def finish_node(self, node: Node, result: Mapping[str, Any], directory: Path, artifacts: Iterable[str]) -> None:
+        """Record a sealed node: its metrics, tags, logged model and dataset links now; its files on the
+        upload thread, after which the run ends FINISHED (and supersedes an older run of the node)."""
         run_id = self.node_runs.get(node.key) or self.start_node(node)
+        checkpoint = directory / "train" / "best.pt"
+        model_id = self._create_model(node, run_id) if node.kind == "train" and checkpoint.exists() else None
         now = int(time.time() * 1000)
-        flat = {**result.get("metrics", {}), **{metric_name(row, node.strategy): row["value"]
-                                                for row in result.get("scores", [])}}
-        metrics = [Metric(k, float(v), now, 0) for k, v in flat.items()
+        metrics = [Metric(k, float(v), now, 0, model_id=model_id, **self._dataset_link(node, "val"))
+                   for k, v in result.get("metrics", {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        metrics += [Metric(metric_name(row, node.strategy), float(row["value"]), now, 0, model_id=model_id,
+                           **self._dataset_link(node, row["test_set"])) for row in result.get("scores", [])]
         for start in range(0, len(metrics), 500):
             self.client.log_batch(run_id, metrics=metrics[start : start + 500])
         for comparison in result.get("comparisons", []):
@@ -173,13 +369,56 @@ class Tracker:
             if placement.get("resumed_from_epoch") is not None:  # Ray Train restarted its workers mid-node
                 tags.append(RunTag("occkd.resumed_from_epoch", str(placement["resumed_from_epoch"])))
             self.client.log_batch(run_id, tags=tags)
-        for name in artifacts:
-            path = directory / name
-            if path.exists():
-                self.client.log_artifact(run_id, str(path), artifact_path=str(Path(name).parent) if "/" in name else None)
-        self.client.log_artifact(run_id, str(directory / "result.json"))
-        self.client.set_terminated(run_id, status="FINISHED")
-        self._supersede(node, run_id)
+        files = [(directory / name, str(Path(name).parent) if "/" in name else None) for name in artifacts
+                 if (directory / name).exists() and not (model_id and directory / name == checkpoint)]
+        files.append((directory / "result.json", None))
+        size = sum(path.stat().st_size for path, _ in files) + (checkpoint.stat().st_size if model_id else 0)
+        self.uploads.submit(node.key, size, lambda client: self._upload(client, node, run_id, model_id, files,
+                                                                        checkpoint))
+
+    def _create_model(self, node: Node, run_id: str) -> str:
+        """The node's best checkpoint as an MLflow logged model (PENDING until its file is uploaded)."""
+        spec = node.params
+        model = self.client.create_logged_model(
+            self.experiment_id, name=model_name(node), source_run_id=run_id, model_type=f"occkd/{node.arch}",
+            params={"arch": str(node.arch), "task": node.task, "strategy": node.strategy,
+                    "train_faces": node.train_faces, "input_size": str(spec.get("input_size", ""))},
+            tags={"occkd.node": node.hash, "occkd.node_key": node.key, "mlflow.source.git.commit": self.sha})
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        self.models[node.key] = model.model_id
+        return model.model_id
+
+    def _upload(self, client: MlflowClient, node: Node, run_id: str, model_id: str | None,
+                files: list[tuple[Path, str | None]], checkpoint: Path) -> None:
+        """On the upload thread: the node's files, its model's checkpoint, then the run's end."""
+        if self._delay.get("node") == node.key:  # tests: an upload that takes this long
+            time.sleep(float(self._delay["seconds"]))
+        try:
+            for path, artifact_path in files:
+                client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+            if model_id:
+                with tempfile.TemporaryDirectory(prefix="occkd-model-") as folder:
+                    _stage_model(Path(folder), node, checkpoint)
+                    client.log_model_artifacts(model_id, folder)
+                client.finalize_logged_model(model_id, "READY")
+            client.set_terminated(run_id, status="FINISHED")
+        except Exception as err:
+            client.set_tag(run_id, "occkd.error", f"MLflow upload failed: {err}"[:5000])
+            client.set_terminated(run_id, status="FAILED")
+            if model_id:
+                client.finalize_logged_model(model_id, "FAILED")
+            raise
+        self._supersede(client, node, run_id)
+
+    def _supersede(self, client: MlflowClient, node: Node, new_run_id: str) -> None:
+        """A node that ran again (its stored outputs were damaged) keeps one FINISHED run: once the new one
+        has finished, the older ones end as KILLED, pointing at it. Until then the old record stands (a
+        rerun that fails must not leave the node with no finished run while its children have one)."""
+        older = client.search_runs([self.experiment_id], max_results=100,
+                                   filter_string=f"tags.`occkd.node` = '{node.hash}' and attributes.status = 'FINISHED'")
+        for run in (r for r in older if r.info.run_id != new_run_id):
+            client.set_tag(run.info.run_id, "occkd.superseded_by", new_run_id)
+            client.set_terminated(run.info.run_id, status="KILLED")
 
     def _log_comparison(self, run_id: str, row: Mapping[str, Any]) -> None:
         name = f"{row['arch']}.{row['model']}.{row['test_set']}"
@@ -203,10 +442,39 @@ class Tracker:
         self.client.set_tag(run_id, "occkd.closed_reason", reason)
         self.client.set_terminated(run_id, status="KILLED")
 
-    def finish(self, status: str, artifacts: Iterable[Path] = ()) -> None:
+    def drain(self, say: Callable[[str], None] | None = None) -> dict[str, str]:
+        """Wait for the uploads in flight; the nodes whose upload failed (their runs ended FAILED; the next
+        invocation records them again from storage)."""
+        return self.uploads.drain(say)
+
+    def finish(self, status: str, artifacts: Iterable[Path] = (), figures: Iterable[Path] = (),
+               note: str = "") -> None:
+        """End the parent run: the report's files, its figures under ``figures/``, and ``note`` as the run's
+        description (what the MLflow UI shows at the top of the run's page)."""
+        run_id = self.parent.info.run_id
         for path in artifacts:
-            self.client.log_artifact(self.parent.info.run_id, str(path))
-        self.client.set_terminated(self.parent.info.run_id, status=status)
+            self.client.log_artifact(run_id, str(path))
+        for path in figures:
+            self.client.log_artifact(run_id, str(path), artifact_path="figures")
+        if note:
+            self.client.set_tag(run_id, "mlflow.note.content", note)
+        self.client.set_terminated(run_id, status=status)
+
+
+def _stage_model(folder: Path, node: Node, checkpoint: Path) -> None:
+    """A logged model's files: the checkpoint (linked, not copied) and how to read it without unpickling
+    code (``torch.load(weights_only=True)``; the architecture travels as a dict inside)."""
+    target = folder / "best.pt"
+    try:
+        target.symlink_to(checkpoint.resolve())
+    except OSError:
+        shutil.copyfile(checkpoint, target)
+    (folder / "occkd_model.json").write_text(json.dumps({
+        "node": node.key, "node_hash": node.hash, "task": node.task, "arch": node.arch, "strategy": node.strategy,
+        "train_faces": node.train_faces, "checkpoint": "best.pt",
+        "load": "from occkd_core.checkpoints import load_model; model, info = load_model('best.pt')  "
+                "# torch.load(weights_only=True): a state dict and the model spec, no pickled code",
+    }, indent=1))
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from grid.timeline import read_timeline
 
 REPO = Path(__file__).resolve().parents[1]
+UPLOAD_DELAY = 10
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,10 @@ def run_grid(workdir: Path, *extra: str, env: dict | None = None) -> subprocess.
 def grid_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("grid")
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    first = run_grid(workdir)
+    # The teacher's MLflow upload takes 10 s: the student must not wait for it (uploads are off the
+    # scheduler's path).
+    first = run_grid(workdir, env={"OCCKD_FAULT_UPLOAD_DELAY": json.dumps({"node": "gender/vggf/teacher",
+                                                                            "seconds": UPLOAD_DELAY})})
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return workdir, first
 
@@ -77,8 +81,8 @@ def test_mlflow_holds_a_finished_run_per_node_with_tags_metrics_and_artifacts(gr
     for name in ("test_full_accuracy", "test_lower_accuracy", "test_upper_accuracy", "val_score"):
         assert name in triplet.data.metrics
     assert [m.step for m in client.get_metric_history(triplet.info.run_id, "train_loss")] == [1]
-    assert {"predictions.parquet", "test_plot.png", "gradcam.png", "result.json", "train"} <= \
-        {a.path for a in client.list_artifacts(triplet.info.run_id)}
+    assert {"predictions.parquet", "test_plot.png", "gradcam.png", "result.json"} <= \
+        {a.path for a in client.list_artifacts(triplet.info.run_id)}  # best.pt: the run's logged model
     assert "test_upper_accuracy" in nodes["gender/vggf/fusion"].data.metrics
     significance = nodes["gender/significance"]
     assert any(k.startswith("pvalue_holm.vggf.fusion") for k in significance.data.metrics)
@@ -86,6 +90,53 @@ def test_mlflow_holds_a_finished_run_per_node_with_tags_metrics_and_artifacts(gr
     assert significance.data.tags["verdict_uncorrected.vggf.fusion.test"] in ("better", "worse",
                                                                              "no significant difference")
     assert nodes["gender/vggf/teacher"].data.params["pretrained.weights"] == "from_scratch"
+
+
+def test_mlflow_view_datasets_and_models(grid_run):
+    """The experiment opens on its runs table; each node's data are dataset inputs, each checkpoint a logged
+    model that loads weights_only, and the test metrics are linked to both."""
+    import mlflow
+
+    from occkd_core.checkpoints import load_model
+
+    workdir, first = grid_run
+    client, finished, _ = finished_runs(workdir)
+    experiment = client.get_experiment_by_name("occkd-tiny")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    assert f"MLflow runs table: {link}" in first.stdout
+    parent = next(r for r in finished if r.data.tags.get("occkd.kind") == "grid")
+    assert parent.data.tags["occkd.ui_link"] == link and link in parent.data.tags["mlflow.note.content"]
+    fingerprint = next((workdir / "occkd_runs" / "data").glob("synthetic-*.arrow")).stem.split("-")[1]
+    triplet = next(r for r in finished if r.info.run_name == "gender/vggf/triplet_kd[margin=0.3]")
+    inputs = {i.dataset.name: i for i in triplet.inputs.dataset_inputs}
+    assert set(inputs) == {"synthetic/train", "synthetic/val", "synthetic/test"}
+    assert {i.dataset.digest for i in inputs.values()} == {fingerprint}
+    assert {t.key: t.value for t in inputs["synthetic/train"].tags} == {"mlflow.data.context": "train",
+                                                                        "occkd.faces": "full+upper"}
+    assert json.loads(inputs["synthetic/test"].dataset.profile) == {"num_rows": 48}
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert len(models) == 6 and all(m.status == "READY" for m in models)
+    model = next(m for m in models if m.source_run_id == triplet.info.run_id)
+    linked = {m.key: m for m in model.metrics}
+    assert linked["test_upper_accuracy"].value == triplet.data.metrics["test_upper_accuracy"]
+    assert (linked["test_upper_accuracy"].dataset_name, linked["test_upper_accuracy"].dataset_digest) == \
+        ("synthetic/test", fingerprint)
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location,
+                                                      dst_path=str(workdir / "model"), tracking_uri=client.tracking_uri))
+    network, info = load_model(folder / "best.pt")  # torch.load(weights_only=True)
+    assert info["model_spec"]["arch"] == "vggf" and json.loads((folder / "occkd_model.json").read_text())["node"] == \
+        "gender/vggf/triplet_kd[margin=0.3]"
+    assert not client.list_artifacts(triplet.info.run_id, "train")  # the checkpoint is uploaded once
+
+
+def test_an_upload_in_flight_does_not_hold_back_the_next_node(grid_run):
+    """The teacher's upload took 10 s (injected): the student started while it was still in flight, and the
+    teacher's run ended FINISHED once it was done."""
+    _, finished, _ = finished_runs(grid_run[0])
+    teacher = next(r for r in finished if r.info.run_name == "gender/vggf/teacher")
+    student = next(r for r in finished if r.info.run_name == "gender/vggf/student")
+    assert student.info.start_time < teacher.info.end_time
 
 
 def test_outputs_on_storage_and_the_report(grid_run):
@@ -119,10 +170,13 @@ def test_second_invocation_trains_nothing(grid_run):
     _, before, _ = finished_runs(workdir)
     again = run_grid(workdir)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "8 nodes: 8 already complete, 0 to run" in again.stdout
-    _, after, _ = finished_runs(workdir)
+    assert "8 nodes: 8 already complete, 0 to run" in again.stdout and "(invocation 2)" in again.stdout
+    _, after, runs = finished_runs(workdir)
     node_runs = lambda runs: sorted(r.info.run_id for r in runs if "occkd.node" in r.data.tags)  # noqa: E731
     assert node_runs(after) == node_runs(before)  # no node recorded twice
+    parents = [r for r in runs if r.data.tags.get("occkd.kind") == "grid"]
+    assert len(parents) == 1 and parents[0].data.tags["occkd.invocations"] == "2"  # one grid, one parent
+    assert "0 to run" in parents[0].data.tags["occkd.invocation.2"]
 
 
 def test_a_node_with_a_corrupted_file_reruns_in_a_ray_train_worker_group(grid_run):

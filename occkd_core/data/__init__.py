@@ -6,6 +6,7 @@ from occkd_core.data.store import (
     FaceData,
     FaceSplit,
     open_face_store,
+    store_summary,
     validate_face_data,
     write_face_store,
 )
@@ -13,7 +14,7 @@ from occkd_core.data.synthetic import FaceParams, draw_faces, make_synthetic_fac
 
 __all__ = [
     "MAX_AGE", "SCHEMA_VERSION", "FaceData", "FaceParams", "FaceSplit", "draw_faces", "make_synthetic_faces",
-    "open_face_store", "sample_face_params", "validate_face_data", "write_face_store",
+    "open_face_store", "sample_face_params", "store_summary", "validate_face_data", "write_face_store",
 ]
 
 # Real data sets, read from their original files (FER+, AffectNet, UTKFace), and their cached conversion.

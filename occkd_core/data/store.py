@@ -250,7 +250,18 @@ def open_face_store(path: Path) -> FaceData:
     )
 
 
+def store_summary(path: Path) -> tuple[str, dict[str, int]]:
+    """A store's data set name and its splits' sizes, from the file's schema alone (no image is read)."""
+    try:
+        schema = pa.ipc.open_file(pa.memory_map(str(path), "r")).schema
+        meta = {key.decode(): value.decode() for key, value in (schema.metadata or {}).items()}
+        ranges = json.loads(meta[_META_PREFIX + "splits"])
+        return meta[_META_PREFIX + "name"], {name: stop - start for name, (start, stop) in ranges.items()}
+    except (OSError, pa.ArrowInvalid, KeyError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable occkd face store ({error})") from None
+
+
 __all__ = [
     "FaceData", "FaceSplit", "MAX_AGE", "SCHEMA_VERSION",
-    "open_face_store", "validate_face_data", "write_face_store",
+    "open_face_store", "store_summary", "validate_face_data", "write_face_store",
 ]

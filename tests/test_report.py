@@ -111,3 +111,32 @@ def test_significance_node_and_report_show_the_papers_rule_beside_holm(significa
         written = next(r for r in csv.DictReader(handle) if r["model"] == "fusion" and r["test_faces"] == "upper")
     assert written["dagger"] == "True" and written["verdict_holm"] == "no significant difference"
     assert json.loads(json.dumps(results["gender/significance"]["comparisons"]))  # plain JSON for MLflow
+
+
+def test_report_figures_mark_significance_and_draw_each_chains_curves(significance_setup, tmp_path: Path):
+    """The comparison figure carries the marks of the table (here † alone: Holm does not confirm the
+    fusion's gain), the curves figure draws the recorded histories, and report.md embeds both."""
+    from PIL import Image
+
+    from grid.figures import _marks, chain_keys, write_figures
+
+    graph, results = significance_setup
+    results = {key: dict(result) for key, result in results.items()}
+    for key, start in (("gender/vggf/student", 60.0), ("gender/vggf/standard_kd", 62.0)):
+        results[key]["history"] = [{"epoch": e, "val_accuracy": start + e, "val_score": start + e} for e in (1, 2, 3)]
+    rows = collect_rows(graph, results)
+    fusion = next(r for r in rows if r["model"] == "fusion" and r["test_faces"] == "upper")
+    assert _marks(fusion) == "†"
+    assert _marks({"verdict_uncorrected": "better;worse", "verdict_holm": "better;no significant difference"}) == "†*‡"
+    seed = graph.nodes["gender/vggf/fusion"].seed
+    assert chain_keys(graph, results, "gender", "vggf", seed)["triplet_kd"] == "gender/vggf/triplet_kd[margin=0.1]"
+    report_dir = tmp_path / "report"
+    figures = write_figures(rows, graph, results, report_dir)
+    assert [path.name for _, path in figures] == ["gender_test_vs_papers.png", "gender_curves.png"]
+    for _, path in figures:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+    md_path, _ = write_report(rows, report_dir, title="t", setting="s", figures=figures)
+    markdown = md_path.read_text()
+    assert "![gender: learning curves of each chain](figures/gender_curves.png)" in markdown
+    assert "(figures/gender_test_vs_papers.png)" in markdown

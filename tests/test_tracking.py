@@ -60,3 +60,61 @@ def test_two_drivers_opening_a_new_sqlite_store_at_once_both_get_their_runs(tmp_
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("occkd-race")
     assert len(client.search_runs([experiment.experiment_id])) == 2
+
+
+def _sealed_teacher(tmp_path: Path):
+    from grid.tracking import DataRecord
+
+    graph = expand_graph(load_preset("smoke"), ["gender"], ["vggf"], train_sizes={"gender": 100},
+                         data_fingerprints={"gender": "0123456789abcdef"})
+    folder = tmp_path / "node"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "best.pt").write_bytes(b"weights")
+    (folder / "result.json").write_text("{}")
+    (folder / "predictions.parquet").write_bytes(b"rows")
+    record = DataRecord("synthetic", "0123456789abcdef", str(tmp_path / "synthetic.arrow"),
+                        {"train": 60, "val": 20, "test": 20})
+    result = {"metrics": {"val_score": 71.0}, "scores": [{"model": "teacher", "test_set": "test", "visible": "upper",
+                                                          "metric": "accuracy", "value": 70.0}]}
+    return graph, folder, {"gender": record}, result
+
+
+def test_a_failed_upload_ends_the_run_failed_and_the_next_invocation_records_the_node_again(tmp_path: Path,
+                                                                                           monkeypatch):
+    """The upload thread finds a file gone: the node's run ends FAILED with the reason, its model FAILED, the
+    driver learns it from drain(), and the node is not counted as recorded (the next invocation records it
+    from storage)."""
+    import json
+
+    graph, folder, data, result = _sealed_teacher(tmp_path)
+    teacher = graph.nodes["gender/vggf/teacher"]
+    monkeypatch.setenv("OCCKD_FAULT_UPLOAD_DELAY", json.dumps({"node": teacher.key, "seconds": 1}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "occkd-test", run_name="grid", params={}, grid_id=graph.identity, data=data)
+    tracker.finish_node(teacher, result, folder, ["train/best.pt", "predictions.parquet"])
+    (folder / "predictions.parquet").unlink()  # while the upload waits
+    errors = tracker.drain()
+    assert list(errors) == [teacher.key] and "predictions.parquet" in errors[teacher.key]
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.node_runs[teacher.key])
+    assert run.info.status == "FAILED" and run.data.tags["occkd.error"].startswith("MLflow upload failed")
+    assert client.get_logged_model(tracker.models[teacher.key]).status == "FAILED"
+    assert teacher.hash not in Tracker(uri, "occkd-test", run_name="grid", params={}).finished_hashes()
+
+
+def test_one_parent_per_grid_unless_its_driver_is_alive(tmp_path: Path):
+    """A second invocation of the same graph continues the parent; the same graph while that parent's driver
+    still runs (another storage) gets its own parent naming the other; another graph gets its own."""
+    graph, _, data, _ = _sealed_teacher(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(uri, "occkd-test", run_name="grid", params={"a": 1}, grid_id=graph.identity, data=data)
+    alongside = Tracker(uri, "occkd-test", run_name="grid", params={"a": 1}, grid_id=graph.identity,
+                        storage="/elsewhere")  # this process is alive: the first parent is held
+    assert alongside.parent.info.run_id != first.parent.info.run_id
+    assert alongside.parent.data.tags["occkd.alongside"] == first.parent.info.run_id
+    first.finish("FINISHED")
+    again = Tracker(uri, "occkd-test", run_name="grid", params={"a": 1}, grid_id=graph.identity, data=data)
+    assert (again.parent.info.run_id, again.invocation) == (first.parent.info.run_id, 2)
+    assert again.parent.info.status == "RUNNING"
+    other = Tracker(uri, "occkd-test", run_name="grid", params={}, grid_id="another-graph")
+    assert other.parent.info.run_id not in (first.parent.info.run_id, alongside.parent.info.run_id)

@@ -104,13 +104,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(workdir: Path, port: int | None = None) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1, its SQLite store and artifacts under ``workdir``; yields its URI."""
+def mlflow_server(workdir: Path, port: int | None = None, store_uri: str | None = None) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1, its SQLite store and artifacts under ``workdir`` (or serving an
+    existing ``store_uri``); yields its URI."""
     port = port or free_port()
     log = open(workdir / "mlflow-server.log", "w")
     process = subprocess.Popen(
         [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+         "--backend-store-uri", store_uri or f"sqlite:///{workdir / 'mlflow.db'}",
          "--artifacts-destination", str(workdir / "mlartifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"

@@ -253,6 +253,10 @@ class Tracker:
             tags["occkd.alongside"] = previous[0].info.run_id
         parent = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self._log_params(parent.info.run_id, params)
+        for record in self.data.values():  # the grid's data, so that the parent's row shows them too
+            self.client.log_inputs(parent.info.run_id, datasets=[
+                DatasetInput(record.dataset(split)._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)])
+                for split in record.splits])
         return parent, 1
 
     def record_invocation(self, *, complete: int, to_run: int) -> None:

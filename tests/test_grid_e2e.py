@@ -220,3 +220,26 @@ def test_a_damaged_nodes_old_record_stands_until_its_rerun_succeeds(grid_run):
     assert teachers[before.info.run_id].info.status == "FINISHED"
     assert "occkd.superseded_by" not in teachers[before.info.run_id].data.tags
     assert sum(1 for r in teachers.values() if r.info.status == "FAILED") == 1
+
+
+def test_the_printed_link_opens_the_mlflow_ui_on_the_runs_table(grid_run, tmp_path):
+    """In a real headless Chromium against a real mlflow server on the grid's store: the link the grid
+    prints shows the runs table (the grid's parent run), not MLflow 3's GenAI landing view; a node's page
+    lists its dataset inputs. Skipped without Chromium (`apt-get install chromium`)."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.ui_screenshots import find_browser, pages, rendered_text
+    from grid.local_cluster import mlflow_server
+
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium: apt-get install chromium")
+    workdir, _ = grid_run
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    _, _, runs = finished_runs(workdir)
+    parent = next(r for r in runs if r.data.tags.get("occkd.kind") == "grid")  # FAILED by the last rerun
+    with mlflow_server(tmp_path, store_uri=uri) as server:
+        urls = pages(server, uri, "occkd-tiny")
+        table = rendered_text(browser, urls["runs_table"])
+        assert parent.info.run_name in table and "matching runs" in table
+        page = rendered_text(browser, urls["run_page"])
+        assert "triplet_kd" in page and "synthetic/train" in page

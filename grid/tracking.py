@@ -183,6 +183,14 @@ def model_name(node: Node) -> str:
     return re.sub(r"[/:.%\"']", "-", node.key)
 
 
+def node_note(node: Node, storage: str) -> str:
+    """A node run's description in the MLflow UI: what it is, what it starts from, where its files are."""
+    parents = ", ".join(f"{edge.role} `{edge.key}`" for edge in node.parents) or "none"
+    faces = f", trained on {node.train_faces} faces" if node.kind == "train" else ""
+    return (f"`{node.key}`: {node.strategy.replace('_', ' ')} ({node.kind} node){faces}. Parents: {parents}. "
+            f"Content hash `{node.hash}`; its sealed outputs are in `{Path(storage or '.') / 'nodes' / node.hash}`.")
+
+
 def ui_link(tracking_uri: str, experiment_id: str, port: int = UI_PORT) -> str:
     """Where a browser opens the experiment's runs table: on the tracking server itself, or on ``mlflow ui``
     (its port) for a local store. ``workflowType=machine_learning``: MLflow 3's UI otherwise opens its GenAI
@@ -306,7 +314,8 @@ class Tracker:
             return self.node_runs[node.key]
         tags = {PARENT_TAG: self.parent.info.run_id, "occkd.task": node.task, "occkd.arch": node.arch or "-",
                 "occkd.strategy": node.strategy, "occkd.train_faces": node.train_faces, "occkd.node": node.hash,
-                "occkd.seed": str(node.seed), "mlflow.source.git.commit": self.sha, **self.driver_tags}
+                "occkd.seed": str(node.seed), "mlflow.source.git.commit": self.sha, **self.driver_tags,
+                "mlflow.note.content": node_note(node, self.storage)}
         run = self.client.create_run(self.experiment_id, run_name=node.run_name, tags=tags)
         params = {"spec": node.params, "grid_point": node.grid_point, "resources": node.resources.as_dict(),
                   "parents": ",".join(f"{edge.role}={edge.key}" for edge in node.parents)}

@@ -109,6 +109,7 @@ def test_mlflow_view_datasets_and_models(grid_run):
     assert parent.data.tags["occkd.ui_link"] == link and link in parent.data.tags["mlflow.note.content"]
     fingerprint = next((workdir / "occkd_runs" / "data").glob("synthetic-*.arrow")).stem.split("-")[1]
     triplet = next(r for r in finished if r.info.run_name == "gender/vggf/triplet_kd[margin=0.3]")
+    assert triplet.data.tags["mlflow.note.content"].startswith("`gender/vggf/triplet_kd[margin=0.3]`: triplet kd")
     inputs = {i.dataset.name: i for i in triplet.inputs.dataset_inputs}
     assert set(inputs) == {"synthetic/train", "synthetic/val", "synthetic/test"}
     assert {i.dataset.digest for i in inputs.values()} == {fingerprint}

@@ -85,7 +85,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="occkd-ui-") as workdir:
         with mlflow_server(Path(workdir), store_uri=args.tracking_uri) as server:
             for name, url in pages(server, args.tracking_uri, args.experiment).items():
-                path = screenshot(browser, url, args.out / f"{name}.png")
+                size = "1600,1700" if name == "run_page" else "1600,1000"  # down to its metrics and their links
+                path = screenshot(browser, url, args.out / f"{name}.png", size=size)
                 print(f"{path}  <- {url}")
     return 0
 

@@ -567,6 +567,8 @@ def write_outputs(spec: GridSpec, outcome: RayOutcome, results: Mapping[str, dic
     for key, error in upload_errors.items():
         print(f"  MLflow upload of {key} failed ({error}); its outputs are sealed on storage and the next run "
               f"records them again", file=sys.stderr)
+    if upload_errors and not (failed or blocked):
+        return 1  # every node sealed, but MLflow lacks some of them until the next run
     if failed or blocked:
         print(f"\n{len(failed)} node(s) failed, {len(blocked)} blocked:", file=sys.stderr)
         for key, reason in failed.items():

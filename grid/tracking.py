@@ -122,8 +122,8 @@ class StoreSplit(MetaDataset):
 
 
 class Uploads:
-    """Artifact uploads off the scheduler's path: one background thread takes jobs in order, each with
-    its own MlflowClient. A job that fails is kept with its error; :meth:`drain` waits for all."""
+    """Artifact uploads off the scheduler's path: one background thread, with an MlflowClient of its own,
+    takes the jobs in order. A job that fails is kept with its error; :meth:`drain` waits for all."""
 
     def __init__(self, tracking_uri: str) -> None:
         self.tracking_uri = tracking_uri

@@ -103,6 +103,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def latest_experiment(store_uri: str) -> str:
+    """The id of the experiment the grid just wrote to (the store's most recently updated one)."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(store_uri).search_experiments(order_by=["last_update_time DESC"], max_results=1)
+    return found[0].experiment_id if found else "0"
+
+
 @contextmanager
 def mlflow_server(workdir: Path, port: int | None = None, store_uri: str | None = None) -> Iterator[str]:
     """A real ``mlflow server`` on 127.0.0.1, its SQLite store and artifacts under ``workdir`` (or serving an
@@ -197,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"local autoscaling cluster up ({config_path}); MLflow at {uri}", flush=True)
         code = subprocess.run(grid_command(config_path, uri, workdir / "occkd_runs", grid_args),
                               env=token_env()).returncode
-    print(f"cluster and MLflow server stopped; the runs: mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'}")
+    from grid.tracking import ui_command, ui_link
+
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    print(f"cluster and MLflow server stopped (the link above with it); the runs: {ui_command(store)}, then "
+          f"{ui_link(store, latest_experiment(store))}")
     return code
 
 

@@ -168,11 +168,14 @@ def storage_problem(storage: Path) -> str | None:
     return None
 
 
-def _fault_injection() -> dict[str, Any] | None:
-    """Tests inject worker crashes through OCCKD_FAULT_INJECTION='{"node": KEY, "times": N}': the node's
-    first N attempts raise, as a crashing worker would."""
+def _fault_injection() -> dict[str, int] | None:
+    """Tests inject worker crashes through OCCKD_FAULT_INJECTION='{"node": KEY, "times": N}' (or a JSON list
+    of them): the node's first N attempts raise, as a crashing worker would."""
     text = os.environ.get("OCCKD_FAULT_INJECTION")
-    return json.loads(text) if text else None
+    if not text:
+        return None
+    faults = json.loads(text)
+    return {f["node"]: int(f.get("times", 1)) for f in ([faults] if isinstance(faults, dict) else faults)}
 
 
 #: Where `ray up` leaves the cluster config on the head node.

@@ -46,7 +46,7 @@ class RunSettings:
     storage: str  # absolute path visible from every Ray node
     data_paths: Mapping[str, str]  # task -> prepared Arrow store
     ray_train: str = "multi"  # resolved (see resolve_ray_train): "multi" or "always"
-    fault_injection: Mapping[str, Any] | None = None  # tests only: {"node": key, "times": n}
+    fault_injection: Mapping[str, int] | None = None  # tests only: node key -> attempts that fail
     train_max_failures: int = 2  # worker-group restarts Ray Train allows a node (FailureConfig)
     machine_gpus: float = 0.0  # GPUs of the largest machine: a node's GPU workers up to it share one machine
 
@@ -582,13 +582,14 @@ class DeviceTorchConfig(TorchConfig):
 
 
 def _maybe_inject_fault(node: Node, settings: Mapping[str, Any], storage: Path) -> None:
-    """Tests only: fail this node's first ``times`` attempts, counted in a file on storage."""
-    fault = settings.get("fault_injection")
-    if not fault or fault.get("node") != node.key:
+    """Tests only: fail this node's first ``times`` attempts, counted in a file on storage. The setting maps
+    node keys to their ``times``."""
+    times = (settings.get("fault_injection") or {}).get(node.key)
+    if times is None:
         return
     counter = storage / "fault_injection" / f"{node.hash}.json"
     counter.parent.mkdir(parents=True, exist_ok=True)
     attempts = json.loads(counter.read_text())["attempts"] if counter.exists() else 0
     counter.write_text(json.dumps({"attempts": attempts + 1}))
-    if attempts < int(fault.get("times", 1)):
+    if attempts < int(times):
         raise RuntimeError(f"injected fault in {node.key} (attempt {attempts + 1})")

@@ -44,26 +44,21 @@ def make_workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_a_crashing_worker_is_retried_and_recorded_once(tmp_path: Path):
+def test_a_crashing_worker_is_retried_and_a_node_failing_for_good_blocks_only_its_descendants(tmp_path: Path):
+    """One grid, two faults: the student's worker crashes once (Tune retries it, in the same MLflow run) and
+    a triplet node fails on every attempt (its descendants are blocked, every other node completes). Once
+    the cause is gone, the same command finishes the grid, training only what is missing."""
     workdir = make_workdir(tmp_path)
-    fault = json.dumps({"node": "gender/vggf/student", "times": 1})
-    result = run_grid(workdir, OCCKD_FAULT_INJECTION=fault)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    runs, _ = node_runs(workdir)
-    student = [r for r in runs if r.info.run_name == "gender/vggf/student"]
-    assert [r.info.status for r in student] == ["FINISHED"]  # the retry reused the node's run
-    assert {r.info.run_name for r in runs if r.info.status == "FINISHED"} == NODE_KEYS
-
-
-def test_a_node_failing_for_good_blocks_its_descendants_and_the_rest_completes(tmp_path: Path):
-    workdir = make_workdir(tmp_path)
-    fault = json.dumps({"node": "gender/vggf/triplet_kd[margin=0.1]", "times": 99})
-    result = run_grid(workdir, OCCKD_FAULT_INJECTION=fault)
-    assert result.returncode == 1
+    faults = json.dumps([{"node": "gender/vggf/student", "times": 1},
+                         {"node": "gender/vggf/triplet_kd[margin=0.1]", "times": 99}])
+    result = run_grid(workdir, OCCKD_FAULT_INJECTION=faults)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "FAILED  gender/vggf/triplet_kd[margin=0.1]: RuntimeError: injected fault" in result.stderr
     assert "BLOCKED gender/vggf/fusion: parent gender/vggf/triplet_kd[margin=0.1] failed" in result.stderr
     assert "BLOCKED gender/significance" in result.stderr
     runs, all_runs = node_runs(workdir)
+    student = [r for r in runs if r.info.run_name == "gender/vggf/student"]
+    assert [r.info.status for r in student] == ["FINISHED"]  # the retry reused the node's run
     status = {r.info.run_name: r.info.status for r in runs}
     assert status["gender/vggf/triplet_kd[margin=0.1]"] == "FAILED"
     for done in ("gender/vggf/teacher", "gender/vggf/student", "gender/vggf/student_ablation",
@@ -71,10 +66,11 @@ def test_a_node_failing_for_good_blocks_its_descendants_and_the_rest_completes(t
         assert status[done] == "FINISHED"
     assert "gender/vggf/fusion" not in status  # blocked nodes never start
     assert all(r.info.status != "RUNNING" for r in all_runs)
-    # Once the cause is gone, the same command finishes the grid, training only what is missing.
     again = run_grid(workdir)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "5 already complete, 3 to run" in again.stdout
+    runs, _ = node_runs(workdir)
+    assert {r.info.run_name for r in runs if r.info.status == "FINISHED"} == NODE_KEYS
 
 
 # Killed mid-graph, several nodes sealed. A driver killed mid-teacher is tests/test_interrupts.py's third

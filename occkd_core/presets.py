@@ -25,8 +25,9 @@ from occkd_core.tasks import TASKS, get_task
 PRESET_DIR = Path(__file__).parent / "presets"
 
 #: Stage fields that may be given as a list to make a hyperparameter grid. ``triplet_normalize: [true,
-#: false]`` compares L2-normalised with raw embeddings in the triplet loss (spec §15 #20).
-GRID_FIELDS = ("lr", "lam", "temperature", "margin", "triplet_normalize")
+#: false]`` compares L2-normalised with raw embeddings in the triplet loss (spec §15 #20); ``tau_squared: [false,
+#: true]`` Hinton KD with and without the τ² factor (spec §15 #2).
+GRID_FIELDS = ("lr", "lam", "temperature", "margin", "triplet_normalize", "tau_squared")
 #: Kernels of the age fusion's ε-SVR (spec §15 #28: RBF by default, "also try a linear kernel").
 SVR_KERNELS = ("rbf", "linear")
 

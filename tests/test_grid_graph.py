@@ -37,6 +37,29 @@ def test_node_counts_for_all_tasks_and_architectures(preset_name, margins):
                       "triplet_kd": cells * margins, "fusion": cells, "significance": len(TASKS)}
 
 
+def test_mid_preset_expands_every_stage_with_its_kd_grids():
+    """mid: full-width 64 px networks from scratch; standard KD with and without τ², two triplet margins."""
+    preset = load_preset("mid")
+    assert all(preset.arch(a).input_size == 64 and preset.arch(a).width_mult == 1.0 for a in ARCHITECTURES)
+    assert preset.required_weights(list(TASKS), list(ARCHITECTURES)) == {}
+    graph = full_graph("mid")
+    counts = {}
+    for node in graph.nodes.values():
+        counts[node.strategy] = counts.get(node.strategy, 0) + 1
+    cells = len(TASKS) * len(ARCHITECTURES)
+    assert counts == {"teacher": cells, "student": cells, "student_ablation": cells, "standard_kd": cells * 2,
+                      "triplet_kd": cells * 2, "fusion": cells, "significance": len(TASKS)}
+    n = graph.nodes
+    assert n["fer/vggf/standard_kd[tau_squared=True]"].params["train"]["tau_squared"] is True
+    assert n["fer/vggf/standard_kd[tau_squared=False]"].params["train"]["temperature"] == 20.0
+    assert n["fer/vggf/triplet_kd[margin=0.3]"].params["train"]["pool_fraction"] == 0.1
+    assert n["gender/vggf/triplet_kd[margin=0.3]"].params["train"]["pool_fraction"] == 0.2
+    # Fusion chooses among every KD point on validation, so it depends on all four.
+    assert {e.key for e in n["fer/vggf/fusion"].parents} == {
+        "fer/vggf/student", "fer/vggf/standard_kd[tau_squared=False]", "fer/vggf/standard_kd[tau_squared=True]",
+        "fer/vggf/triplet_kd[margin=0.1]", "fer/vggf/triplet_kd[margin=0.3]"}
+
+
 def test_edges_follow_the_curriculum():
     graph = full_graph("paper")
     n = graph.nodes

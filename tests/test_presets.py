@@ -93,9 +93,13 @@ def test_unknown_preset_lists_valid_names():
     ({"optimizer": "rmsprop"}, "optimizer must be"),
     ({"margin": ["x"]}, "margin must be a number"),
     ({"batch_size": [16, 32]}, "cannot be a grid"),
+    ({"margin": [0.1, -0.2]}, "margin must be >= 0"),
+    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"temprature": 4.0}, r"unknown stage setting\(s\) \['temprature'\]"),
 ])
-def test_bad_preset_file_is_rejected_before_training(tmp_path: Path, change, message):
-    text = (Path(load_preset.__code__.co_filename).parent / "presets" / "smoke.yaml").read_text()
+@pytest.mark.parametrize("base", ["smoke", "mid"])
+def test_bad_preset_file_is_rejected_before_training(tmp_path: Path, change, message, base):
+    text = (Path(load_preset.__code__.co_filename).parent / "presets" / f"{base}.yaml").read_text()
     import yaml
 
     raw = yaml.safe_load(text)
@@ -139,7 +143,7 @@ def test_paper_preset_starts_each_teacher_where_the_papers_did():
     assert paper.required_weights(["gender", "age"], ["resnet50"]) == {}
     assert paper.required_weights(["fer", "age"], ["vggf", "resnet50"]) == {
         "vggf_imagenet": ["fer/vggf", "age/vggf"], "resnet50_imagenet": ["fer/resnet50"]}
-    for name in ("smoke", "mini"):  # no weights can be had for these: stated, not implied
+    for name in ("smoke", "mini", "mid"):  # no weights can be had for these: stated, not implied
         assert load_preset(name).required_weights(list(TASKS), list(ARCHITECTURES)) == {}
 
 

@@ -7,6 +7,12 @@ worker groups with them, and returns from ``fit``), so the driver can close its 
 signal exits at once. Tune's own SIGINT handler is turned off (``TUNE_DISABLE_SIGINT_HANDLER``): it
 would end the experiment as if it had finished. SIGTERM also replaces the handler Ray's core installs
 in the driver, which dumped a C++ stack and aborted.
+
+A deadline backs the first signal up: if the driver has not exited ``grace_s`` seconds after it (default
+20, ``OCCKD_STOP_GRACE_S``), it runs its ``on_overdue`` action (the driver's: end every MLflow run it left
+open as KILLED) and exits. A batch system's cancel (Slurm's ``scancel``) signals every process of the job
+at once, Ray's own too: a driver whose Ray is gone can wait a minute on it, while Slurm kills whatever is
+left after its KillWait (30 s by default), which would leave the runs RUNNING.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, Callable
 
 from ray.tune.stopper import Stopper
 
@@ -31,13 +38,29 @@ def exit_status(signum: int) -> int:
     return 128 + signum
 
 
+def stop_grace_s() -> float:
+    """Seconds the driver has after the first signal before it closes its runs and exits regardless."""
+    raw = os.environ.get("OCCKD_STOP_GRACE_S", "20")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"OCCKD_STOP_GRACE_S must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
 class Interrupts(Stopper):
     """Installed once by the driver; also the Tune stopper of its experiment."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float | None = None) -> None:
         self.signum: int | None = None
         self.in_experiment = False
         self._previous: dict[int, Any] = {}
+        self.grace_s = stop_grace_s() if grace_s is None else grace_s
+        #: Called from a timer thread when the driver is still there ``grace_s`` after the first signal.
+        self.on_overdue: Callable[[], None] | None = None
+        self._timer: threading.Timer | None = None
 
     def install(self) -> None:
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
@@ -46,7 +69,10 @@ class Interrupts(Stopper):
             self._previous.setdefault(signum, previous)
 
     def restore(self) -> None:
-        """The handlers from before :meth:`install` (a caller that runs the grid in-process keeps its own)."""
+        """The handlers from before :meth:`install` (a caller that runs the grid in-process keeps its own);
+        the deadline is off once the driver has returned."""
+        if self._timer is not None:
+            self._timer.cancel()
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
 
@@ -56,10 +82,24 @@ class Interrupts(Stopper):
                   file=sys.stderr, flush=True)
             os._exit(exit_status(self.signum))
         self.signum = signum
+        self._timer = threading.Timer(self.grace_s, self._overdue)
+        self._timer.daemon = True
+        self._timer.start()
         if not self.in_experiment:
             raise GridInterrupted(signum)
         print(f"\n{signal.Signals(signum).name}: stopping the running nodes (again to exit at once) ...",
               file=sys.stderr, flush=True)
+
+    def _overdue(self) -> None:
+        assert self.signum is not None
+        print(f"\n{signal.Signals(self.signum).name}: the driver did not stop within {self.grace_s:g} s (is Ray "
+              "gone?): closing its MLflow runs as KILLED and exiting; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        try:
+            if self.on_overdue is not None:
+                self.on_overdue()
+        finally:
+            os._exit(exit_status(self.signum))
 
     # Stopper: checked by Tune every step of its loop.
     def __call__(self, trial_id: str, result: dict) -> bool:

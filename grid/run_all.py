@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -266,7 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(spec, None)
     from grid.interrupts import GridInterrupted, Interrupts, exit_status
 
-    interrupts = Interrupts()
+    try:
+        interrupts = Interrupts()
+    except ValueError as err:  # OCCKD_STOP_GRACE_S
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     interrupts.install()
     try:
         return _main(spec, interrupts)
@@ -424,6 +429,9 @@ def run_graph(spec: GridSpec, graph: StageGraph, prepared: Mapping[str, Prepared
     to_run = [k for k in graph.nodes if k not in results]
     tracker.record_invocation(complete=len(results), to_run=len(to_run))
     progress = Progress(graph, skipped=set(results))
+    if interrupts is not None:  # a driver that cannot stop in time still leaves no run RUNNING
+        interrupts.on_overdue = lambda: tracker.kill_open_runs(
+            f"interrupted by {signal.Signals(interrupts.signum).name}; the driver did not stop in time")
     continued = f", continuing its parent run (invocation {tracker.invocation})" if tracker.invocation > 1 else ""
     print(f"{len(graph.nodes)} nodes: {len(results)} already complete, {len(to_run)} to run "
           f"(storage {spec.storage}, MLflow {spec.tracking_uri}{continued})")

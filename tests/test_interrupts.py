@@ -4,6 +4,7 @@ report and exit 130 / 143; a second Ctrl-C exits at once; the rerun resumes and 
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -127,3 +128,35 @@ def test_a_second_driver_ctrl_c_sigterm_and_the_rerun(tmp_path: Path):
     steps = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
         teacher.info.run_id, "train_loss")]
     assert steps and min(steps) > 1 and max(steps) == TEACHER_EPOCHS  # resumed from its checkpoint, not retrained
+
+
+HUNG_DRIVER = """
+import os, signal, sys, time
+from pathlib import Path
+from grid.interrupts import Interrupts
+
+interrupts = Interrupts()
+interrupts.install()
+interrupts.in_experiment = True
+interrupts.on_overdue = lambda: Path(sys.argv[1]).write_text("closed")
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(60)  # a driver stuck on a Ray that is gone
+"""
+
+
+def test_a_driver_that_cannot_stop_closes_its_runs_at_the_deadline_and_exits(tmp_path: Path):
+    """scancel signals Ray's processes with the driver: a driver stuck on them must still close its runs
+    before Slurm's KillWait, so after OCCKD_STOP_GRACE_S it runs its closing action and exits 143."""
+    marker = tmp_path / "closed"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", HUNG_DRIVER, str(marker)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "OCCKD_STOP_GRACE_S": "2"})
+    assert done.returncode == 143, done.stderr
+    assert marker.read_text() == "closed"
+    assert 2 <= time.monotonic() - started < 30
+    assert "did not stop within 2 s" in done.stderr
+    # A deadline that is not a number of seconds stops the grid before it starts, saying so.
+    bad = subprocess.run([sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "gender"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OCCKD_STOP_GRACE_S": "soon"})
+    assert bad.returncode == 2 and "OCCKD_STOP_GRACE_S must be a number of seconds > 0, got 'soon'" in bad.stderr
+    assert not (tmp_path / "occkd_runs").exists()

@@ -98,6 +98,8 @@ class Interrupts(Stopper):
         try:
             if self.on_overdue is not None:
                 self.on_overdue()
+        except BaseException as err:  # noqa: BLE001 - said, then the exit all the same
+            print(f"could not close the runs: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         finally:
             os._exit(exit_status(self.signum))
 

@@ -160,17 +160,6 @@ class Uploads:
             open_jobs = [(label, size) for label, size, future in self._jobs if not future.done()]
         return len(open_jobs), sum(size for _, size in open_jobs)
 
-    def kill_open_runs(self, reason: str) -> int:
-        """Every run of this invocation still RUNNING (nodes training or uploading, and the parent) ends
-        KILLED; the next invocation resumes the nodes and records the sealed ones again. The count."""
-        closed = 0
-        for run_id in [*self.node_runs.values(), self.parent.info.run_id]:
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                self.client.set_tag(run_id, "occkd.closed_reason", reason)
-                self.client.set_terminated(run_id, status="KILLED")
-                closed += 1
-        return closed
-
     def drain(self, say: Callable[[str], None] | None = None) -> dict[str, str]:
         """Wait for every job; the errors of those that failed (label -> error)."""
         count, size = self.pending()
@@ -465,6 +454,17 @@ class Tracker:
             return
         self.client.set_tag(run_id, "occkd.closed_reason", reason)
         self.client.set_terminated(run_id, status="KILLED")
+
+    def kill_open_runs(self, reason: str) -> int:
+        """Every run of this invocation still RUNNING (nodes training or uploading, and the parent) ends
+        KILLED; the next invocation resumes the nodes and records the sealed ones again. The count."""
+        closed = 0
+        for run_id in [*self.node_runs.values(), self.parent.info.run_id]:
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_tag(run_id, "occkd.closed_reason", reason)
+                self.client.set_terminated(run_id, status="KILLED")
+                closed += 1
+        return closed
 
     def drain(self, say: Callable[[str], None] | None = None) -> dict[str, str]:
         """Wait for the uploads in flight; the nodes whose upload failed (their runs ended FAILED; the next

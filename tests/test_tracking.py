@@ -118,3 +118,21 @@ def test_one_parent_per_grid_unless_its_driver_is_alive(tmp_path: Path):
     assert again.parent.info.status == "RUNNING"
     other = Tracker(uri, "occkd-test", run_name="grid", params={}, grid_id="another-graph")
     assert other.parent.info.run_id not in (first.parent.info.run_id, alongside.parent.info.run_id)
+
+
+def test_kill_open_runs_ends_every_running_run_of_the_invocation(tmp_path: Path):
+    """What a driver that cannot stop in time does before it exits (grid.interrupts): every run it left
+    RUNNING, the parent's too, ends KILLED with the reason; finished ones keep their status."""
+    graph = expand_graph(load_preset("smoke"), ["gender"], ["vggf"], train_sizes={"gender": 100},
+                         data_fingerprints={"gender": "d"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "occkd-test", run_name="grid", params={})
+    client = MlflowClient(uri)
+    training = tracker.start_node(graph.nodes["gender/vggf/teacher"])
+    done = tracker.start_node(graph.nodes["gender/vggf/student"])
+    client.set_terminated(done, status="FINISHED")
+    assert tracker.kill_open_runs("interrupted by SIGTERM; the driver did not stop in time") == 2
+    assert client.get_run(training).info.status == "KILLED"
+    assert client.get_run(training).data.tags["occkd.closed_reason"].startswith("interrupted by SIGTERM")
+    assert client.get_run(tracker.parent.info.run_id).info.status == "KILLED"
+    assert client.get_run(done).info.status == "FINISHED"

@@ -502,7 +502,9 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
     )
     from grid.widths import WidthPolicy
 
-    ray.init(address=spec.ray_address, include_dashboard=False, log_to_driver=False,
+    # Without --ray-address, always a Ray of its own ("local"): a bare ray.init() would join whatever
+    # `ray start` last left in /tmp/ray/ray_current_cluster, another user's cluster or a dead one.
+    ray.init(address=spec.ray_address or "local", include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", configure_logging=True)
     try:  # the preset's requests fitted once to what the cluster has or its autoscaler can add
         plan = plan_cluster(spec, graph, connect=True)

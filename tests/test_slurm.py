@@ -128,6 +128,8 @@ def test_a_job_uses_exactly_its_gpus_and_a_resubmission_retrains_nothing(slurm, 
     gpu_ids = [r.data.tags["occkd.gpu_ids"] for r in nodes if r.data.tags.get("occkd.gpu_ids", "-") != "-"]
     assert len(gpu_ids) == 6 and {i for ids in gpu_ids for i in ids.split(",")} <= {"2", "3"}, gpu_ids
     assert not ray_processes(head_port(log))  # Ray went down with the job
+    current = Path("/tmp/ray/ray_current_cluster")  # and a bare ray.init() will not look for it
+    assert not (current.exists() and current.read_text().strip().endswith(f":{head_port(log)}"))
     checkpoints = {p: p.stat().st_mtime_ns for p in (out / "occkd_runs" / "nodes").glob("*/train/best.pt")}
     assert len(checkpoints) == 6
 

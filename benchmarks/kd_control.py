@@ -22,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from grid.artifacts import node_dir, read_predictions, read_result  # noqa: E402
@@ -58,8 +56,8 @@ def main() -> int:
         for arch in archs:
             student = graph.nodes[f"{task}/{arch}/student"]
             kd_points = [n for n in graph.nodes.values() if (n.task, n.arch, n.strategy) == (task, arch, "standard_kd")]
-            results = {n.key: read_result(node_dir(args.storage, n.hash)) for n in kd_points}
-            if any(r is None for r in results.values()) or read_result(node_dir(args.storage, student.hash)) is None:
+            results = {n.key: read_result(node_dir(args.storage, n.hash)) for n in [student, *kd_points]}
+            if any(r is None for r in results.values()):
                 print(f"{task}/{arch}: the grid on {args.storage} has not finished its students and standard KD",
                       file=sys.stderr)
                 return 2
@@ -80,16 +78,14 @@ def main() -> int:
             for name, node in (("student", student), ("kd", chosen)):
                 table = read_predictions(node_dir(args.storage, node.hash) / "predictions.parquet",
                                          test_set="test", visible=visible, model=node.strategy)
-                correct[name] = np.asarray(table["correct"].to_numpy()) if "correct" in table.column_names else None
+                correct[name] = table["correct"].to_numpy()
             line = {"node": chosen.key, "control": "lam=0.0", "val_score": result.best_val_score,
-                    "best_epoch": result.best_epoch, "test_" + visible: values, "seconds": round(seconds, 1)}
+                    "best_epoch": result.best_epoch, "test_" + visible: values, "seconds": round(seconds, 1),
+                    "student_val_score": results[student.key]["val_score"],
+                    "kd_val_score": results[chosen.key]["val_score"]}
             for name in ("student", "kd"):
-                if correct[name] is not None:
-                    test = mcnemar_test(correct["control"], correct[name])
-                    line[f"vs_{name}"] = {"p": test.pvalue, "control_better": bool(test.improved)}
-            for name in ("student", "kd"):
-                node = student if name == "student" else chosen
-                line[f"{name}_val_score"] = read_result(node_dir(args.storage, node.hash))["val_score"]
+                test = mcnemar_test(correct["control"], correct[name])
+                line[f"vs_{name}"] = {"p": test.pvalue, "control_better": bool(test.improved)}
             lines.append(line)
             print(json.dumps(line, default=float))
     (args.out / "control.json").write_text(json.dumps(lines, indent=1, default=float))

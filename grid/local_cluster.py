@@ -14,8 +14,9 @@ workers' GPUs are logical: CUDA is absent, so training runs on the CPU device wi
 but every scheduling decision (autoscaling, placement, Ray Train worker groups, restarts after a lost
 node) is Ray's real one. It refuses to start where a Ray cluster already runs.
 
-Ray 2.60 turns token authentication on for ``ray start``: drivers and the ``ray`` CLI need
-``RAY_AUTH_MODE=token`` in their environment (this script sets it for what it starts).
+The cluster runs with Ray's token authentication, as a cloud one should: the script makes the token
+(``~/.ray/auth_token``, mode 600) when the account has none, never overwrites one, and says where it is;
+everything it starts gets ``RAY_AUTH_MODE=token`` (:mod:`grid.ray_token`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make `occkd_core` importable from a clone
     sys.path.insert(0, str(REPO))
+from grid.ray_token import describe, ensure_token, token_env  # noqa: E402  (after the path above)
+
 RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
 MLFLOW = str(Path(sys.executable).with_name("mlflow")) if Path(sys.executable).with_name("mlflow").exists() else "mlflow"
 
@@ -66,11 +69,6 @@ def fake_cluster_config(source: Path = REPO / "cluster.yaml", *, head_cpus: int 
     }
 
 
-def token_env() -> dict[str, str]:
-    """The environment a driver or ``ray`` CLI needs to reach a cluster started with ``ray start`` (2.60)."""
-    return {**os.environ, "RAY_AUTH_MODE": "token"}
-
-
 def ray_is_running() -> bool:
     return subprocess.run([RAY, "status"], capture_output=True, env=token_env(), timeout=60).returncode == 0
 
@@ -81,6 +79,7 @@ def autoscaling_cluster(config: Mapping[str, Any], workdir: Path) -> Iterator[Pa
     The fake workers dial the GCS on Ray's default port 6379, so the head must use it."""
     if ray_is_running():
         raise RuntimeError("a Ray cluster already runs on this machine; stop it first (ray stop) or use it directly")
+    print(describe(*ensure_token()), flush=True)  # `ray start` in token mode refuses to run without one
     path = workdir / "cluster.yaml"
     path.write_text(yaml.safe_dump(dict(config)))
     started = subprocess.run(

@@ -34,6 +34,7 @@ from occkd_core.files import atomic_write_bytes  # noqa: E402
 from grid.data import PreparedData, prepare_data  # noqa: E402
 from grid.graph import StageGraph, default_resources, describe_graph, expand_graph  # noqa: E402
 from grid.progress import Progress  # noqa: E402
+from grid.ray_token import init_ray  # noqa: E402
 from grid.figures import write_figures  # noqa: E402
 from grid.report import collect_rows, write_report  # noqa: E402
 from grid.timeline import node_timeline, overheads, summary_line, write_timeline  # noqa: E402
@@ -318,13 +319,13 @@ def _main(spec: GridSpec, interrupts: Any) -> int:
                          data_fingerprints={t: p.fingerprint for t, p in prepared.items()},
                          weights=weights, from_scratch=spec.from_scratch)
     if spec.dry_run:
-        if spec.ray_address:  # the resources this cluster (and its autoscaler) will be asked for
-            import ray
+        import ray
 
-            ray.init(address=spec.ray_address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         try:
+            if spec.ray_address:  # the resources this cluster (and its autoscaler) will be asked for
+                init_ray(spec.ray_address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
             plan = plan_cluster(spec, graph, connect=spec.ray_address is not None)
-        except ValueError as err:  # a request that no node of the cluster can ever hold
+        except ValueError as err:  # no token for the cluster, or a request no node of it can ever hold
             print(f"error: {err}", file=sys.stderr)
             return 2
         finally:
@@ -502,10 +503,8 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
     )
     from grid.widths import WidthPolicy
 
-    # Without --ray-address, always a Ray of its own ("local"): a bare ray.init() would join whatever
-    # `ray start` last left in /tmp/ray/ray_current_cluster, another user's cluster or a dead one.
-    ray.init(address=spec.ray_address or "local", include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR", configure_logging=True)
+    init_ray(spec.ray_address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             configure_logging=True)
     try:  # the preset's requests fitted once to what the cluster has or its autoscaler can add
         plan = plan_cluster(spec, graph, connect=True)
     except ValueError:

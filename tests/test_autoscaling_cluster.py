@@ -67,7 +67,8 @@ def kill_the_ablation_students_node(storage: Path, grid: subprocess.Popen, timeo
     raise AssertionError("the ablation student never trained as a Ray Train worker while the test watched")
 
 
-def test_gpu_workers_launch_on_demand_train_through_ray_train_and_survive_a_lost_node(tmp_path: Path):
+def test_gpu_workers_launch_on_demand_train_through_ray_train_and_survive_a_lost_node(tmp_path: Path, fresh_home: Path):
+    """From a new account's empty HOME: the cluster makes its own Ray token (mode 600) and never prints it."""
     if ray_is_running():
         pytest.skip("a Ray cluster already runs on this machine; not disturbing it")
     (tmp_path / "tiny-gpu.yaml").write_text(yaml.safe_dump(PRESET))
@@ -85,6 +86,8 @@ def test_gpu_workers_launch_on_demand_train_through_ray_train_and_survive_a_lost
         runs = client.search_runs([client.get_experiment_by_name("occkd-tiny-gpu").experiment_id], max_results=100)
 
     out = (tmp_path / "grid.log").read_text()
+    token = fresh_home / ".ray" / "auth_token"
+    assert token.stat().st_mode & 0o777 == 0o600 and token.read_text() not in out
     assert "running on Ray: 1 CPUs, 0 GPUs (the autoscaler may grow it to 97 CPUs, 8 GPUs)" in out
     assert "training nodes run as Ray Train workers" in out
     gpu_nodes = {n["node_id"] for n in nodes if n["resources_total"].get("GPU", 0) > 0}

@@ -283,6 +283,27 @@ def test_cluster_yaml_validates_against_rays_own_schema():
     assert "tcp 2049" in text  # the security-group rule NFS needs is written where the user fills in the id
 
 
+def test_cluster_yaml_starts_every_ray_in_token_mode_with_one_token_on_every_node():
+    """Ray 2.60's `ray start` makes no token, and without RAY_AUTH_MODE=token it starts a cluster anyone on
+    the network may run code on: every `ray start` line runs in token mode, every container is in token mode
+    (the driver and `ray` commands on the head too), and the user's one token reaches every node type."""
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key]
+              if "ray start" in c]
+    assert len(starts) == 2
+    for line in starts:
+        command = line.split(";")[-1].split()
+        assert command[:3] == ["RAY_AUTH_MODE=token", "ray", "start"], line
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    # file_mounts and setup_commands apply to every node, head and workers; no node type overrides them.
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "chmod 600 ~/.ray/auth_token" in " ".join(config["setup_commands"])
+    for name, node_type in config["available_node_types"].items():
+        assert not {"file_mounts", "setup_commands", "docker"} & set(node_type), name
+    assert not config.get("worker_setup_commands") and "rsync_filter" not in config
+    assert not any("auth_token" in pattern for pattern in config.get("rsync_exclude", []))
+
+
 def test_a_dry_run_against_cluster_yaml_keeps_the_papers_gpu_requests_and_trains_through_ray_train(tmp_path: Path):
     """The paper preset's requests on cluster.yaml's node types (a CPU head, autoscaled 4-GPU workers): every
     request fits a worker, the GPU requests stay though no worker runs, and every training node goes through

@@ -71,7 +71,7 @@ def runs(workdir: Path):
     return client.search_runs([experiment.experiment_id], max_results=1000)
 
 
-def test_a_second_driver_ctrl_c_sigterm_and_the_rerun(tmp_path: Path):
+def test_a_second_driver_ctrl_c_sigterm_and_the_rerun(tmp_path: Path, fresh_home: Path):
     (tmp_path / "tiny-long.yaml").write_text(yaml.safe_dump(PRESET))
     first = start(tmp_path, "first")
     wait_for(lambda: teacher_epochs(tmp_path) >= 1, 180, "the teacher's first epoch", first)
@@ -144,7 +144,7 @@ time.sleep(60)  # a driver stuck on a Ray that is gone
 """
 
 
-def test_a_driver_that_cannot_stop_closes_its_runs_at_the_deadline_and_exits(tmp_path: Path):
+def test_a_driver_that_cannot_stop_closes_its_runs_at_the_deadline_and_exits(tmp_path: Path, fresh_home: Path):
     """scancel signals Ray's processes with the driver: a driver stuck on them must still close its runs
     before Slurm's KillWait, so after OCCKD_STOP_GRACE_S it runs its closing action and exits 143."""
     marker = tmp_path / "closed"

@@ -1,8 +1,10 @@
 """The README's cluster commands on one machine: a Ray head started as cluster.yaml starts it (dashboard
 on 127.0.0.1), then a small grid submitted with `ray job submit` that joins it with --ray-address auto.
 
-Ray 2.60 turns token authentication on for `ray start`, so the client needs RAY_AUTH_MODE=token (the
-token is in ~/.ray/auth_token on the head); the Jobs API needs ray[default], which pyproject installs.
+From a new account's empty HOME, in the README's order: `python grid/ray_token.py` makes the cluster's token
+(cluster.yaml copies that file to every node), the head starts in token mode, and the client, holding the
+same token, submits with RAY_AUTH_MODE=token; a client without the token is told in one line what to do.
+The Jobs API needs ray[default], which pyproject installs.
 The test skips rather than disturb a Ray cluster that already runs on the machine (`ray stop` stops
 every Ray process here)."""
 
@@ -27,22 +29,31 @@ RAY = str(Path(sys.executable).parent / "ray") if (Path(sys.executable).parent /
 DASHBOARD_PORT, GCS_PORT = 8299, 6399
 
 
-def _head_start_command() -> list[str]:
-    """cluster.yaml's `ray start --head …`, with the autoscaler config and ports this test cannot use."""
+def _head_start_command() -> tuple[dict[str, str], list[str]]:
+    """cluster.yaml's `ray start --head …` (its environment assignments, its words), with the autoscaler
+    config and ports this test cannot use."""
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     start = next(c for c in config["head_start_ray_commands"] if "ray start --head" in c)
     words = shlex.split(start.split(";")[-1])
     assert "--dashboard-host=127.0.0.1" in words  # never on a public interface
-    keep = [w for w in words if not w.startswith(("--port", "--autoscaling-config", "--object-manager-port"))]
-    return [RAY, *keep[1:]] + [f"--port={GCS_PORT}", f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=2"]
+    assignments = dict(w.split("=", 1) for w in words[:words.index("ray")])
+    keep = [w for w in words[words.index("ray") + 1:]
+            if not w.startswith(("--port", "--autoscaling-config", "--object-manager-port"))]
+    return assignments, [RAY, *keep, f"--port={GCS_PORT}", f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=2"]
 
 
 @pytest.fixture
-def ray_head():
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    if subprocess.run([RAY, "status"], capture_output=True, env=env, timeout=60).returncode == 0:
+def ray_head(fresh_home: Path):
+    if subprocess.run([RAY, "status"], capture_output=True, env={**os.environ, "RAY_AUTH_MODE": "token"},
+                      timeout=60).returncode == 0:
         pytest.skip("a Ray cluster already runs on this machine; not disturbing it")
-    started = subprocess.run(_head_start_command(), capture_output=True, text=True, env=env, timeout=180)
+    made = subprocess.run([sys.executable, "grid/ray_token.py"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    token = fresh_home / ".ray" / "auth_token"
+    assert made.returncode == 0 and made.stdout.strip() == f"Ray token: made {token} (mode 600)", made
+    assignments, command = _head_start_command()
+    env = {**os.environ, **assignments}
+    assert env.get("RAY_AUTH_MODE") == "token"
+    started = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
         yield env
@@ -63,3 +74,20 @@ def test_a_grid_submitted_with_ray_job_submit_runs_on_the_head(ray_head, tmp_pat
     runs = client.search_runs([client.get_experiment_by_name("occkd-tiny").experiment_id], max_results=100)
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 9  # the grid's parent run and 8 node runs
     assert (tmp_path / "runs" / "reports" / "occkd-tiny" / "report.md").is_file()
+
+
+def test_a_client_without_the_clusters_token_is_told_in_one_line(ray_head, tmp_path: Path):
+    """A second account (no token) joining the token-mode head: exit 2 and one line saying what to do, not
+    Ray's paragraph; the head's token is not made anew on the client."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    env = {**ray_head, "HOME": str(stranger)}
+    out = subprocess.run([sys.executable, "grid/run_all.py", "--tasks", "gender", "--archs", "vggf",
+                          "--preset", str(tmp_path / "tiny.yaml"), "--storage", str(tmp_path / "runs"),
+                          "--ray-address", f"127.0.0.1:{GCS_PORT}", "--dry-run"],
+                         cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert len(errors) == 1 and "~/.ray/auth_token" in errors[0] and "RAY_AUTH_MODE=token" in errors[0], out.stderr
+    assert "Traceback" not in out.stderr and not (stranger / ".ray" / "auth_token").exists()

@@ -35,8 +35,12 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory) -> dict[str, str]:
     state = tmp_path_factory.mktemp("slurm")
-    # 4 CPUs on a 2-core machine: room for the GPU-holding job beside the grid's 2.
-    env = {**os.environ, "FAKE_GPUS": "4", "SLURM_CPUS": "4", "SLURMCTLD_PORT": "6917"}
+    # 4 CPUs on a 2-core machine: room for the GPU-holding job beside the grid's 2. The jobs run from a new
+    # account's empty HOME (no Ray token): occkd.sbatch makes the token and hands it to its Ray steps.
+    home = tmp_path_factory.mktemp("home")
+    env = {**os.environ, "HOME": str(home), "FAKE_GPUS": "4", "SLURM_CPUS": "4", "SLURMCTLD_PORT": "6917"}
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        env.pop(name, None)
     subprocess.run([str(REPO / "slurm" / "local_slurm.sh"), "start", str(state)], env=env, check=True,
                    timeout=120, capture_output=True, text=True)
     env["SLURM_CONF"] = str(state / "slurm.conf")
@@ -118,6 +122,9 @@ def test_a_job_uses_exactly_its_gpus_and_a_resubmission_retrains_nothing(slurm, 
         subprocess.run(["scancel", holder], env=slurm, timeout=30)
     log = job_log(out, job)
     assert "occkd: the grid exited 0" in log, log[-3000:]
+    token = Path(slurm["HOME"]) / ".ray" / "auth_token"  # made by the job, said where, never printed
+    assert f"Ray token: made {token} (mode 600)" in log and token.read_text() not in log, log[-3000:]
+    assert token.stat().st_mode & 0o777 == 0o600
     assert "running on Ray: 2 CPUs, 2 GPUs" in log, log[-3000:]  # the node has 4
     assert "8 nodes: 0 already complete, 8 to run" in log, log[-3000:]
     assert (out / "occkd_runs" / "reports" / experiment / "report.md").is_file(), log[-3000:]
@@ -138,6 +145,7 @@ def test_a_job_uses_exactly_its_gpus_and_a_resubmission_retrains_nothing(slurm, 
     wait_until(lambda: job_state(slurm, again) == "", 600, f"job {again} to end")
     log = job_log(out, again)
     assert "8 nodes: 8 already complete, 0 to run" in log and "occkd: the grid exited 0" in log, log[-3000:]
+    assert f"Ray token: {token}\n" in log  # the same token again, not a new one
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
     assert len([r for r in runs(out, experiment) if "occkd.node" in r.data.tags]) == 8
     assert not ray_processes(head_port(log))

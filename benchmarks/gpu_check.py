@@ -32,7 +32,7 @@ guard: past it no epoch, stage, fusion or architecture starts, and the tables sa
 ``--max-epochs``, ``--grid-points`` and ``--max-faces`` shrink the chain further. The plan with these
 bounds is printed first, and the chain's estimate is refined from the measured 224 px throughput.
 
-Without a GPU the same command runs a reduced CPU version in under a minute (tests/test_gpu_check.py runs
+Without a GPU the same command runs a reduced CPU version, ~30 s of CPU time (tests/test_gpu_check.py runs
 it): the smoke preset's sizes (32-48 px, 1/8 width) for both the throughput and the chain, 240 faces,
 1 epoch per stage, the first point of each grid, gloo instead of NCCL, fp32 without channels_last, and no
 SyncBatchNorm (PyTorch's is GPU-only). Every output says which it was.

@@ -18,14 +18,15 @@ Parts, in the order they run (``--parts`` picks some):
    measurement) at the ``paper`` sizes, 224 px and full width, bf16 autocast and channels_last, VGG-f,
    VGG-face and ResNet-50 on UTKFace; img/s and their ratio (target >= 0.90).
 3. ``chain``: the ``mid`` preset's chain for gender on the UTKFace faces with ``occkd_core`` alone:
-   teacher -> student -> every later stage of the core's registry (standard KD, triplet KD, and a
-   teacher-free control once one is registered) -> fusion -> McNemar against the student, each stage's
-   epochs, seconds and test accuracy.
+   teacher -> student -> every later stage of the core's registry (standard KD, triplet KD) and each one's
+   teacher-free control -> fusion (with the control fusion) -> McNemar against the student and against the
+   controls, each stage's epochs, seconds and test accuracy.
 
 Time. On a GPU the parts are bounded by: ``ddp`` two epochs of a 64 px ResNet-50 on the training faces and
 a few steps (tens of seconds); ``throughput`` 3 loops x (2 warm-up runs of 3 batches + ``--tp-rounds`` x
 ``--tp-seconds``) per architecture (~20 s each at the defaults); ``chain`` the preset's epochs (``mid``:
-teacher 20, student 8, standard KD 2 x 5, triplet KD 2 x 4) over the training faces (3,600 of the
+teacher up to 40 and student up to 30, each stopped 5 epochs after its best, standard KD 5, triplet KD 2 x 4,
+and the two controls as their stages) over the training faces (3,600 of the
 6,000-face UTKFace subset), estimated at ~1 min per architecture from VGG-face's ~4 GFLOP per 64 px
 training image (~1 PFLOP for its chain) and ~2,000 optimiser steps. ``--budget-s`` (default 450) is a hard
 guard: past it no epoch, stage, fusion or architecture starts, and the tables say what was left out.

@@ -1,14 +1,15 @@
 """Part 2 of ``benchmarks/gpu_check.py``: one task's curriculum chain on one or more architectures, with
 :mod:`occkd_core` alone (no grid, Ray or MLflow), timed stage by stage.
 
-The stages come from the core's registry (:data:`occkd_core.stages.STAGES`, in curriculum order) and their
-settings from the preset, so a stage registered later (a teacher-free control, say) runs here too with no
-change: each stage starts from the best checkpoint of the stage its registry entry names, with the frozen
+The stages come from the core's registry (:data:`occkd_core.stages.STAGES`, in curriculum order, then each
+distilled stage's teacher-free control unless the preset turns them off) and their settings from the
+preset, so a stage registered later runs here too with no change: each stage starts from the best checkpoint of the stage its registry entry names, with the frozen
 teacher beside it when the entry says so, and every point of its hyperparameter grid is trained (or the
 first ``grid_points``); validation picks the stage's point, as the grid does. Then the fusion of the
-distilled students' embeddings (:mod:`occkd_core.fusion`), and every stage trained after the student and
-every fused model against the student on the same test faces (McNemar for classification,
-:func:`occkd_core.stats.compare_to_baseline`, Holm over the family).
+distilled students' embeddings (:mod:`occkd_core.fusion`, with the control fusion and the SVM on the
+student's embedding), and every stage trained after the student and every fused model against the student
+on the same test faces (McNemar for classification, :func:`occkd_core.stats.compare_to_baseline`, Holm over
+the family), then each distilled model against its control (a family of its own).
 
 What the grid does and this chain does not: the ablation student on the other half, the test on every
 visibility of every node, Grad-CAM figures. Nothing here imports ``grid/``, whose modules import Ray.
@@ -28,10 +29,12 @@ import torch
 from occkd_core.checkpoints import load_model
 from occkd_core.data import FaceData
 from occkd_core.evaluation import Predictions, predict, task_metrics
-from occkd_core.fusion import fit_fusion_variants, fusion_variants
+from occkd_core.fusion import CONTROL_FUSION, fit_fusion_variants, fusion_variants
 from occkd_core.preprocess import input_spec_for
 from occkd_core.presets import GRID_FIELDS, Preset, TrainSpec
-from occkd_core.stages import STAGES, distilled_stages, stage_starting_from
+from occkd_core.stages import (
+    CONTROL_SUFFIX, STAGES, StageInfo, control_stages, distilled_stages, get_stage, stage_starting_from,
+)
 from occkd_core.stats import compare_to_baseline, judge_comparisons
 from occkd_core.tasks import TaskInfo, get_task
 from occkd_core.training import EpochRecord, StageSpec, train_stage
@@ -76,9 +79,10 @@ class PointRun:
         return best
 
 
-def teacher_free_stages() -> list[str]:
-    """Stages that start from the student without the teacher beside it: a teacher-free control."""
-    return [name for name, stage in STAGES.items() if stage.starts_from == "student" and not stage.needs_teacher]
+def chain_stages(preset: Preset) -> list[tuple[str, StageInfo]]:
+    """The registry's stages in curriculum order, then the teacher-free controls (unless the preset has none)."""
+    names = [*STAGES, *(control_stages() if preset.controls else ())]
+    return [(name, get_stage(name)) for name in names]
 
 
 def run_chain(data: FaceData, settings: ChainSettings, log: Log, result: dict[str, Any] | None = None,
@@ -89,9 +93,8 @@ def run_chain(data: FaceData, settings: ChainSettings, log: Log, result: dict[st
     result = {} if result is None else result
     for key in ("stages", "fusion", "comparisons", "timing", "notes"):
         result.setdefault(key, [])
-    if not teacher_free_stages():
-        note = (f"no teacher-free control in occkd_core.stages (registered: {', '.join(STAGES)}): none run; "
-                f"a stage registered there later runs here with its preset settings")
+    if not settings.preset.controls:
+        note = f"preset {settings.preset.name!r} turns the teacher-free controls off: none run"
         log(note)
         result["notes"].append(note)
     for arch in settings.archs:
@@ -107,7 +110,7 @@ def run_chain(data: FaceData, settings: ChainSettings, log: Log, result: dict[st
 
 
 def _grid_label(preset: Preset, task: str, arch: str, stage: str, train: TrainSpec) -> str:
-    entry = preset.stages[(task, arch, stage)]
+    entry = preset.stages[(task, arch, get_stage(stage).control_of or stage)]
     keys = [key for key in GRID_FIELDS if isinstance(entry.get(key), list)]
     return ", ".join(f"{key}={getattr(train, key)}" for key in keys)
 
@@ -162,7 +165,7 @@ def _run_arch(arch: str, task: TaskInfo, data: FaceData, settings: ChainSettings
     started = time.perf_counter()
     log(f"-- chain {settings.task} / {arch} ({arch_settings.input_size} px, width {arch_settings.width_mult:g}, "
         f"{num_train} training faces, device {device})")
-    for name, stage in STAGES.items():
+    for name, stage in chain_stages(preset):
         # starts_from names the stage whose best checkpoint this one starts from ("weights": none).
         parent = stage.starts_from if stage.starts_from != "weights" else None
         missing = [p for p in ([parent] if parent else []) + ([teacher_stage] if stage.needs_teacher else [])
@@ -201,14 +204,16 @@ def _run_arch(arch: str, task: TaskInfo, data: FaceData, settings: ChainSettings
         model, _ = load_model(best.checkpoint, device)
         tested: dict[str, float] = {}
         for visible in dict.fromkeys(("full", main)):
+            # fusion reads the embeddings of the distilled students, their controls and the student
+            fused = stage.fused or name == student_stage
             preds = predict(model, data.split("test"), task, visible, input_spec, device=device,
-                            with_embeddings=stage.distilled and visible == main)
+                            with_embeddings=fused and visible == main)
             tested[visible] = _main_metric(task, task_metrics(task, preds))
             if visible == main:
                 per_sample[name], scores[name] = _per_sample(task, preds), tested[visible]
-                if stage.distilled:  # fusion reads the distilled students' embeddings of the faces they see
+                if fused:  # of the faces they see
                     embeddings[name] = {"test": preds.embeddings}
-        if stage.distilled:
+        if fused:
             for split in ("train", "val"):
                 embeddings[name][split] = predict(model, data.split(split), task, main, input_spec, device=device,
                                                   with_embeddings=True).embeddings
@@ -253,7 +258,9 @@ def _fuse(arch: str, task: TaskInfo, data: FaceData, settings: ChainSettings, em
     started = time.perf_counter()
     labels = {split: data.split(split).labels(task.name) for split in ("train", "val", "test")}
     kernels = list(settings.preset.svr_kernels) if task.kind == "regression" else [None]
-    fused = fit_fusion_variants(embeddings, labels, fusion_variants(distilled, kernels), kind=task.kind,
+    variants = fusion_variants(distilled, kernels, controls=[c for c in control_stages() if c in embeddings],
+                               student=next((s for s in [stage_starting_from("teacher")] if s in embeddings), None))
+    fused = fit_fusion_variants(embeddings, labels, variants, kind=task.kind,
                                 num_outputs=task.num_outputs, Cs=settings.preset.fusion_Cs, predict_splits=("test",))
     seconds = time.perf_counter() - started
     for model in fused:
@@ -271,20 +278,31 @@ def _fuse(arch: str, task: TaskInfo, data: FaceData, settings: ChainSettings, em
 
 def _compare(arch: str, task: TaskInfo, student_stage: str, per_sample: dict[str, np.ndarray],
              result: dict[str, Any], log: Log) -> None:
-    """Every stage trained after the student and every fused model against the student (spec §12)."""
+    """Every stage trained after the student and every fused model against the student (spec §12); then each
+    distilled student against its teacher-free control and the fusion against the control fusion, a Holm
+    family of its own (as the grid's significance node)."""
     if student_stage not in per_sample:
         return
-    after_student = [name for name, stage in STAGES.items() if stage.starts_from == "student" and name in per_sample]
-    fused = [name for name in per_sample if name not in STAGES]
-    comparisons = {name: compare_to_baseline(task.kind, per_sample[name], per_sample[student_stage])
-                   for name in after_student + fused}
-    if not comparisons:
-        return
-    rows = [{"arch": arch, "model": name, "baseline": student_stage, "visible": task.main_visible, **c.to_dict()}
-            for name, c in comparisons.items()]
-    verdicts = judge_comparisons([c.pvalue for c in comparisons.values()], [c.improved for c in comparisons.values()])
-    for row, verdict in zip(rows, verdicts):
-        row.update(pvalue_holm=verdict.pvalue_holm, verdict_paper=verdict.verdict, verdict_holm=verdict.verdict_holm)
-        log(f"  {row['model']} vs {student_stage}: {row['test']} p {row['pvalue']:.3g} (Holm {row['pvalue_holm']:.3g}), "
-            f"{row['verdict_holm']}")
-    result["comparisons"].extend(rows)
+    after_student = [name for name in [*STAGES, *control_stages()] if name in per_sample
+                     and get_stage(name).starts_from == "student"]
+    fused = [name for name in per_sample if name not in STAGES and not name.endswith(CONTROL_SUFFIX)]
+    families = {student_stage: {name: (name, student_stage) for name in after_student + fused},
+                "control": {name: (name, name + CONTROL_SUFFIX) for name in distilled_stages()
+                            if name in per_sample and name + CONTROL_SUFFIX in per_sample}}
+    if "fusion" in per_sample and CONTROL_FUSION in per_sample:
+        families["control"]["fusion"] = ("fusion", CONTROL_FUSION)
+    for pairs in families.values():
+        if not pairs:
+            continue
+        comparisons = {name: compare_to_baseline(task.kind, per_sample[model], per_sample[baseline])
+                       for name, (model, baseline) in pairs.items()}
+        rows = [{"arch": arch, "model": name, "baseline": pairs[name][1], "visible": task.main_visible, **c.to_dict()}
+                for name, c in comparisons.items()]
+        verdicts = judge_comparisons([c.pvalue for c in comparisons.values()],
+                                     [c.improved for c in comparisons.values()])
+        for row, verdict in zip(rows, verdicts):
+            row.update(pvalue_holm=verdict.pvalue_holm, verdict_paper=verdict.verdict,
+                       verdict_holm=verdict.verdict_holm)
+            log(f"  {row['model']} vs {row['baseline']}: {row['test']} p {row['pvalue']:.3g} "
+                f"(Holm {row['pvalue_holm']:.3g}), {row['verdict_holm']}")
+        result["comparisons"].extend(rows)

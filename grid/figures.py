@@ -18,15 +18,18 @@ from typing import Any, Mapping, Sequence
 from grid.graph import StageGraph
 from grid.report import selected_keys
 from occkd_core.files import atomic_write
-from occkd_core.stages import distilled_stages, stage_starting_from
+from occkd_core.fusion import CONTROL_FUSION
+from occkd_core.stages import control_stages, distilled_stages, stage_starting_from
 from occkd_core.tasks import get_task
 
 FIGURE_DIR = "figures"
 
 
 def figure_models() -> list[str]:
-    """The bars of a comparison figure, in curriculum order: teacher, student, distilled students, fusion."""
-    return ["teacher", stage_starting_from("teacher"), *distilled_stages(), "fusion"]
+    """The bars of a comparison figure, in curriculum order: teacher, student, distilled students, their
+    teacher-free controls, fusion, the control fusion."""
+    return ["teacher", stage_starting_from("teacher"), *distilled_stages(), *control_stages(), "fusion",
+            CONTROL_FUSION]
 
 
 def _metric(task: str) -> str:
@@ -38,7 +41,8 @@ def _axis_label(metric: str) -> str:
 
 
 def _marks(row: Mapping[str, Any]) -> str:
-    """'†*' where the model beat the student by the papers' rule and by Holm; '‡×' where it lost."""
+    """'†*' where the model beat the student by the papers' rule and by Holm; '‡×' where it lost; '○' where
+    it beat its teacher-free control after Holm, '⊗' where it lost to it."""
     verdicts_paper = str(row.get("verdict_uncorrected") or "").split(";")
     verdicts_holm = str(row.get("verdict_holm") or "").split(";")
     marks = ""
@@ -50,6 +54,11 @@ def _marks(row: Mapping[str, Any]) -> str:
         marks += "‡"
     if "worse" in verdicts_holm:
         marks += "×"
+    against_control = str(row.get("verdict_vs_control_holm") or "").split(";")
+    if "better" in against_control:
+        marks += "○"
+    if "worse" in against_control:
+        marks += "⊗"
     return marks
 
 
@@ -103,7 +112,7 @@ def comparison_figure(rows: Sequence[Mapping[str, Any]], task: str, test_set: st
     axes[0][0].set_ylabel(_axis_label(metric))
     axes[0][0].legend(loc="lower left", fontsize=8)
     fig.suptitle(f"{task} · {test_set}: test on the {info.main_visible} half (students' faces)   "
-                 "† p < 0.05 papers' rule  * Holm  (vs the student)", fontsize=9)
+                 "† p < 0.05 papers' rule  * Holm  (vs the student)   ○ Holm vs its control", fontsize=9)
     return _save(fig, out)
 
 
@@ -115,7 +124,7 @@ def chain_keys(graph: StageGraph, results: Mapping[str, Mapping[str, Any]], task
     for key, node in graph.nodes.items():
         if (node.task, node.arch, node.seed) != (task, arch, seed) or node.kind != "train" or key not in results:
             continue
-        if node.strategy in distilled_stages() and selected:
+        if node.strategy in (*distilled_stages(), *control_stages()) and selected:
             if key in selected:
                 chosen[node.strategy] = key
         elif node.strategy not in chosen or results[key]["val_score"] > results[chosen[node.strategy]]["val_score"]:

@@ -1,8 +1,9 @@
 """The stage graph: tasks × architectures × strategies × hyperparameters × seeds, with dependency edges.
 
 Per task × architecture × seed (spec §5): teacher (full faces) → main student and ablation student →
-standard KD and triplet KD, each from the main student, one node per point of the preset's grid →
-fusion (picks the best KD node of each kind by validation). Per task × seed: the significance job,
+standard KD and triplet KD, each from the main student, one node per point of the preset's grid, and
+beside each its teacher-free control (one node per point of the settings the control reads) → fusion
+(picks the best KD node of each kind, and the best control of each, by validation). Per task × seed: the significance job,
 whose parents are every fusion node of the task. Every node carries a content hash of its resolved
 spec and its parents' hashes: the key under which its outputs are stored, so a rerun skips it.
 """
@@ -18,14 +19,16 @@ from typing import Any, Iterable, Mapping
 from occkd_core.models import get_architecture
 from occkd_core.presets import Preset, TrainSpec
 from occkd_core.pretrained import FROM_SCRATCH, WeightsFile
-from occkd_core.stages import STAGES, distilled_stages, get_stage, stage_starting_from
+from occkd_core.stages import CONTROL_SUFFIX, STAGES, control_stages, distilled_stages, get_stage, stage_starting_from
 from occkd_core.tasks import get_task
 from occkd_core.training import StageSpec
 
 #: Bump when a change to the code makes old outputs invalid (it is part of every node hash).
 #: 2: a teacher's starting weights (name and file checksum) joined its identity; before, a teacher trained
 #: from pre-trained weights and one trained from scratch shared a hash.
-GRAPH_VERSION = 2
+GRAPH_VERSION = 3
+# 3: VGG-f's published LRN (k = 2, α = 5e-4); a stage's identity holds only the loss settings it reads (the
+#    hint KD nodes lost τ and τ²); the main student saves its embeddings (fusion's student_svm).
 
 #: The node of the student trained on the other half: never distilled (spec §1, §15 #33).
 ABLATION_SUFFIX = "_ablation"
@@ -35,8 +38,9 @@ def node_order() -> tuple[str, ...]:
     """Every node strategy in curriculum order, from the stage registry (progress lines, reports)."""
     student = stage_starting_from("teacher")
     names: list[str] = []
-    for name in STAGES:
+    for name, stage in STAGES.items():
         names += [name, name + ABLATION_SUFFIX] if name == student else [name]
+        names += [name + CONTROL_SUFFIX] if stage.distilled else []
     return (*names, "fusion", "significance")
 
 
@@ -70,7 +74,7 @@ class Node:
     kind: str  # "train" | "fusion" | "significance"
     task: str
     arch: str | None
-    strategy: str  # a stage of occkd_core.stages, student_ablation, fusion or significance (node_order())
+    strategy: str  # a stage of occkd_core.stages (or a control), student_ablation, fusion, significance (node_order())
     train_faces: str  # full | lower | upper | full+lower | full+upper (spec §0 codes)
     seed: int
     params: Mapping[str, Any]  # the resolved spec: a StageSpec dict for training nodes
@@ -213,7 +217,9 @@ class _GraphBuilder:
     def add_chain(self, task: str, arch: str, seed: int, suffix: str) -> tuple[Edge, Edge]:
         """The curriculum of one task × architecture (spec §5), its stages read from the registry: the
         teacher on full faces, the main and ablation students from it, every distilled stage from the
-        main student (one node per grid point), and fusion. Returns the main student and fusion edges."""
+        main student (one node per grid point) and, unless the preset turns them off, its teacher-free
+        control from the same student (no teacher edge), and fusion. Returns the main student and fusion
+        edges."""
         preset, info = self.preset, get_task(task)
         settings = preset.arch(arch)
         per_image = get_architecture(arch).cost * (settings.input_size / 224) ** 2 * settings.width_mult ** 2
@@ -243,6 +249,12 @@ class _GraphBuilder:
             for spec, point in zip(specs, _grid_points(specs)):
                 node = train_node(strategy, strategy, info.main_visible, f"full+{info.main_visible}",
                                   (*from_teacher, Edge("student", main.key)), spec, point)
+                distilled.append(Edge(strategy, node.key))
+        for strategy in control_stages() if preset.controls else ():
+            specs = preset.grid(task, arch, strategy)  # the distilled stage's points, teacher settings dropped
+            for spec, point in zip(specs, _grid_points(specs)):
+                node = train_node(strategy, strategy, info.main_visible, info.main_visible,
+                                  (Edge("student", main.key),), spec, point)
                 distilled.append(Edge(strategy, node.key))
         kernels = {"svr_kernels": list(preset.svr_kernels)} if info.kind == "regression" else {}
         fusion = self.add(Node(key=f"{task}/{arch}/fusion{suffix}", kind="fusion", task=task, arch=arch,

@@ -28,11 +28,11 @@ from grid.graph import Node
 from occkd_core.checkpoints import load_model
 from occkd_core.data import FaceData, open_face_store
 from occkd_core.evaluation import Predictions, evaluate_conditions, predict, task_metrics
-from occkd_core.fusion import fit_fusion_variants, fusion_variants
+from occkd_core.fusion import CONTROL_FUSION, fit_fusion_variants, fusion_variants
 from occkd_core.gradcam import save_split_gradcam
 from occkd_core.plots import save_test_plot
 from occkd_core.preprocess import input_spec_for
-from occkd_core.stages import distilled_stages, get_stage
+from occkd_core.stages import CONTROL_SUFFIX, control_stages, distilled_stages, get_stage, stage_starting_from
 from occkd_core.stats import compare_to_baseline, judge_comparisons
 from occkd_core.tasks import get_task
 from occkd_core.training import EpochRecord, StageSpec, train_stage
@@ -120,13 +120,15 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
         return {}
     model, _ = load_model(result.best_checkpoint, device)
     files = ["train/best.pt", "predictions.parquet", "test_plot.png"]
-    rows, scores, embeddings = _evaluate(model, spec, node.strategy, data, device, with_embeddings=stage.distilled)
+    # Fusion (spec §8) reads the embeddings of the faces they see: the distilled students', their controls'
+    # (the control fusion) and the main student's (an SVM on the student's own embedding).
+    with_embeddings = stage.fused or node.strategy == stage_starting_from("teacher")
+    rows, scores, embeddings = _evaluate(model, spec, node.strategy, data, device, with_embeddings=with_embeddings)
     write_predictions(out / "predictions.parquet", rows)
-    if stage.distilled:  # fusion (spec §8) reads the distilled students' embeddings of the faces they see
-        for split_name, array in embeddings.items():
-            save_numpy(out / f"embeddings_{split_name}.npy", array)
-            files.append(f"embeddings_{split_name}.npy")
-        # where the distilled student looks on its half of the face (spec §13)
+    for split_name, array in embeddings.items():
+        save_numpy(out / f"embeddings_{split_name}.npy", array)
+        files.append(f"embeddings_{split_name}.npy")
+    if stage.distilled:  # where the distilled student looks on its half of the face (spec §13)
         save_split_gradcam(out / "gradcam.png", model, data.split("test").images[:6], spec.train_visible,
                            input_spec_for(spec.arch, spec.input_size))
         files.append("gradcam.png")
@@ -135,7 +137,8 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
     summary = {"key": node.key, "hash": node.hash, "kind": "train", "strategy": node.strategy,
                "metrics": {"best_epoch": result.best_epoch, "val_score": result.best_val_score},
                "scores": scores, "val_score": result.best_val_score, "best_epoch": result.best_epoch,
-               "epochs_run": len(result.history), "seconds": time.perf_counter() - started,
+               "epochs_run": len(result.history), "max_epochs": spec.train.epochs,
+               "seconds": time.perf_counter() - started,
                # the learning curve, for the report's figures
                "history": [{"epoch": r.epoch, "train_loss": r.train_loss, "val_score": r.val_score,
                             **{f"val_{k}": v for k, v in r.val_metrics.items()}} for r in result.history],
@@ -171,8 +174,9 @@ def _evaluate(model: torch.nn.Module, spec: StageSpec, model_name: str, data: Fa
 
 def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequence[ParentOutput],
                     *, started_at: float | None = None) -> dict[str, Any]:
-    """Pick the best node of each distilled stage by validation, then fit the fusion variants on their
-    embeddings (spec §8; :func:`occkd_core.fusion.fusion_variants`) and predict every test set."""
+    """Pick the best node of each distilled stage (and of each control, where the grid has them) by
+    validation, then fit the fusion variants on their embeddings and the main student's (spec §8;
+    :func:`occkd_core.fusion.fusion_variants`) and predict every test set."""
     started = time.perf_counter()
     started_at = started_at or time.time()
     task = get_task(node.task)
@@ -180,7 +184,7 @@ def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequenc
     out = fresh_node_dir(storage, node.hash)
     chosen: dict[str, tuple[ParentOutput, dict]] = {}
     for parent in parents:
-        if parent.role not in distilled_stages():
+        if parent.role not in (*distilled_stages(), *control_stages()):
             continue
         result = read_result(parent.directory, verify=False)
         if result is None:
@@ -190,12 +194,16 @@ def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequenc
     missing = [stage for stage in distilled_stages() if stage not in chosen]
     if missing:
         raise RuntimeError(f"fusion {node.key} is missing parents of kind {missing}")
+    controls = [stage for stage in control_stages() if stage in chosen]
     splits = ["train", "val", *test_sets(data)]
+    student, student_dir = stage_starting_from("teacher"), _one(parents, "student")
     embeddings = {stage: {s: np.load(parent.directory / f"embeddings_{s}.npy") for s in splits}
                   for stage, (parent, _) in chosen.items()}
+    embeddings[student] = {s: np.load(student_dir / f"embeddings_{s}.npy") for s in splits}
     labels = {s: data.split(s).labels(task.name) for s in splits}
     visible = node.params["visible"]
-    variants = fusion_variants(distilled_stages(), node.params.get("svr_kernels", [None]))
+    variants = fusion_variants(distilled_stages(), node.params.get("svr_kernels", [None]), controls=controls,
+                               student=student)
     fused = fit_fusion_variants(embeddings, labels, variants, kind=task.kind, num_outputs=task.num_outputs,
                                 Cs=tuple(node.params["Cs"]), predict_splits=test_sets(data))
     rows, scores, fitted = [], [], {}
@@ -226,9 +234,12 @@ def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequenc
 
 def run_significance_node(node: Node, storage: Path, data_path: Path, parents: Sequence[ParentOutput],
                           *, started_at: float | None = None) -> dict[str, Any]:
-    """Each selected distilled student and each fused model against the main student of its architecture,
-    on the same test faces (:func:`occkd_core.stats.compare_to_baseline`), judged by the papers' rule and
-    by Holm over the task's comparisons (:func:`occkd_core.stats.judge_comparisons`, spec §12)."""
+    """Two families of paired tests per task, on the same test faces (:func:`occkd_core.stats.compare_to_baseline`),
+    each judged by the papers' rule and by Holm over its own family (:func:`occkd_core.stats.judge_comparisons`,
+    spec §12): the papers' question, each selected distilled student and each fused model against the main
+    student of its architecture ("student"); and occkd's, what the teacher adds, each distilled student
+    against its teacher-free control and the fusion against the control fusion ("control"), where the grid
+    has controls. The families answer different questions, so neither correction counts the other's tests."""
     started_at = started_at or time.time()
     task = get_task(node.task)
     data = open_face_store(data_path)
@@ -238,33 +249,47 @@ def run_significance_node(node: Node, storage: Path, data_path: Path, parents: S
     students = {p.arch: p.directory for p in parents if p.role == "student"}
     fusions = {p.arch: p.directory for p in parents if p.role == "fusion"}
     column = "correct" if task.is_classification else "abs_error"
-    comparisons = []
+    families: dict[str, list[dict[str, Any]]] = {"student": [], "control": []}
+
+    def compare(family: str, arch: str, test_set: str, name: str, model: tuple[Path, str], baseline_name: str,
+                baseline: tuple[Path, str | None]) -> None:
+        preds = read_predictions(model[0], test_set=test_set, visible=visible, model=model[1])
+        base = read_predictions(baseline[0], test_set=test_set, visible=visible, model=baseline[1])
+        comparison = compare_to_baseline(task.kind, preds[column].to_numpy(), base[column].to_numpy(), alpha=alpha)
+        families[family].append({"task": task.name, "arch": arch, "test_set": test_set, "model": name,
+                                 "baseline": baseline_name, "family": family, "visible": visible,
+                                 **comparison.to_dict(), "improved": comparison.improved})
+
     for arch, fusion_dir in sorted(fusions.items()):
         fusion = read_result(fusion_dir, verify=False)
-        candidates = {stage: (node_dir(storage, info["hash"]) / "predictions.parquet", stage)
-                      for stage, info in fusion["selected"].items()}
-        candidates.update({name: (fusion_dir / "predictions.parquet", name)  # "fusion" and its kernel variants
+        fused = fusion_dir / "predictions.parquet"
+        selected = {stage: (node_dir(storage, info["hash"]) / "predictions.parquet", stage)
+                    for stage, info in fusion["selected"].items()}
+        candidates = {stage: selected[stage] for stage in distilled_stages()}
+        candidates.update({name: (fused, name)  # "fusion" and its kernel variants
                            for name in fusion["fitted"] if name.startswith("fusion")})
+        # Each distilled student against its control, the fusion against the control fusion.
+        against_control = {stage: selected[stage + CONTROL_SUFFIX] for stage in distilled_stages()
+                           if stage + CONTROL_SUFFIX in selected}
+        if CONTROL_FUSION in fusion["fitted"]:
+            against_control["fusion"] = (fused, CONTROL_FUSION)
         for test_set in test_sets(data):
-            base = read_predictions(students[arch] / "predictions.parquet", test_set=test_set, visible=visible)
-            for name, (path, model_name) in candidates.items():
-                preds = read_predictions(path, test_set=test_set, visible=visible, model=model_name)
-                comparison = compare_to_baseline(task.kind, preds[column].to_numpy(), base[column].to_numpy(),
-                                                 alpha=alpha)
-                comparisons.append({"task": task.name, "arch": arch, "test_set": test_set, "model": name,
-                                    "baseline": "student", "visible": visible, **comparison.to_dict(),
-                                    "improved": comparison.improved})
-    if comparisons:
-        # Both readings: the papers' († where p < α, uncorrected) and Holm's over the task's family.
-        for row, verdict in zip(comparisons, judge_comparisons([c["pvalue"] for c in comparisons],
-                                                               [c["improved"] for c in comparisons], alpha=alpha)):
-            row.update(significant_paper=verdict.significant, dagger=verdict.dagger, verdict_paper=verdict.verdict,
-                       pvalue_holm=verdict.pvalue_holm, significant=verdict.significant_holm,
-                       verdict=verdict.verdict_holm)
+            for name, model in candidates.items():
+                compare("student", arch, test_set, name, model, "student", (students[arch] / "predictions.parquet", None))
+            for name, control in against_control.items():
+                compare("control", arch, test_set, name, candidates[name], control[1], control)
+    comparisons = []
+    for rows in families.values():
+        if rows:  # both readings: the papers' († where p < α, uncorrected) and Holm's over this family
+            for row, verdict in zip(rows, judge_comparisons([c["pvalue"] for c in rows],
+                                                            [c["improved"] for c in rows], alpha=alpha)):
+                row.update(significant_paper=verdict.significant, dagger=verdict.dagger,
+                           verdict_paper=verdict.verdict, pvalue_holm=verdict.pvalue_holm,
+                           significant=verdict.significant_holm, verdict=verdict.verdict_holm)
+        comparisons += rows
     atomic_write_bytes(out / "comparisons.json", json.dumps(comparisons, indent=1, default=float).encode())
     summary = {"key": node.key, "hash": node.hash, "kind": "significance", "strategy": "significance",
                "comparisons": comparisons, "metrics": {}, "scores": [],
                "timing": {"started_at": started_at, "finished_at": time.time()}}
     write_result(out, summary, ["comparisons.json"])
     return summary
-

@@ -434,7 +434,10 @@ class Tracker:
             client.set_terminated(run.info.run_id, status="KILLED")
 
     def _log_comparison(self, run_id: str, row: Mapping[str, Any]) -> None:
-        name = f"{row['arch']}.{row['model']}.{row['test_set']}"
+        # The papers' family (against the student) keeps its names; occkd's against the teacher-free control
+        # gets its own, as the same model is tested in both.
+        against = "" if row.get("family", "student") == "student" else "_vs_control"
+        name = f"{row['arch']}.{row['model']}{against}.{row['test_set']}"
         self.client.log_metric(run_id, f"pvalue.{name}", float(row["pvalue"]))
         self.client.log_metric(run_id, f"pvalue_holm.{name}", float(row["pvalue_holm"]))
         self.client.set_tag(run_id, f"verdict.{name}", row["verdict"])  # Holm-corrected

@@ -174,19 +174,30 @@ def fit_fusion(
 class FusionVariant:
     """One model the fusion step fits: the distilled students whose embeddings it concatenates, and its kernel."""
 
-    name: str  # "fusion", "fusion_<kernel>" (further ε-SVR kernels), "<stage>_svm" (single embedding, Table 4)
-    members: tuple[str, ...]  # distilled stages, in registry order
+    name: str  # "fusion", "fusion_<kernel>", "<stage>_svm", "control_fusion", "student_svm" (fusion_variants)
+    members: tuple[str, ...]  # the models whose embeddings it concatenates, in registry order
     kernel: str | None  # None: the task's default (linear SVM / RBF ε-SVR)
 
 
-def fusion_variants(distilled: Sequence[str], svr_kernels: Sequence[str | None] = (None,)) -> list[FusionVariant]:
+#: The teacher-free counterpart of "fusion": the same SVM on the controls' embeddings concatenated.
+CONTROL_FUSION = "control_fusion"
+
+
+def fusion_variants(distilled: Sequence[str], svr_kernels: Sequence[str | None] = (None,), *,
+                    controls: Sequence[str] = (), student: str | None = None) -> list[FusionVariant]:
     """"fusion" is the papers' model, every distilled student's embedding concatenated, with the first
     kernel; each further ε-SVR kernel (age) gives "fusion_<kernel>"; each distilled student alone gives
-    "<stage>_svm", the single-embedding SVMs of the journal's Table 4."""
+    "<stage>_svm", the single-embedding SVMs of the journal's Table 4. occkd's controls, with the first
+    kernel: "control_fusion", the teacher-free ``controls``' embeddings concatenated (an ensemble with no
+    teacher), and "<student>_svm", the same SVM on the student's own embedding (an SVM with no teacher)."""
     members = tuple(distilled)
     variants = [FusionVariant("fusion", members, svr_kernels[0])]
     variants += [FusionVariant(f"fusion_{kernel}", members, kernel) for kernel in svr_kernels[1:]]
     variants += [FusionVariant(f"{stage}_svm", (stage,), svr_kernels[0]) for stage in members]
+    if controls:
+        variants.append(FusionVariant(CONTROL_FUSION, tuple(controls), svr_kernels[0]))
+    if student is not None:
+        variants.append(FusionVariant(f"{student}_svm", (student,), svr_kernels[0]))
     return variants
 
 

@@ -223,3 +223,27 @@ def triplet_kd_loss(
     triplet = triplet_loss(anchor, positive, negative, margin=margin, squared=squared, normalize=normalize)
     supervised_weight = 1.0 if icpr_form else 1.0 - lam
     return {"supervised": supervised_weight * supervised, "triplet": lam * triplet}
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher-free controls (occkd's own, not the papers': what a distilled stage gains without its teacher)
+# ---------------------------------------------------------------------------------------------
+
+
+def teacher_free_loss(
+    outputs: Tensor,
+    targets: Tensor,
+    *,
+    lam: float | None,
+    kind: TaskKind,
+    icpr_form: bool = False,
+) -> dict[str, Tensor]:
+    """A distilled objective with its teacher's terms removed: {"supervised": (1-λ)·L(y, N_S)} (J Eq. 2, 3, 5
+    without the soft, hint and triplet terms), or L(y, N_S) in C Eq. 4's form (``icpr_form``) or where the
+    stage has no λ. Outputs [B, K] (ages [B, 1]), targets [B]."""
+    # The task term keeps the weight it has in the distilled run, so a plain-SGD step on it is the
+    # distilled run's step minus the teacher's part (with Adam the scale hardly matters).
+    if lam is not None:
+        _check_lam(lam)
+    weight = 1.0 if icpr_form or lam is None else 1.0 - lam
+    return {"supervised": weight * supervised_loss(outputs, targets, kind)}

@@ -8,6 +8,7 @@ A preset names its data, each architecture's input size and width, the fusion C 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -19,6 +20,7 @@ import yaml
 from occkd_core.data.ferplus import LABEL_RULES
 from occkd_core.pretrained import FROM_SCRATCH, get_pretrained
 from occkd_core.stages import STAGES, get_stage
+from occkd_core.strategies import LOSS_SETTINGS
 from occkd_core.models import ARCHITECTURES, get_architecture
 from occkd_core.tasks import TASKS, get_task
 
@@ -45,6 +47,9 @@ class TrainSpec:
     momentum: float = 0.9
     plateau_patience: int = 10  # ÷10 after this many epochs without a better validation score
     plateau_factor: float = 0.1
+    # Stop once validation has not improved for this many epochs (``epochs`` is then the ceiling); None:
+    # always run ``epochs`` (the papers' schedules).
+    early_stop_patience: int | None = None
     dsd: bool = False  # Dense-Sparse-Dense (spec §9)
     lam: float | None = None  # KD weight λ on the distillation term (spec §6)
     temperature: float | None = None  # Hinton KD τ
@@ -57,7 +62,7 @@ class TrainSpec:
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay", "momentum", "plateau_factor", "lam", "temperature", "margin",
-                     "pool_fraction", "batch_size", "epochs", "plateau_patience"):
+                     "pool_fraction", "batch_size", "epochs", "plateau_patience", "early_stop_patience"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{name} must be a number, got {value!r}")
@@ -68,8 +73,8 @@ class TrainSpec:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.schedule not in ("plateau", "constant"):
             raise ValueError(f"schedule must be 'plateau' or 'constant', got {self.schedule!r}")
-        for name in ("batch_size", "epochs", "plateau_patience"):
-            if int(getattr(self, name)) < 1:
+        for name in ("batch_size", "epochs", "plateau_patience", "early_stop_patience"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
@@ -103,6 +108,14 @@ class TrainSpec:
         if missing:
             raise ValueError(f"strategy {strategy!r} needs {missing} in its preset entry")
         return self
+
+    def keeping_loss_settings(self, read: tuple[str, ...] | None) -> "TrainSpec":
+        """This spec with every loss setting a loss does not ``read`` (:data:`LOSS_SETTINGS`) at its default,
+        so specs that differ only there are equal (and one node); ``read`` None keeps them all."""
+        if read is None:
+            return self
+        defaults = {f.name: f.default for f in fields(self) if f.name in LOSS_SETTINGS and f.name not in read}
+        return dataclasses.replace(self, **defaults)
 
 
 @dataclass(frozen=True)
@@ -153,21 +166,27 @@ class Preset:
     pretrained: Mapping[tuple[str, str], str] = field(default_factory=dict)
     # Kernels of the age fusion's ε-SVR; the first is the model called "fusion", the others "fusion_<kernel>".
     svr_kernels: tuple[str, ...] = ("rbf",)
+    # Train every distilled stage's teacher-free control and the control fusion beside it (occkd's own);
+    # False leaves them out and the report says its comparisons are uncontrolled.
+    controls: bool = True
 
     def arch(self, arch: str) -> ArchSettings:
         get_architecture(arch)
         return self.models[arch]
 
     def grid(self, task: str, arch: str, strategy: str) -> list[TrainSpec]:
-        """Every TrainSpec of the grid for one stage, in a stable order (one item if no grid)."""
-        get_task(task), get_architecture(arch), get_stage(strategy)
-        entry = dict(self.stages[(task, arch, strategy)])
+        """Every distinct TrainSpec of the grid for one stage, in a stable order (one item if no grid). A
+        control's grid is its distilled stage's entry; a loss setting the stage's loss does not read for
+        ``task`` is left at its default, so points that differ only there are one (e.g. τ² for the hint)."""
+        info, stage = get_task(task), get_stage(strategy)
+        get_architecture(arch)
+        entry = dict(self.stages[(task, arch, stage.control_of or strategy)])
         axes = [(k, v) for k, v in entry.items() if isinstance(v, list)]
         combos = itertools.product(*(v for _, v in axes)) if axes else [()]
-        return [
-            TrainSpec.from_dict({**entry, **dict(zip((k for k, _ in axes), values))}).require(strategy)
-            for values in combos
-        ]
+        read = stage.strategy.loss_settings(info)
+        specs = [TrainSpec.from_dict({**entry, **dict(zip((k for k, _ in axes), values))}).require(
+            stage.control_of or strategy).keeping_loss_settings(read) for values in combos]
+        return list(dict.fromkeys(specs))  # distinct, first-seen order
 
     def train_spec(self, task: str, arch: str, strategy: str) -> TrainSpec:
         """The single TrainSpec of a stage; an error if the stage is a grid."""
@@ -193,7 +212,7 @@ class Preset:
 
 
 TOP_LEVEL_KEYS = ("name", "description", "data", "models", "pretrained", "fusion", "stage_defaults", "stages",
-                  "resources")
+                  "resources", "controls")
 FUSION_KEYS = ("Cs", "svr_kernels")
 
 
@@ -239,6 +258,7 @@ def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
             resources=_parse_resources(raw.get("resources", {})),
             pretrained=_parse_pretrained(raw.get("pretrained", FROM_SCRATCH)),
             svr_kernels=_parse_svr_kernels(raw["fusion"]),
+            controls=_parse_controls(raw.get("controls", True)),
         )
         for task, arch, strategy in stages:  # validate every grid point now, not mid-run
             preset.grid(task, arch, strategy)
@@ -286,6 +306,13 @@ def _parse_pretrained(raw: Any) -> dict[tuple[str, str], str]:
                 raise ValueError(f"pretrained.{task}.{arch}: weights {name!r} are for {weights.arch}, not {arch}")
             out[(task, arch)] = name
     return out
+
+
+def _parse_controls(raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError(f"controls must be true or false (train each distilled stage's teacher-free control), "
+                         f"got {raw!r}")
+    return raw
 
 
 def _parse_svr_kernels(fusion: Mapping[str, Any]) -> tuple[str, ...]:

@@ -7,11 +7,16 @@ node per point of its hyperparameter grid, the best on validation enters fusion 
 tests), the preset fields it cannot do without, its relative cost per training image (for scheduling)
 and its name in the papers' tables. Adding a distillation method is its loss, its strategy class and
 one entry here (plus its values in the presets and its tests).
+
+Every distilled stage has a teacher-free **control** (``<stage>_control``, :func:`control_stage`), made
+from its entry when asked for, so a new distillation method gets one without a line here: the same
+objective with the teacher's terms removed (its strategy's ``control_strategy``), from the same student
+checkpoint, with the settings of the distilled stage's preset entry that the control's loss reads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from occkd_core.strategies import StandardKDStrategy, SupervisedStrategy, TripletKDStrategy
@@ -34,10 +39,16 @@ class StageInfo:
     required: tuple[str, ...] = ()  # TrainSpec fields a preset must set for this stage
     cost: float = 1.0  # work per training image relative to plain supervised training (scheduling)
     paper_name: str = ""  # the strategy's name in the papers' results (grid/paper_results.json)
+    control_of: str = ""  # a control: the distilled stage whose teacher-free twin it is (see control_stage)
 
     def __post_init__(self) -> None:
         if self.distilled and (self.starts_from != "student" or not self.needs_teacher):
             raise ValueError(f"stage {self.name!r}: a distilled stage starts from the student and needs the teacher")
+
+    @property
+    def fused(self) -> bool:
+        """Whether its embeddings enter the fusion node (distilled stages and their controls, spec §8)."""
+        return self.distilled or bool(self.control_of)
 
 
 #: Stage name -> what it is, in curriculum order. Read through :func:`get_stage` / :func:`distilled_stages`.
@@ -54,13 +65,38 @@ STAGES: dict[str, StageInfo] = {
 }
 
 
+#: A distilled stage's control is called ``<stage><CONTROL_SUFFIX>``.
+CONTROL_SUFFIX = "_control"
+
+
+def control_stage(distilled: str) -> StageInfo:
+    """The teacher-free control of the distilled stage ``distilled``: its strategy's control, from the student,
+    no teacher; a training node like any other, not distilled itself."""
+    stage = get_stage(distilled)
+    if not stage.distilled:
+        raise ValueError(f"stage {distilled!r} is not distilled, so it has no teacher-free control")
+    # Its settings come from the distilled stage's preset entry, checked against that stage's `required`.
+    return replace(stage, name=distilled + CONTROL_SUFFIX, strategy=stage.strategy.control_strategy(),
+                   needs_teacher=False, distilled=False, required=(), cost=1.0, paper_name="", control_of=distilled)
+
+
 def get_stage(name: str) -> StageInfo:
-    """The stage called ``name``, or a ValueError listing the valid names."""
+    """The stage called ``name`` (a registry entry or a distilled stage's control), or a ValueError listing
+    the valid names."""
+    base = name[: -len(CONTROL_SUFFIX)] if name.endswith(CONTROL_SUFFIX) else ""
+    if base in STAGES and STAGES[base].distilled:
+        return control_stage(base)
     return lookup("strategy", name, STAGES)
 
 
 def stage_names() -> tuple[str, ...]:
+    """The registry's stages (those a preset configures); controls are derived from the distilled ones."""
     return tuple(STAGES)
+
+
+def control_stages() -> tuple[str, ...]:
+    """Every distilled stage's control, in registry order."""
+    return tuple(name + CONTROL_SUFFIX for name in distilled_stages())
 
 
 def distilled_stages() -> tuple[str, ...]:
@@ -76,4 +112,5 @@ def stage_starting_from(origin: StartsFrom) -> str:
     return names[0]
 
 
-__all__ = ["STAGES", "StageInfo", "distilled_stages", "get_stage", "stage_names", "stage_starting_from"]
+__all__ = ["CONTROL_SUFFIX", "STAGES", "StageInfo", "control_stage", "control_stages", "distilled_stages", "get_stage",
+           "stage_names", "stage_starting_from"]

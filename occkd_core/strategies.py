@@ -4,6 +4,11 @@ A strategy decides which training rows an epoch visits (``epoch_order``) and tur
 into named loss terms (``loss_terms``); the training loop sums and logs the terms. Nothing else
 differs between stages, so there is one loop (:mod:`occkd_core.training`). The loop builds a stage's
 strategy with ``build(ctx, inputs)``; :mod:`occkd_core.stages` says which class serves which stage.
+
+A strategy also says which of the loss settings (:data:`LOSS_SETTINGS`) it reads for a task
+(``loss_settings``): a node's identity and the grid's axes hold only those, so grid points that differ
+in a setting the loss never reads are one node. A distilled strategy names its teacher-free control
+(``control_strategy``): the same objective with the teacher's terms removed and the same epoch order.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from torch import Tensor
 
 from occkd_core.data import FaceSplit
-from occkd_core.losses import hint_kd_loss, hinton_kd_loss, supervised_loss, triplet_kd_loss
+from occkd_core.losses import hint_kd_loss, hinton_kd_loss, supervised_loss, teacher_free_loss, triplet_kd_loss
 from occkd_core.mining import MinedTriplets, draw_pool, mine_hard_triplets
 from occkd_core.models import FaceNet
 from occkd_core.preprocess import InputSpec, prepare_batch, prepare_views
@@ -47,6 +52,11 @@ class BatchContext:
 
 
 LossTerms = dict[str, Tensor]
+
+#: The TrainSpec fields that only some losses read. Every other field (optimiser, schedule, epochs, batch)
+#: is read by every stage.
+LOSS_SETTINGS = ("lam", "temperature", "tau_squared", "margin", "pool_fraction", "triplet_squared",
+                 "triplet_normalize", "icpr_form")
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,17 @@ class SupervisedStrategy:
     def describe_epoch(self) -> dict[str, float]:
         return {}
 
+    @classmethod
+    def loss_settings(cls, task: TaskInfo) -> tuple[str, ...] | None:
+        """The :data:`LOSS_SETTINGS` this strategy's loss reads for ``task``; None: it does not say, so every
+        one counts (a new strategy is never merged with a neighbour by mistake)."""
+        return () if cls is SupervisedStrategy else None
+
+    @classmethod
+    def control_strategy(cls) -> type["SupervisedStrategy"]:
+        """The teacher-free control of this (distilled) strategy: its task term, its epoch order."""
+        return TeacherFreeControl
+
 
 class StandardKDStrategy(SupervisedStrategy):
     """Standard teacher-student training: Hinton KD (FER, J Eq. 2) or the L1 embedding hint (gender/age,
@@ -99,6 +120,11 @@ class StandardKDStrategy(SupervisedStrategy):
         else:
             terms = hint_kd_loss(outputs, embedding, teacher_embedding.float(), targets, lam=spec.lam, kind=ctx.task.kind)
         return terms, outputs
+
+    @classmethod
+    def loss_settings(cls, task: TaskInfo) -> tuple[str, ...]:
+        # The hint (gender, age) reads neither τ nor τ².
+        return ("lam", "temperature", "tau_squared") if task.standard_kd == "hinton" else ("lam",)
 
 
 class TripletKDStrategy(SupervisedStrategy):
@@ -142,8 +168,10 @@ class TripletKDStrategy(SupervisedStrategy):
         self.positive_of[anchors] = self.mined.positives.cpu().numpy()
         self.negative_of[anchors] = self.mined.negatives.cpu().numpy()
         self.mining_seconds = time.perf_counter() - start
-        order = torch.randperm(len(anchors), generator=generator).numpy()
-        return anchors[order]
+        # Every training row in random order, less those that found no triplet: the generator draws the same
+        # numbers as the control's (TripletKDControl), so both visit the rows in one order, epoch after epoch.
+        order = torch.randperm(num, generator=generator).numpy()
+        return order[self.positive_of[order] >= 0]
 
     def loss_terms(self, model: torch.nn.Module, rows: np.ndarray, flip: Tensor) -> tuple[LossTerms, Tensor]:
         ctx, spec = self.ctx, self.ctx.train
@@ -166,3 +194,46 @@ class TripletKDStrategy(SupervisedStrategy):
             return {}
         return {"mining_seconds": self.mining_seconds, "num_triplets": float(len(self.mined.anchors)),
                 "mining_dropped": float(self.mined.num_dropped)}
+
+    @classmethod
+    def loss_settings(cls, task: TaskInfo) -> tuple[str, ...]:
+        return ("lam", "margin", "pool_fraction", "triplet_squared", "triplet_normalize", "icpr_form")
+
+    @classmethod
+    def control_strategy(cls) -> type[SupervisedStrategy]:
+        return TripletKDControl
+
+
+class TeacherFreeControl(SupervisedStrategy):
+    """The control of a distilled stage: its objective with the teacher's terms removed, nothing else
+    changed (occkd's own addition; the papers run none). The student trains on from the same checkpoint on
+    the same occluded faces, rows, flips and seed, with the task term weighted as in the distilled run
+    ((1-λ), or 1 in C's form), and no teacher loaded: whatever it gains over the student is more training,
+    not the teacher."""
+
+    def loss_terms(self, model: torch.nn.Module, rows: np.ndarray, flip: Tensor) -> tuple[LossTerms, Tensor]:
+        ctx, spec = self.ctx, self.ctx.train
+        x = prepare_batch(ctx.images(rows), ctx.visible, ctx.input_spec, flip, ctx.channels_last)
+        outputs, _ = model(x)
+        terms = teacher_free_loss(outputs, ctx.targets[rows], lam=spec.lam, kind=ctx.task.kind,
+                                  icpr_form=spec.icpr_form)
+        return terms, outputs
+
+    @classmethod
+    def loss_settings(cls, task: TaskInfo) -> tuple[str, ...]:
+        return ("lam",)
+
+
+class TripletKDControl(TeacherFreeControl):
+    """Triplet KD's control: each epoch draws the mining pool as triplet KD does (and uses nothing of it), so
+    the order generator stays in step, and visits every training row in the order triplet KD visits its
+    anchors, with the task term alone. Triplet KD skips the few rows that found no triplet
+    (``mining_dropped`` in its epoch log); the control, which mines nothing, visits them too."""
+
+    def epoch_order(self, epoch: int, model: FaceNet, generator: torch.Generator) -> np.ndarray:
+        draw_pool(len(self.ctx.split), self.ctx.train.pool_fraction, generator)  # triplet KD's draw, unused
+        return torch.randperm(len(self.ctx.split), generator=generator).numpy()
+
+    @classmethod
+    def loss_settings(cls, task: TaskInfo) -> tuple[str, ...]:
+        return ("lam", "pool_fraction", "icpr_form")

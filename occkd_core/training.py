@@ -176,6 +176,8 @@ def train_stage(
     # -- epochs -----------------------------------------------------------------------------------------
     step_clock: dict[str, float] = {}
     for epoch in range(progress.start_epoch, train.epochs + 1):
+        if _validation_plateaued(train, progress, epoch - 1, world, device):
+            break  # early stopping: `epochs` is the ceiling
         started = time.perf_counter()
         phase = dsd_schedule.phase(epoch - 1) if dsd_schedule else "dense"
         if dsd is not None:
@@ -256,6 +258,20 @@ def _save_last(path: Path, spec: StageSpec, model: torch.nn.Module, epoch: int, 
         order_generator=order_generator.get_state(), flip_generator=flip_generator.get_state(),
         history=json.dumps([asdict(r) for r in progress.history]), best_score=progress.best_score,
         best_epoch=progress.best_epoch)
+
+
+def _validation_plateaued(train: TrainSpec, progress: "_Progress", last_epoch: int, world: int,
+                          device: torch.device) -> bool:
+    """Whether validation has not improved for ``early_stop_patience`` epochs after ``last_epoch`` (also right
+    after a resume). Rank 0 decides for every rank: ranks that stopped apart would hang DDP's all-reduce."""
+    if train.early_stop_patience is None:
+        return False
+    stop = last_epoch - progress.best_epoch >= train.early_stop_patience
+    if world > 1:
+        flag = torch.tensor([float(stop)], device=device)
+        dist.broadcast(flag, src=0)
+        stop = bool(flag.item())
+    return stop
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec) -> Any:

@@ -87,8 +87,12 @@ def test_a_new_stage_and_architecture_run_through_graph_training_fusion_and_repo
                          data_fingerprints={"gender": "faces"})
     nodes = graph.nodes
     assert {"gender/tinynet/logit_kd[lam=0.3]", "gender/tinynet/logit_kd[lam=0.7]"} <= set(nodes)
-    assert {e.role for e in nodes["gender/tinynet/fusion"].parents} == {"student", "standard_kd", "triplet_kd",
-                                                                       "logit_kd"}
+    # Its teacher-free control comes for free: a node per λ (the control keeps the task term's weight 1 − λ).
+    assert {"gender/tinynet/logit_kd_control[lam=0.3]", "gender/tinynet/logit_kd_control[lam=0.7]"} <= set(nodes)
+    assert [e.role for e in nodes["gender/tinynet/logit_kd_control[lam=0.3]"].parents] == ["student"]
+    assert {e.role for e in nodes["gender/tinynet/fusion"].parents} == {
+        "student", "standard_kd", "triplet_kd", "logit_kd", "standard_kd_control", "triplet_kd_control",
+        "logit_kd_control"}
     assert node_order().index("logit_kd") < node_order().index("fusion")  # the progress line shows it
 
     storage, results = tmp_path / "storage", {}
@@ -108,10 +112,14 @@ def test_a_new_stage_and_architecture_run_through_graph_training_fusion_and_repo
     fusion = results["gender/tinynet/fusion"]
     assert fusion["fitted"]["fusion"]["members"] == ["standard_kd", "triplet_kd", "logit_kd"]
     assert "logit_kd_svm" in fusion["fitted"]  # its single-embedding SVM (the Table 4 ablation)
-    assert "logit_kd" in {c["model"] for c in results["gender/significance"]["comparisons"]}
+    assert fusion["fitted"]["control_fusion"]["members"] == ["standard_kd_control", "triplet_kd_control",
+                                                             "logit_kd_control"]
+    tested = {(c["model"], c["baseline"]) for c in results["gender/significance"]["comparisons"]}
+    assert {("logit_kd", "student"), ("logit_kd", "logit_kd_control"), ("fusion", "control_fusion")} <= tested
     rows = collect_rows(graph, results)
     assert {r["model"] for r in rows} >= {"logit_kd", "logit_kd_svm", "fusion"}
     markdown = render_markdown(rows, title="t", setting="s")
-    assert "| tinynet | logit_kd | full+upper |" in markdown
-    order = [line.split("|")[2].strip() for line in markdown.splitlines() if line.startswith("| tinynet |")]
+    assert "| tinynet | logit_kd ⚑ | full+upper |" in markdown  # one epoch: its best is its last
+    order = [line.split("|")[2].strip().removesuffix(" ⚑") for line in markdown.splitlines()
+             if line.startswith("| tinynet |")]
     assert order.index("triplet_kd") < order.index("logit_kd") < order.index("fusion")

@@ -81,7 +81,7 @@ print(len(modules))
 def test_cpu_version_runs_every_part_and_writes_every_section(tmp_path: Path):
     from occkd_core.fusion import fusion_variants
     from occkd_core.models import ARCHITECTURES
-    from occkd_core.stages import STAGES, distilled_stages
+    from occkd_core.stages import STAGES, control_stages, distilled_stages
 
     data_root = write_utkface_folder(tmp_path / "data", 200)
     out = tmp_path / "out"
@@ -125,16 +125,19 @@ runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
     assert sum(sizes.values()) == 200
     for arch in ARCHITECTURES:
         rows = {r["stage"]: r for r in chain["stages"] if r["arch"] == arch}
-        assert list(rows) == list(STAGES)  # every registered stage, in curriculum order
+        assert list(rows) == [*STAGES, *control_stages()]  # every stage in curriculum order, then the controls
         for name, row in rows.items():
             assert row["status"] == "ran" and row["chosen"] and row["epochs_run"] == row["epochs_planned"] == 1
             assert 0 <= row["test_full"] <= 100 and 0 <= row["test_upper"] <= 100
             assert f"| {arch} | {name} |" in markdown
         fused = {r["model"] for r in chain["fusion"] if r["arch"] == arch and r["status"] == "ran"}
-        assert fused == {v.name for v in fusion_variants(distilled_stages())}
+        variants = [v.name for v in fusion_variants(distilled_stages(), controls=control_stages(), student="student")]
+        assert fused == set(variants)
         compared = [r for r in chain["comparisons"] if r["arch"] == arch]
-        after_student = [n for n, s in STAGES.items() if s.starts_from == "student"]
-        assert [r["model"] for r in compared] == after_student + [v.name for v in fusion_variants(distilled_stages())]
+        after_student = [n for n, s in STAGES.items() if s.starts_from == "student"] + list(control_stages())
+        against_control = [*distilled_stages(), "fusion"]
+        assert [r["model"] for r in compared] == after_student + variants + against_control
+        assert [r["baseline"] for r in compared][-len(against_control):] == [*control_stages(), "control_fusion"]
         for row in compared:
             assert row["test"] == "mcnemar" and 0 <= row["pvalue"] <= row["pvalue_holm"] <= 1
             assert row["b"] + row["c"] <= sizes["test"]
@@ -145,15 +148,14 @@ runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
     assert "Not given here: epochs or grid points were capped" in markdown
 
 
-def test_a_stage_registered_later_runs_in_the_chain_and_is_compared(tmp_path: Path, monkeypatch):
-    """A teacher-free control added to the core's registry (starting from the student, no teacher) and its
-    preset entries: the chain trains it after the student and tests it against the student."""
+def test_the_teacher_free_controls_run_in_the_chain_and_are_compared(tmp_path: Path, monkeypatch):
+    """Each distilled stage's control (from the core's registry) trains after the student from the student's
+    checkpoint with no teacher, and is tested against the student; each distilled model against its control
+    and the fusion against the control fusion form a family of their own."""
     import benchmarks.gpu_check_chain as chain_module
     from benchmarks.gpu_check_chain import ChainSettings, run_chain
     from occkd_core.data import make_synthetic_faces
     from occkd_core.presets import load_preset
-    from occkd_core.stages import STAGES, StageInfo
-    from occkd_core.strategies import SupervisedStrategy
 
     started_from: dict[str, tuple] = {}
 
@@ -163,27 +165,25 @@ def test_a_stage_registered_later_runs_in_the_chain_and_is_compared(tmp_path: Pa
 
     train_stage = chain_module.train_stage
     monkeypatch.setattr(chain_module, "train_stage", recording_train_stage)
-    smoke = load_preset("smoke")  # read before the registry grows: the file has no entries for the new stage
-    monkeypatch.setitem(STAGES, "control", StageInfo("control", SupervisedStrategy, starts_from="student"))
-    preset = replace(smoke, stages={**smoke.stages, ("gender", "vggf", "control"): {
-        "optimizer": "adam", "batch_size": 64, "epochs": 1, "lr": 2e-4}})
     data = make_synthetic_faces(300, image_size=32, seed=3)
     lines: list[str] = []
-    result = run_chain(data, ChainSettings(preset=preset, task="gender", archs=("vggf",), device=torch.device("cpu"),
-                                           work=tmp_path, deadline=time.monotonic() + 600, max_epochs=1,
-                                           grid_points=1), lines.append)
-    assert [r["stage"] for r in result["stages"]] == ["teacher", "student", "standard_kd", "triplet_kd", "control"]
-    control = result["stages"][-1]
-    assert control["status"] == "ran" and control["epochs_run"] == 1
-    assert (tmp_path / "vggf" / "control-0" / "best.pt").exists()
-    assert "control" in [r["model"] for r in result["comparisons"]]
-    assert not result["notes"]  # the registry has a teacher-free control now: no "none run" note
+    result = run_chain(data, ChainSettings(preset=load_preset("smoke"), task="gender", archs=("vggf",),
+                                           device=torch.device("cpu"), work=tmp_path,
+                                           deadline=time.monotonic() + 600, max_epochs=1, grid_points=1), lines.append)
+    assert [r["stage"] for r in result["stages"]] == ["teacher", "student", "standard_kd", "triplet_kd",
+                                                      "standard_kd_control", "triplet_kd_control"]
+    assert all(r["status"] == "ran" for r in result["stages"]) and not result["notes"]
     best = {name: tmp_path / "vggf" / f"{name}-0" / "best.pt" for name in ("teacher", "student")}
     assert started_from == {"teacher/full": (None, None), "student/upper": (best["teacher"], None),
                             "standard_kd/upper": (best["student"], best["teacher"]),
                             "triplet_kd/upper": (best["student"], best["teacher"]),
-                            "control/upper": (best["student"], None)}
-    assert any(line.startswith("  control") for line in lines)
+                            "standard_kd_control/upper": (best["student"], None),
+                            "triplet_kd_control/upper": (best["student"], None)}
+    assert {r["model"] for r in result["fusion"]} >= {"fusion", "control_fusion", "student_svm"}
+    pairs = {(r["model"], r["baseline"]) for r in result["comparisons"]}
+    assert {("standard_kd_control", "student"), ("standard_kd", "standard_kd_control"),
+            ("triplet_kd", "triplet_kd_control"), ("fusion", "control_fusion")} <= pairs
+    assert any(line.startswith("  standard_kd_control") for line in lines)
 
 
 def test_a_spent_budget_leaves_every_stage_listed_as_not_run(tmp_path: Path):

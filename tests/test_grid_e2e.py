@@ -68,7 +68,8 @@ def test_mlflow_holds_a_finished_run_per_node_with_tags_metrics_and_artifacts(gr
     nodes = {r.info.run_name: r for r in finished if "occkd.node" in r.data.tags}
     assert set(nodes) == {"gender/vggf/teacher", "gender/vggf/student", "gender/vggf/student_ablation",
                           "gender/vggf/standard_kd", "gender/vggf/triplet_kd[margin=0.1]",
-                          "gender/vggf/triplet_kd[margin=0.3]", "gender/vggf/fusion", "gender/significance"}
+                          "gender/vggf/triplet_kd[margin=0.3]", "gender/vggf/standard_kd_control",
+                          "gender/vggf/triplet_kd_control", "gender/vggf/fusion", "gender/significance"}
     assert all(r.info.status != "RUNNING" for r in runs)
     parents = [r for r in finished if r.data.tags.get("occkd.kind") == "grid"]
     assert len(parents) == 1
@@ -89,6 +90,12 @@ def test_mlflow_holds_a_finished_run_per_node_with_tags_metrics_and_artifacts(gr
     assert significance.data.tags["verdict.vggf.fusion.test"] in ("better", "worse", "no significant difference")
     assert significance.data.tags["verdict_uncorrected.vggf.fusion.test"] in ("better", "worse",
                                                                              "no significant difference")
+    # What the teacher adds, recorded beside: the fusion against the control fusion, under its own name.
+    assert significance.data.tags["verdict.vggf.fusion_vs_control.test"] in ("better", "worse",
+                                                                             "no significant difference")
+    assert "pvalue.vggf.standard_kd_vs_control.test" in significance.data.metrics
+    control = nodes["gender/vggf/standard_kd_control"].data.params
+    assert control["spec.strategy"] == "standard_kd_control" and control["spec.train.lam"] == "0.5"
     assert nodes["gender/vggf/teacher"].data.params["pretrained.weights"] == "from_scratch"
 
 
@@ -117,7 +124,7 @@ def test_mlflow_view_datasets_and_models(grid_run):
                                                                         "occkd.faces": "full+upper"}
     assert json.loads(inputs["synthetic/test"].dataset.profile) == {"num_rows": 48}
     models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
-    assert len(models) == 6 and all(m.status == "READY" for m in models)
+    assert len(models) == 8 and all(m.status == "READY" for m in models)  # every training node, controls too
     model = next(m for m in models if m.source_run_id == triplet.info.run_id)
     linked = {m.key: m for m in model.metrics}
     assert linked["test_upper_accuracy"].value == triplet.data.metrics["test_upper_accuracy"]
@@ -144,22 +151,29 @@ def test_outputs_on_storage_and_the_report(grid_run):
     workdir, first = grid_run
     storage = workdir / "occkd_runs"
     predictions = [pq.read_table(p) for p in storage.glob("nodes/*/predictions.parquet")]
-    assert len(predictions) == 7  # six training nodes and the fusion node
+    assert len(predictions) == 9  # six training nodes, two teacher-free controls and the fusion node
     teacher = next(t for t in predictions if "teacher" in set(t["model"].to_pylist()))
     assert set(teacher["visible"].to_pylist()) == {"full", "lower", "upper"}
     assert teacher.num_rows == 3 * 48  # 20 % of 240 faces, under three visibilities
     report = (storage / "reports" / "occkd-tiny" / "report.md").read_text()
     assert "| vggf | fusion | full+upper |" in report and "(89.82†)" in report  # the journal's number beside ours
     comparisons = json.loads(next(storage.glob("nodes/*/comparisons.json")).read_text())
-    assert {c["model"] for c in comparisons} == {"standard_kd", "triplet_kd", "fusion"}
+    # The papers' family against the student, occkd's against each model's teacher-free control.
+    assert {(c["model"], c["baseline"], c["family"]) for c in comparisons} == {
+        ("standard_kd", "student", "student"), ("triplet_kd", "student", "student"), ("fusion", "student", "student"),
+        ("standard_kd", "standard_kd_control", "control"), ("triplet_kd", "triplet_kd_control", "control"),
+        ("fusion", "control_fusion", "control")}
     assert all(0.0 <= c["pvalue_holm"] <= 1.0 and c["test"] == "mcnemar" for c in comparisons)
     assert all(c["pvalue"] <= c["pvalue_holm"] and c["dagger"] == (c["pvalue"] < 0.05 and c["improved"])
                for c in comparisons)
-    assert "| papers' rule: p | Holm: p, verdict |" in report and "Teachers: from scratch: gender/vggf." in report
+    assert "| papers' rule: p | Holm: p, verdict | vs control: p (Holm) |" in report
+    assert "Teachers: from scratch: gender/vggf." in report and "**What the teacher adds (gender" in report
+    for model in ("standard_kd_control", "triplet_kd_control", "control_fusion", "student_svm"):
+        assert f"| vggf | {model}" in report, model
     assert "teacher 1/1" in first.stdout and "report:" in first.stdout
     # Where the wall time went: every node handed out, started, trained (training nodes) and completed, in order.
     timeline = read_timeline(storage / "reports" / "occkd-tiny" / "timeline.csv")
-    assert len(timeline) == 8 and "per-node overhead, median: ready -> first step" in first.stdout
+    assert len(timeline) == 10 and "per-node overhead, median: ready -> first step" in first.stdout
     for row in timeline:
         steps = (row["first_step"], row["last_step"]) if row["kind"] == "train" else ()
         times = [row["ready"], row["started"], *steps, row["finished"], row["completed"]]
@@ -171,7 +185,7 @@ def test_second_invocation_trains_nothing(grid_run):
     _, before, _ = finished_runs(workdir)
     again = run_grid(workdir)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "8 nodes: 8 already complete, 0 to run" in again.stdout and "(invocation 2)" in again.stdout
+    assert "10 nodes: 10 already complete, 0 to run" in again.stdout and "(invocation 2)" in again.stdout
     _, after, runs = finished_runs(workdir)
     node_runs = lambda runs: sorted(r.info.run_id for r in runs if "occkd.node" in r.data.tags)  # noqa: E731
     assert node_runs(after) == node_runs(before)  # no node recorded twice
@@ -190,7 +204,7 @@ def test_a_node_with_a_corrupted_file_reruns_in_a_ray_train_worker_group(grid_ru
     best.write_bytes(best.read_bytes()[:100])  # truncated: the checksum in result.json no longer matches
     rerun = run_grid(workdir, "--ray-train", "always")
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "7 already complete, 1 to run" in rerun.stdout
+    assert "9 already complete, 1 to run" in rerun.stdout
     assert (storage / "ray_train").exists()  # the Train run's own storage: it went through a worker group
     result = json.loads((teacher_dir / "result.json").read_text())
     assert result["epochs_run"] == 2  # retrained from scratch, not resumed from damaged files

@@ -34,11 +34,14 @@ def test_node_counts_for_all_tasks_and_architectures(preset_name, margins):
         counts[node.strategy] = counts.get(node.strategy, 0) + 1
     cells = len(TASKS) * len(ARCHITECTURES)  # 9 task × architecture cells
     assert counts == {"teacher": cells, "student": cells, "student_ablation": cells, "standard_kd": cells,
-                      "triplet_kd": cells * margins, "fusion": cells, "significance": len(TASKS)}
+                      "triplet_kd": cells * margins, "fusion": cells, "significance": len(TASKS),
+                      # one teacher-free control per distilled stage: the margins are teacher settings
+                      "standard_kd_control": cells, "triplet_kd_control": cells}
 
 
 def test_mid_preset_expands_every_stage_with_its_kd_grids():
-    """mid: full-width 64 px networks from scratch; standard KD with and without τ², two triplet margins."""
+    """mid: full-width 64 px networks from scratch; standard KD with and without τ² where it is Hinton's (FER+:
+    the gender/age hint reads no τ², so there it is one node), two triplet margins, a control for each."""
     preset = load_preset("mid")
     assert all(preset.arch(a).input_size == 64 and preset.arch(a).width_mult == 1.0 for a in ARCHITECTURES)
     assert preset.required_weights(list(TASKS), list(ARCHITECTURES)) == {}
@@ -47,8 +50,10 @@ def test_mid_preset_expands_every_stage_with_its_kd_grids():
     for node in graph.nodes.values():
         counts[node.strategy] = counts.get(node.strategy, 0) + 1
     cells = len(TASKS) * len(ARCHITECTURES)
-    assert counts == {"teacher": cells, "student": cells, "student_ablation": cells, "standard_kd": cells * 2,
-                      "triplet_kd": cells * 2, "fusion": cells, "significance": len(TASKS)}
+    fer_cells = len(ARCHITECTURES)
+    assert counts == {"teacher": cells, "student": cells, "student_ablation": cells,
+                      "standard_kd": cells + fer_cells, "triplet_kd": cells * 2, "fusion": cells,
+                      "significance": len(TASKS), "standard_kd_control": cells, "triplet_kd_control": cells}
     n = graph.nodes
     assert n["fer/vggf/standard_kd[tau_squared=True]"].params["train"]["tau_squared"] is True
     assert n["fer/vggf/standard_kd[tau_squared=False]"].params["train"]["temperature"] == 20.0
@@ -57,7 +62,8 @@ def test_mid_preset_expands_every_stage_with_its_kd_grids():
     # Fusion chooses among every KD point on validation, so it depends on all four.
     assert {e.key for e in n["fer/vggf/fusion"].parents} == {
         "fer/vggf/student", "fer/vggf/standard_kd[tau_squared=False]", "fer/vggf/standard_kd[tau_squared=True]",
-        "fer/vggf/triplet_kd[margin=0.1]", "fer/vggf/triplet_kd[margin=0.3]"}
+        "fer/vggf/triplet_kd[margin=0.1]", "fer/vggf/triplet_kd[margin=0.3]", "fer/vggf/standard_kd_control",
+        "fer/vggf/triplet_kd_control"}
 
 
 def test_edges_follow_the_curriculum():
@@ -72,7 +78,11 @@ def test_edges_follow_the_curriculum():
     fusion = n["age/resnet50/fusion"]
     assert set(fusion.parents) == {Edge("student", "age/resnet50/student"), Edge("standard_kd", "age/resnet50/standard_kd"),
                                    *(Edge("triplet_kd", f"age/resnet50/triplet_kd[margin={m}]")
-                                     for m in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5))}
+                                     for m in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)),
+                                   Edge("standard_kd_control", "age/resnet50/standard_kd_control"),
+                                   Edge("triplet_kd_control", "age/resnet50/triplet_kd_control")}
+    # A control starts from the student and never sees the teacher.
+    assert n["fer/vggf/triplet_kd_control"].parents == (Edge("student", "fer/vggf/student"),)
     assert set(n["gender/significance"].parents) == {Edge(s, f"gender/{a}/{s}") for a in ARCHITECTURES
                                                      for s in ("student", "fusion")}
     # A node crosses into its Ray trial as plain data and comes back the same.
@@ -229,8 +239,8 @@ def test_dry_run_prints_the_graph_and_starts_nothing(tmp_path: Path):
     out = subprocess.run([sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "fer,gender,age",
                           "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "66 nodes: 9 teacher, 9 student, 9 student_ablation, 9 standard_kd, 18 triplet_kd, 9 fusion, " \
-           "3 significance" in out.stdout
+    assert "84 nodes: 9 teacher, 9 student, 9 student_ablation, 9 standard_kd, 18 triplet_kd, " \
+           "9 standard_kd_control, 9 triplet_kd_control, 9 fusion, 3 significance" in out.stdout
     assert "fer/vggface/triplet_kd[margin=0.3]" in out.stdout and "cpu=1" in out.stdout
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "occkd_runs").exists()
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 #: The teacher trains long enough to be interrupted mid-node, three times (each epoch, ~0.1 s here, is a
 #: checkpoint to resume from).
 TEACHER_EPOCHS = 300
-PRESET = {**TINY, "name": "tiny-long",
+PRESET = {**TINY, "name": "tiny-long", "controls": False,  # signals are under test, not the method
           "stage_defaults": {**TINY["stage_defaults"],
                              "teacher": {**TINY["stage_defaults"]["teacher"], "epochs": TEACHER_EPOCHS}},
           "resources": {a: {"cpus": 1} for a in ("vggf", "vggface", "resnet50", "fusion", "significance")}}

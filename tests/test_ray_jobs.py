@@ -27,6 +27,8 @@ pytestmark = pytest.mark.slow
 #: The `ray` command installed beside this interpreter (CI may not have it first on PATH).
 RAY = str(Path(sys.executable).parent / "ray") if (Path(sys.executable).parent / "ray").exists() else "ray"
 DASHBOARD_PORT, GCS_PORT = 8299, 6399
+#: The cluster path is under test, not the method: no teacher-free controls, two nodes fewer to wait for.
+NO_CONTROLS = {**TINY, "controls": False}
 
 
 def _head_start_command() -> tuple[dict[str, str], list[str]]:
@@ -62,7 +64,7 @@ def ray_head(fresh_home: Path):
 
 
 def test_a_grid_submitted_with_ray_job_submit_runs_on_the_head(ray_head, tmp_path: Path):
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(NO_CONTROLS))
     command = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "--working-dir", ".", "--",
                sys.executable, "grid/run_all.py", "--tasks", "gender", "--archs", "vggf",
                "--preset", str(tmp_path / "tiny.yaml"), "--storage", str(tmp_path / "runs"),
@@ -79,7 +81,7 @@ def test_a_grid_submitted_with_ray_job_submit_runs_on_the_head(ray_head, tmp_pat
 def test_a_client_without_the_clusters_token_is_told_in_one_line(ray_head, tmp_path: Path):
     """A second account (no token) joining the token-mode head: exit 2 and one line saying what to do, not
     Ray's paragraph; the head's token is not made anew on the client."""
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(NO_CONTROLS))
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     env = {**ray_head, "HOME": str(stranger)}

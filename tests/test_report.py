@@ -1,5 +1,6 @@
 """The significance node and the report, on predictions built with known discordant counts: the papers'
-rule (uncorrected McNemar, †) and the Holm-corrected verdict are both shown, and here they disagree."""
+rule (uncorrected McNemar, †) and the Holm-corrected verdict are both shown, and here they disagree; the
+tests against the teacher-free controls form a Holm family of their own."""
 
 import csv
 import json
@@ -20,6 +21,8 @@ from occkd_core.stats import judge_comparisons
 #: b = 15 discordant pairs the fusion wins, c = 5 it loses: exact McNemar (b + c < 25),
 #: p = 2 · P(X ≤ 5 | n = 20, ½) = 2 · 21,700 / 2^20.
 FUSION_P = 2 * 21700 / 2**20  # 0.0414
+#: The fusion against the control fusion: b = 10, c = 0, exact: p = 2 · ½^10.
+CONTROL_P = 2 / 2**10  # 0.00195
 
 
 def _gender_predictions(targets: np.ndarray, correct: np.ndarray) -> Predictions:
@@ -60,23 +63,34 @@ def significance_setup(tmp_path: Path):
     kd_ok = student_ok.copy()  # standard KD: identical to the student, p = 1
     triplet_ok = student_ok.copy()
     triplet_ok[:3], triplet_ok[20:23] = True, False  # b = c = 3, p = 1
+    control_fusion_ok = fusion_ok.copy()
+    control_fusion_ok[20:30] = False  # the fusion beats the control fusion: b = 10, c = 0
+    # The controls do exactly as their distilled twins: p = 1 against them.
     outcomes = {"gender/vggf/student": student_ok, "gender/vggf/standard_kd": kd_ok,
-                "gender/vggf/triplet_kd[margin=0.1]": triplet_ok, "gender/vggf/fusion": fusion_ok}
+                "gender/vggf/triplet_kd[margin=0.1]": triplet_ok, "gender/vggf/standard_kd_control": kd_ok,
+                "gender/vggf/triplet_kd_control": triplet_ok, "gender/vggf/fusion": fusion_ok}
     results = {}
     for key, ok in outcomes.items():
         node = nodes[key]
         directory = node_dir(storage, node.hash)
         directory.mkdir(parents=True)
         model = "fusion" if node.strategy == "fusion" else node.strategy
-        write_predictions(directory / "predictions.parquet", [("test", model, _gender_predictions(targets, ok))])
+        written = [("test", model, _gender_predictions(targets, ok))]
+        if node.strategy == "fusion":
+            written.append(("test", "control_fusion", _gender_predictions(targets, control_fusion_ok)))
+        write_predictions(directory / "predictions.parquet", written)
         result = {"key": key, "hash": node.hash, "kind": node.kind, "strategy": node.strategy, "metrics": {},
                   "scores": [{"model": model, "test_set": "test", "visible": "upper", "metric": "accuracy",
                               "value": 100 * ok.mean()}], "val_score": 0.5}
         if node.strategy == "fusion":
-            result["fitted"] = {"fusion": {"C": 1.0}, "standard_kd_svm": {"C": 1.0}}
+            result["fitted"] = {"fusion": {"C": 1.0}, "standard_kd_svm": {"C": 1.0}, "control_fusion": {"C": 1.0}}
             result["selected"] = {s: {"key": k, "hash": nodes[k].hash, "val_score": 0.5}
                                   for s, k in (("standard_kd", "gender/vggf/standard_kd"),
-                                               ("triplet_kd", "gender/vggf/triplet_kd[margin=0.1]"))}
+                                               ("triplet_kd", "gender/vggf/triplet_kd[margin=0.1]"),
+                                               ("standard_kd_control", "gender/vggf/standard_kd_control"),
+                                               ("triplet_kd_control", "gender/vggf/triplet_kd_control"))}
+            result["scores"].append({"model": "control_fusion", "test_set": "test", "visible": "upper",
+                                     "metric": "accuracy", "value": 100 * control_fusion_ok.mean()})
         write_result(directory, result, ["predictions.parquet"])
         results[key] = result
     significance = nodes["gender/significance"]
@@ -88,7 +102,8 @@ def significance_setup(tmp_path: Path):
 
 def test_significance_node_and_report_show_the_papers_rule_beside_holm(significance_setup, tmp_path: Path):
     graph, results = significance_setup
-    comparisons = {c["model"]: c for c in results["gender/significance"]["comparisons"]}
+    found = results["gender/significance"]["comparisons"]
+    comparisons = {c["model"]: c for c in found if c["family"] == "student"}
     assert set(comparisons) == {"standard_kd", "triplet_kd", "fusion"}
     fusion = comparisons["fusion"]
     assert (fusion["b"], fusion["c"], fusion["exact"]) == (15, 5, True)
@@ -97,15 +112,31 @@ def test_significance_node_and_report_show_the_papers_rule_beside_holm(significa
     assert fusion["pvalue_holm"] == pytest.approx(3 * FUSION_P)  # Holm over the task's 3 comparisons
     assert (fusion["significant"], fusion["verdict"]) == (False, "no significant difference")
     assert comparisons["standard_kd"]["pvalue"] == 1.0 and not comparisons["standard_kd"]["dagger"]
+    # The teacher's own family: each model against its control, Holm over these three alone.
+    controls = {c["model"]: c for c in found if c["family"] == "control"}
+    assert {m: c["baseline"] for m, c in controls.items()} == {
+        "standard_kd": "standard_kd_control", "triplet_kd": "triplet_kd_control", "fusion": "control_fusion"}
+    assert (controls["fusion"]["b"], controls["fusion"]["c"]) == (10, 0)
+    assert controls["fusion"]["pvalue"] == pytest.approx(CONTROL_P)
+    assert controls["fusion"]["pvalue_holm"] == pytest.approx(3 * CONTROL_P) and controls["fusion"]["verdict"] == "better"
+    assert controls["standard_kd"]["pvalue"] == 1.0 and controls["standard_kd"]["verdict"] == "no significant difference"
 
     rows = collect_rows(graph, results)
     row = next(r for r in rows if r["model"] == "fusion" and r["test_faces"] == "upper")
     assert (row["pvalue"], row["dagger"], row["verdict_uncorrected"]) == ("0.0414", "True", "better")
     assert (row["pvalue_holm"], row["verdict_holm"]) == ("0.124", "no significant difference")
+    assert (row["control"], row["pvalue_vs_control"], row["verdict_vs_control_holm"]) == (
+        "control_fusion", "0.00195", "better")
     markdown = render_markdown(rows, title="t", setting="s")
-    assert "| papers' rule: p | Holm: p, verdict |" in markdown
+    assert "| papers' rule: p | Holm: p, verdict | vs control: p (Holm) |" in markdown
     line = next(line for line in markdown.splitlines() if line.startswith("| vggf | fusion |"))
-    assert line.endswith("| 0.0414 † | 0.124, no significant difference |")
+    assert line.endswith("| 0.0414 † | 0.124, no significant difference | vs control fusion: 0.00195 † "
+                         "(Holm 0.00586, better) |")
+    assert "the teacher's effect is significant after Holm in 1 of 3 comparisons" in markdown
+    assert "vggf fusion " in markdown and "vs control fusion" in markdown
+    # Without controls the report says its comparisons are uncontrolled.
+    bare = [{k: ("" if "control" in k else v) for k, v in r.items()} for r in rows if "control" not in r["model"]]
+    assert "**Uncontrolled:**" in render_markdown(bare, title="t", setting="s")
     md_path, csv_path = write_report(rows, tmp_path / "report", title="t", setting="s")
     with open(csv_path) as handle:
         written = next(r for r in csv.DictReader(handle) if r["model"] == "fusion" and r["test_faces"] == "upper")
@@ -126,7 +157,7 @@ def test_report_figures_mark_significance_and_draw_each_chains_curves(significan
         results[key]["history"] = [{"epoch": e, "val_accuracy": start + e, "val_score": start + e} for e in (1, 2, 3)]
     rows = collect_rows(graph, results)
     fusion = next(r for r in rows if r["model"] == "fusion" and r["test_faces"] == "upper")
-    assert _marks(fusion) == "†"
+    assert _marks(fusion) == "†○"  # † vs the student (not confirmed by Holm); ○ beats its control after Holm
     assert _marks({"verdict_uncorrected": "better;worse", "verdict_holm": "better;no significant difference"}) == "†*‡"
     seed = graph.nodes["gender/vggf/fusion"].seed
     assert chain_keys(graph, results, "gender", "vggf", seed)["triplet_kd"] == "gender/vggf/triplet_kd[margin=0.1]"

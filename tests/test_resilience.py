@@ -40,7 +40,8 @@ def node_runs(workdir: Path):
 
 
 def make_workdir(tmp_path: Path) -> Path:
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    # Faults are under test, not the method: no teacher-free controls, two nodes fewer.
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "controls": False}))
     return tmp_path
 
 

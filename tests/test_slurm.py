@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from grid.local_cluster import gpu_preset
 
 REPO = Path(__file__).resolve().parents[1]
-GRID = ["--tasks", "gender", "--archs", "vggf"]  # 8 nodes
+GRID = ["--tasks", "gender", "--archs", "vggf"]  # 10 nodes (smoke: 2 triplet margins, 2 teacher-free controls)
 
 pytestmark = [
     pytest.mark.slurm,
@@ -126,28 +126,28 @@ def test_a_job_uses_exactly_its_gpus_and_a_resubmission_retrains_nothing(slurm, 
     assert f"Ray token: made {token} (mode 600)" in log and token.read_text() not in log, log[-3000:]
     assert token.stat().st_mode & 0o777 == 0o600
     assert "running on Ray: 2 CPUs, 2 GPUs" in log, log[-3000:]  # the node has 4
-    assert "8 nodes: 0 already complete, 8 to run" in log, log[-3000:]
+    assert "10 nodes: 0 already complete, 10 to run" in log, log[-3000:]
     assert (out / "occkd_runs" / "reports" / experiment / "report.md").is_file(), log[-3000:]
     recorded = runs(out, experiment)
     nodes = [r for r in recorded if "occkd.node" in r.data.tags]
-    assert len(nodes) == 8 and all(r.info.status == "FINISHED" for r in recorded), log[-3000:]
+    assert len(nodes) == 10 and all(r.info.status == "FINISHED" for r in recorded), log[-3000:]
     # Ray handed the training nodes the job's GPUs, 2 and 3, never the other job's 0 and 1.
     gpu_ids = [r.data.tags["occkd.gpu_ids"] for r in nodes if r.data.tags.get("occkd.gpu_ids", "-") != "-"]
-    assert len(gpu_ids) == 6 and {i for ids in gpu_ids for i in ids.split(",")} <= {"2", "3"}, gpu_ids
+    assert len(gpu_ids) == 8 and {i for ids in gpu_ids for i in ids.split(",")} <= {"2", "3"}, gpu_ids
     assert not ray_processes(head_port(log))  # Ray went down with the job
     current = Path("/tmp/ray/ray_current_cluster")  # and a bare ray.init() will not look for it
     assert not (current.exists() and current.read_text().strip().endswith(f":{head_port(log)}"))
     checkpoints = {p: p.stat().st_mtime_ns for p in (out / "occkd_runs" / "nodes").glob("*/train/best.pt")}
-    assert len(checkpoints) == 6
+    assert len(checkpoints) == 8
 
     # The same submission again: every node is found complete, nothing trains, nothing is recorded twice.
     again = submit(slurm, out, "--preset", str(preset))
     wait_until(lambda: job_state(slurm, again) == "", 600, f"job {again} to end")
     log = job_log(out, again)
-    assert "8 nodes: 8 already complete, 0 to run" in log and "occkd: the grid exited 0" in log, log[-3000:]
+    assert "10 nodes: 10 already complete, 0 to run" in log and "occkd: the grid exited 0" in log, log[-3000:]
     assert f"Ray token: {token}\n" in log  # the same token again, not a new one
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
-    assert len([r for r in runs(out, experiment) if "occkd.node" in r.data.tags]) == 8
+    assert len([r for r in runs(out, experiment) if "occkd.node" in r.data.tags]) == 10
     assert not ray_processes(head_port(log))
 
 

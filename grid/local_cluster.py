@@ -159,12 +159,12 @@ def kill_ray_node(node_id: str) -> bool:
 def gpu_preset(preset: str, gpus: float, workdir: Path) -> Path:
     """The preset (a built-in name or a YAML path) with every training node asking for ``gpus`` GPUs and
     1 CPU, written to ``workdir``; ``gpus`` 0 leaves it as it is."""
-    from occkd_core.presets import PRESET_DIR
+    from occkd_core.presets import PRESET_DIR, preset_mapping
 
     path = Path(preset) if Path(preset).suffix in (".yaml", ".yml") else PRESET_DIR / f"{preset}.yaml"
     if not gpus:
         return path
-    raw = yaml.safe_load(path.read_text())
+    raw = preset_mapping(preset)  # with its `extends:` base merged in: the copy stands alone in workdir
     raw["name"] = f"{raw['name']}-local-gpu"
     raw["resources"] = {**(raw.get("resources") or {}),
                         **{arch: {"cpus": 1, "gpus": gpus} for arch in ("vggf", "vggface", "resnet50")}}

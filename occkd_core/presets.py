@@ -4,6 +4,8 @@ A preset names its data, each architecture's input size and width, the fusion C 
 :class:`TrainSpec` per task × architecture × strategy. A list value in a stage entry is a grid
 (e.g. ``margin: [0.0, 0.1, ...]``); :meth:`Preset.grid` expands it. ``paper`` is spec §10 row by row;
 ``smoke`` runs every stage in minutes on 2 CPU cores. Users add their own by passing a YAML path.
+A preset may start from another (``extends: paper``) and give only what it changes: its mappings are
+merged into the base's, key by key, and anything else (a value, a list) replaces the base's.
 """
 
 from __future__ import annotations
@@ -211,8 +213,8 @@ class Preset:
         return needed
 
 
-TOP_LEVEL_KEYS = ("name", "description", "data", "models", "pretrained", "fusion", "stage_defaults", "stages",
-                  "resources", "controls")
+TOP_LEVEL_KEYS = ("name", "description", "extends", "data", "models", "pretrained", "fusion", "stage_defaults",
+                  "stages", "resources", "controls")
 FUSION_KEYS = ("Cs", "svr_kernels")
 
 
@@ -362,14 +364,55 @@ def builtin_presets() -> list[str]:
 
 def load_preset(name_or_path: str | Path) -> Preset:
     """A built-in preset by name (``paper``, ``smoke``, ...) or a preset YAML file by path."""
+    return _parse_preset(preset_mapping(name_or_path), str(_preset_path(name_or_path)))
+
+
+def preset_mapping(name_or_path: str | Path) -> dict[str, Any]:
+    """A preset's YAML as one mapping, its ``extends:`` bases merged in (not validated: see :func:`load_preset`),
+    for tools that write a changed copy of a preset."""
+    return dict(_read_with_bases(_preset_path(name_or_path), ()))
+
+
+def _preset_path(name_or_path: str | Path, folder: Path | None = None) -> Path:
+    """The file of a built-in preset name, or a .yaml path (relative to ``folder`` when given)."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = PRESET_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             raise ValueError(f"unknown preset {str(name_or_path)!r}; valid names: {', '.join(builtin_presets())} (or a path to a .yaml file)")
-    elif not path.exists():
+        return path
+    if folder is not None and not path.is_absolute():
+        path = folder / path
+    if not path.exists():
         raise ValueError(f"preset file {str(path)!r} does not exist")
-    return _parse_preset(_read_preset_file(path), str(path))
+    return path
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> Mapping[str, Any]:
+    """A preset file's mapping with its ``extends:`` base (and the base's base ...) merged underneath."""
+    raw = _read_preset_file(path)
+    if "extends" not in raw:
+        return raw
+    base_name = raw["extends"]
+    if not isinstance(base_name, str):
+        raise ValueError(f"preset {str(path)!r}: extends must name one preset (a built-in name or a .yaml path), "
+                         f"got {base_name!r}")
+    chain = (*seen, path.resolve())
+    base_path = _preset_path(base_name, path.parent)
+    if base_path.resolve() in chain:
+        names = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
+        raise ValueError(f"preset {str(path)!r}: extends goes round in a circle ({names})")
+    base = _read_with_bases(base_path, chain)
+    return _merged(base, {key: value for key, value in raw.items() if key != "extends"})
+
+
+def _merged(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overlay`` on top: mappings merge key by key, any other value replaces the base's."""
+    out = dict(base)
+    for key, value in overlay.items():
+        both_mappings = isinstance(value, Mapping) and isinstance(base.get(key), Mapping)
+        out[key] = _merged(base[key], value) if both_mappings else value
+    return out
 
 
 def _read_preset_file(path: Path) -> Mapping[str, Any]:

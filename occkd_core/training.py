@@ -5,7 +5,7 @@ stage's checkpoint), pick the strategy, then per epoch: the strategy's order of 
 terms, optimiser step (with DSD masks in the sparse phase), validation on the stage's faces, plateau
 decay, best and last checkpoints, and a callback with the epoch's record. An interrupted stage resumes
 from its last checkpoint. Runs single-process or under an initialised ``torch.distributed`` group
-(DDP; rows sharded by rank, rank 0 writes files).
+(DDP; every global batch's rows split over the ranks, dropout drawn per rank, rank 0 writes files).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def train_stage(
     out_dir = Path(out_dir)
     task, train, stage = spec.task_info, spec.train, get_stage(spec.strategy)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)  # the model's initial weights (DDP broadcasts rank 0's anyway)
     order_generator = torch.Generator().manual_seed(spec.seed)  # row order, mining pools: same on every rank
     # Flips are drawn for the whole global batch on every rank, each rank taking its own rows' flips, so a
     # node trains the same at any width (the papers' batch is the global batch).
@@ -139,7 +139,6 @@ def train_stage(
     if train.batch_size % world:
         raise ValueError(f"batch size {train.batch_size} does not split over {world} workers: the global batch "
                          f"stays the preset's, so the width must divide it")
-    worker_batch = train.batch_size // world
     train_split, val_split = data.split("train"), data.split("val")
     train_targets = torch.as_tensor(train_split.labels(task.name)).to(device)  # validates labels before training
     val_split.labels(task.name)
@@ -186,15 +185,15 @@ def train_stage(
             else:
                 dsd.release()
         model.train()
+        # Dropout draws from torch's global generator: seeded per rank, so a global batch of B rows gets B
+        # distinct masks at any width, and per epoch, so a resumed epoch draws what an uninterrupted run would.
+        torch.manual_seed(dropout_seed(spec.seed, rank, epoch))
         order = strategy.epoch_order(epoch, unwrap(model), order_generator)
-        # Every rank must run the same number of batches or DDP's all-reduce waits forever. Rank r's k-th batch
-        # holds rows r, r + world, ... of the k-th global batch: together they are the width-1 batch.
-        rows = order[: len(order) - len(order) % world][rank::world]
-        sums, train_outputs, train_rows = _run_epoch(model, strategy, rows, optimizer, worker_batch, flip_generator,
-                                                     epoch, dsd if phase == "sparse" else None, on_gpu,
-                                                     step_clock, rank=rank, world=world)
-        num_batches = max(1, math.ceil(len(rows) / worker_batch))
-        loss_terms = {name: value / num_batches for name, value in _mean_over_ranks(sums, world).items()}
+        sums, train_outputs, train_rows = _run_epoch(model, strategy, order, optimizer, train.batch_size,
+                                                     flip_generator, epoch, dsd if phase == "sparse" else None,
+                                                     on_gpu, step_clock, rank=rank, world=world)
+        num_batches = max(1, math.ceil(len(order) / train.batch_size))
+        loss_terms = {name: value / num_batches for name, value in _sum_over_ranks(sums, world).items()}
         train_preds = _as_predictions(train_outputs, train_split.labels(task.name)[train_rows], spec.train_visible)
         val_preds = predict(unwrap(model), val_split, task, spec.train_visible, input_spec, device=device)
         val_metrics = task_metrics(task, val_preds)
@@ -331,10 +330,16 @@ def _make_optimizer(model: FaceNet, train: TrainSpec) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
 
 
+def dropout_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of torch's global generator (dropout masks) for one rank's epoch of a stage seeded ``seed``."""
+    # SeedSequence mixes its inputs, so (seed, rank 1) and (seed + 1, rank 0) do not share masks.
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
 def _run_epoch(
     model: torch.nn.Module,
     strategy: SupervisedStrategy,
-    rows: np.ndarray,
+    order: np.ndarray,
     optimizer: torch.optim.Optimizer,
     batch_size: int,
     flip_generator: torch.Generator,
@@ -346,18 +351,35 @@ def _run_epoch(
     rank: int = 0,
     world: int = 1,
 ) -> tuple[dict[str, float], torch.Tensor, np.ndarray]:
-    """One pass over ``rows``; returns summed loss terms, the batches' outputs and their rows.
-    ``step_clock`` gets the wall-clock time of the first step it sees ("first") and of the last ("last")."""
+    """One pass over ``order`` in global batches of ``batch_size``; returns this rank's loss terms summed
+    over the batches (each weighted by the rank's share of its batch), its outputs and their rows.
+    ``step_clock`` gets the wall-clock time of the first step it sees ("first") and of the last ("last").
+
+    Rank r takes rows r, r + world, ... of every global batch, with their flips drawn for the whole batch:
+    together the ranks' rows are the width-1 batch, and every rank runs the same number of steps (DDP's
+    all-reduce needs it), without leaving rows out.
+    """
     device = strategy.ctx.device
     window: list[tuple[int, dict[str, torch.Tensor]]] = []
     sums: dict[str, torch.Tensor] = {}
     outputs: list[torch.Tensor] = []
-    for batch_index, start in enumerate(range(0, len(rows), batch_size)):
-        batch_rows = rows[start : start + batch_size]
-        flip = random_flips(len(batch_rows) * world, flip_generator, device)[rank::world]
+    seen_rows: list[np.ndarray] = []
+    for batch_index, start in enumerate(range(0, len(order), batch_size)):
+        global_rows = order[start : start + batch_size]
+        global_flip = random_flips(len(global_rows), flip_generator, device)
+        batch_rows, flip = global_rows[rank::world], global_flip[rank::world]
+        # The terms are means over this rank's rows and DDP averages gradients over the ranks: weighting each
+        # rank by world × its share of the batch makes the step the global batch's mean gradient, also when
+        # the last batch splits unevenly.
+        # A last batch smaller than the width leaves some ranks no row: they still run the step on an empty
+        # batch, since DDP's all-reduce (and SyncBatchNorm's, which counts an empty input as no sample) waits
+        # for every rank. Its terms are means over nothing (NaN), its gradients zero, its weight 0.
+        share = len(batch_rows) / len(global_rows)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
             terms, batch_outputs = strategy.loss_terms(model, batch_rows, flip)
         loss = sum(terms.values())
+        if world > 1:
+            loss = loss * (share * world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -366,18 +388,23 @@ def _run_epoch(
         if step_clock is not None:
             step_clock.setdefault("first", time.time())
             step_clock["last"] = time.time()
+        if not len(batch_rows):
+            continue
         detached = {name: value.detach().float() for name, value in terms.items()}
         for name, value in detached.items():
-            sums[name] = sums.get(name, 0.0) + value
+            sums[name] = sums.get(name, 0.0) + value * share
         outputs.append(batch_outputs.detach().float())
+        seen_rows.append(batch_rows)
         # Check finiteness every few batches, not every batch: a per-batch .item() stalls the GPU.
         window.append((batch_index + 1, detached))
-        if len(window) == 16 or start + batch_size >= len(rows):
+        if len(window) == 16:
             _check_finite(window, epoch)
             window.clear()
+    if window:
+        _check_finite(window, epoch)
     totals = {name: float(value) for name, value in sums.items()}
     all_outputs = torch.cat(outputs).cpu() if outputs else torch.zeros(0, 1)
-    return totals, all_outputs, rows
+    return totals, all_outputs, np.concatenate(seen_rows) if seen_rows else np.zeros(0, dtype=np.int64)
 
 
 def with_sync_batchnorm(model: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
@@ -389,14 +416,14 @@ def with_sync_batchnorm(model: torch.nn.Module, world: int, device: torch.device
     return model
 
 
-def _mean_over_ranks(sums: dict[str, float], world: int) -> dict[str, float]:
-    """Each loss term's per-rank sum averaged over the ranks (every rank runs as many batches)."""
+def _sum_over_ranks(sums: dict[str, float], world: int) -> dict[str, float]:
+    """Each loss term's per-rank sum (already weighted by the ranks' shares of each batch) summed over the ranks."""
     if world == 1 or not sums:
         return sums
     names = sorted(sums)
     values = torch.tensor([sums[name] for name in names], dtype=torch.float64)
     dist.all_reduce(values)
-    return {name: float(v) / world for name, v in zip(names, values)}
+    return {name: float(v) for name, v in zip(names, values)}
 
 
 def _check_finite(window: list[tuple[int, dict[str, torch.Tensor]]], epoch: int) -> None:

@@ -66,6 +66,34 @@ def test_mid_preset_expands_every_stage_with_its_kd_grids():
         "fer/vggf/triplet_kd_control"}
 
 
+def test_paper_variants_graph_is_papers_plus_the_tau_squared_and_raw_embedding_nodes():
+    """Every training node of `paper` (same hash: reused on the same storage), plus one node per τ² FER+
+    standard-KD point and per raw-embedding triplet point, each a paper node with that one setting flipped."""
+    paper, variants = full_graph("paper"), full_graph("paper-variants")
+    trained = lambda graph: {n.hash: n for n in graph.nodes.values() if n.kind == "train"}  # noqa: E731
+    paper_train, variants_train = trained(paper), trained(variants)
+    assert set(paper_train) <= set(variants_train)
+    by_params = {json.dumps(n.params, sort_keys=True): n for n in paper_train.values()}
+    added: dict[tuple[str, str], int] = {}
+    for node in variants_train.values():
+        if node.hash in paper_train:
+            continue
+        train = dict(node.params["train"])
+        flipped = "tau_squared" if train["tau_squared"] else "triplet_normalize"
+        assert (flipped, train[flipped]) in (("tau_squared", True), ("triplet_normalize", False)), node.key
+        train[flipped] = not train[flipped]
+        twin = by_params[json.dumps({**node.params, "train": train}, sort_keys=True)]
+        same = ("task", "arch", "strategy", "parents")
+        assert [getattr(twin, f) for f in same] == [getattr(node, f) for f in same], node.key
+        added[(node.task, node.strategy, flipped)] = added.get((node.task, node.strategy, flipped), 0) + 1
+    archs = len(ARCHITECTURES)
+    assert added == {("fer", "standard_kd", "tau_squared"): archs,
+                     **{(task, "triplet_kd", "triplet_normalize"): archs * 6 for task in TASKS}}
+    # Fusion chooses among the new points too.
+    assert {e.key for e in variants.nodes["fer/vggf/fusion"].parents} >= {
+        "fer/vggf/standard_kd[tau_squared=True]", "fer/vggf/triplet_kd[margin=0.3,triplet_normalize=False]"}
+
+
 def test_edges_follow_the_curriculum():
     graph = full_graph("paper")
     n = graph.nodes
@@ -492,3 +520,19 @@ def test_the_local_cluster_script_asks_for_gpus_so_the_autoscaler_launches_worke
     assert all(preset.resources[a] == {"cpus": 1, "gpus": 4} for a in ("vggf", "vggface", "resnet50"))
     assert preset.resources["fusion"] == load_preset("smoke").resources["fusion"]
     assert gpu_preset("smoke", 0, tmp_path).name == "smoke.yaml"
+
+
+def test_the_local_clusters_gpu_copy_of_an_extending_preset_stands_alone(tmp_path: Path):
+    """local_cluster.py writes a changed copy of the preset elsewhere: a base named by a relative path
+    must not be lost on the way."""
+    from grid.local_cluster import gpu_preset
+
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "base.yaml").write_text((REPO / "occkd_core" / "presets" / "smoke.yaml").read_text())
+    child = tmp_path / "presets" / "child.yaml"
+    child.write_text(yaml.safe_dump({"extends": "base.yaml", "name": "child",
+                                     "stages": {"fer": {"vggf": {"triplet_kd": {"margin": [0.2, 0.4]}}}}}))
+    (tmp_path / "work").mkdir()
+    copy = load_preset(gpu_preset(str(child), 1, tmp_path / "work"))
+    assert copy.name == "child-local-gpu" and copy.resources["vggf"] == {"cpus": 1, "gpus": 1}
+    assert copy.stages == load_preset(child).stages

@@ -194,3 +194,63 @@ def test_fusion_kernels_label_rule_and_the_raw_embedding_grid(tmp_path: Path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="triplet_normalize must be true or false"):
         load_preset(path)
+
+
+# The two variants spec §15 says to "also run": Hinton KD with τ² (#2), where τ is used (FER+ standard KD),
+# and the triplet loss on raw embeddings (#20), on every triplet stage.
+VARIANT_AXES = {("fer", arch, "standard_kd"): ("tau_squared", (False, True)) for arch in ARCHITECTURES} | {
+    (task, arch, "triplet_kd"): ("triplet_normalize", (True, False)) for task in TASKS for arch in ARCHITECTURES}
+
+
+def test_paper_variants_is_paper_plus_exactly_the_tau_squared_and_raw_embedding_axes():
+    from dataclasses import replace
+
+    paper, variants = load_preset("paper"), load_preset("paper-variants")
+    for key in SPEC_10:
+        expected = paper.grid(*key)
+        if key in VARIANT_AXES:
+            name, values = VARIANT_AXES[key]
+            assert all(getattr(spec, name) == values[0] for spec in expected)  # paper: the spec's default only
+            expected = [replace(spec, **{name: value}) for spec in expected for value in values]
+        assert variants.grid(*key) == expected, key
+    for field in ("data", "models", "fusion_Cs", "resources", "pretrained", "svr_kernels"):
+        assert getattr(variants, field) == getattr(paper, field), field
+    assert variants.name == "paper-variants"
+
+
+def test_a_preset_extends_another_and_overrides_only_what_it_names(tmp_path: Path):
+    import yaml
+
+    base = tmp_path / "presets" / "base.yaml"
+    base.parent.mkdir()
+    base.write_text((Path(load_preset.__code__.co_filename).parent / "presets" / "smoke.yaml").read_text())
+    (tmp_path / "presets" / "child.yaml").write_text(yaml.safe_dump({
+        "extends": "base.yaml",  # relative to this file's folder
+        "name": "child", "models": {"vggf": {"input_size": 64}},
+        "stages": {"gender": {"vggf": {"triplet_kd": {"margin": [0.2, 0.4]}}}}}))
+    grandchild = tmp_path / "grandchild.yaml"
+    grandchild.write_text(yaml.safe_dump({"extends": "presets/child.yaml", "fusion": {"Cs": [2.0]}}))
+    smoke, child = load_preset("smoke"), load_preset(grandchild)
+    assert child.name == "child" and child.fusion_Cs == (2.0,)
+    assert child.arch("vggf").input_size == 64 and child.arch("vggf").width_mult == smoke.arch("vggf").width_mult
+    assert [s.margin for s in child.grid("gender", "vggf", "triplet_kd")] == [0.2, 0.4]
+    assert child.grid("fer", "vggf", "triplet_kd") == smoke.grid("fer", "vggf", "triplet_kd")
+    assert child.grid("gender", "vggf", "teacher") == smoke.grid("gender", "vggf", "teacher")
+
+
+@pytest.mark.parametrize("overlay, message", [
+    ({"extends": "papr"}, "unknown preset 'papr'; valid names: .*paper"),
+    ({"extends": ["paper", "mid"]}, "extends must name one preset"),
+    ({"extends": "loop.yaml"}, "extends goes round in a circle"),
+    ({"extends": "paper", "stages": {"fer": {"vggf": {"standard_kd": {"tau_sqared": [False, True]}}}}},
+     "tau_sqared cannot be a grid"),
+    ({"extends": "paper", "stages": {"fer": {"vgg": {"standard_kd": {"tau_squared": [False, True]}}}}},
+     r"stages.fer: unknown name\(s\) \['vgg'\]"),
+])
+def test_a_bad_extends_names_the_problem(tmp_path: Path, overlay, message):
+    import yaml
+
+    path = tmp_path / "loop.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    with pytest.raises(ValueError, match=message):
+        load_preset(path)

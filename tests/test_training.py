@@ -1,5 +1,6 @@
 """The one training loop: every stage runs, resumes, keeps the teacher frozen, stops on NaN."""
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -77,6 +78,10 @@ def test_interrupted_stage_resumes_from_last_checkpoint(tiny_faces, tmp_path: Pa
     assert resumed.first_step_at > first.last_step_at
     done = train_stage(stage("fer", "teacher", "full", epochs=3), tiny_faces, tmp_path)
     assert done.first_step_at is None and done.last_step_at is None  # nothing left to train
+    # Dropout (VGG-f's, on here) is seeded per epoch: the resumed epochs are the uninterrupted run's.
+    whole = train_stage(stage("fer", "teacher", "full", epochs=3), tiny_faces, tmp_path / "whole")
+    scores = lambda result: [(r.train_loss, r.val_score) for r in result.history]  # noqa: E731
+    assert scores(whole) == scores(resumed)
 
 
 def test_same_seed_gives_the_same_training(tiny_faces, tmp_path: Path):
@@ -147,9 +152,22 @@ def test_unknown_names_list_the_valid_ones():
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
+    import occkd_core.training as training
     from occkd_core.data import make_synthetic_faces
 
     torch.set_num_threads(1)
+    # Record what each rank draws: the flips of every global batch, and the dropout masks of its first batch
+    # (VGG-f drops after conv3, conv4 and conv5; evaluation passes run with dropout off and are skipped).
+    flips, masks = [], []
+    draw_flips = training.random_flips
+    training.random_flips = lambda *args, **kwargs: flips.append(draw_flips(*args, **kwargs)) or flips[-1]
+
+    def record_mask(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Dropout) and module.training and len(masks) < 3:
+            live = args[0] != 0  # ReLU zeroes many units before dropout sees them
+            masks.append(((output == 0) & live, live))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record_mask)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         # 181 training rows: not a multiple of the world size, nor of the batch size.
@@ -157,9 +175,12 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         train_stage(stage("fer", "teacher", "full", epochs=2), data, Path(out_dir))
     finally:
         dist.destroy_process_group()
+        hook.remove()
+    torch.save({"flips": flips, "masks": masks}, Path(out_dir) / f"draws-{rank}.pt")
 
 
-def test_two_process_ddp_trains_and_rank_zero_writes(tmp_path: Path):
+@pytest.mark.slow
+def test_two_process_ddp_trains_and_rank_zero_writes_with_per_rank_dropout(tmp_path: Path):
     import socket
 
     import torch.multiprocessing as mp
@@ -170,49 +191,106 @@ def test_two_process_ddp_trains_and_rank_zero_writes(tmp_path: Path):
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     state = read_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 2 and (tmp_path / "best.pt").exists()
+    zero, one = (torch.load(tmp_path / f"draws-{rank}.pt") for rank in (0, 1))
+    # Both ranks draw every global batch's flips (2 epochs of ceil(181 / 32) batches), the same ones ...
+    assert len(zero["flips"]) == 2 * 6 and [len(f) for f in zero["flips"][:6]] == [32] * 5 + [21]
+    assert all(torch.equal(a, b) for a, b in zip(zero["flips"], one["flips"], strict=True))
+    # ... but each rank drops its own units: a global batch of 32 rows gets 32 masks, not 16 twice.
+    assert len(zero["masks"]) == len(one["masks"]) == 3
+    for (dropped_0, live_0), (dropped_1, live_1) in zip(zero["masks"], one["masks"]):
+        assert dropped_0.shape == dropped_1.shape and dropped_0.shape[0] == 16
+        assert 0.1 < dropped_0.sum() / live_0.sum() < 0.3  # VGG-f's dropout rate, 0.2
+        # Where both ranks' units are live, one shared mask would drop the same ones; two drop ~32 % apart.
+        both = live_0 & live_1
+        assert both.sum() > 100
+        assert 0.2 < (dropped_0[both] != dropped_1[both]).float().mean() < 0.45
 
 
-def _width_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
+def test_dropout_seeds_differ_by_rank_and_epoch():
+    from occkd_core.training import dropout_seed
 
+    seeds = {dropout_seed(seed, rank, epoch) for seed in (0, 1) for rank in (0, 1, 2) for epoch in (1, 2)}
+    assert len(seeds) == 12
+    assert dropout_seed(3, 1, 2) == dropout_seed(3, 1, 2)
+
+
+#: 162 faces: 97 training rows, odd, so every epoch's last global batch splits unevenly over 2 workers.
+WIDTH_FACES = 162
+
+
+def _width_stages() -> dict[str, StageSpec]:
+    """The teacher and the three distillations, plain SGD (Adam's step would hide a gradient off by a
+    constant factor), no dropout (its masks are drawn per worker: the one thing that differs by width)."""
+    sgd = dict(optimizer="sgd", lr=0.01, epochs=2)
+    specs = {
+        "teacher": stage("fer", "teacher", "full", batch_size=16, **sgd),  # last batch 1 row: rank 1 stands in
+        "hinton": stage("fer", "standard_kd", "lower", batch_size=10, **sgd),  # last batch 7 rows: 4 and 3
+        "hint": stage("gender", "standard_kd", "upper", batch_size=20, **sgd),  # 17 rows: 9 and 8
+        # Each epoch every worker mines the 97 rows' triplets from its copy of the student: the same ones.
+        "triplet": replace(stage("fer", "triplet_kd", "lower", batch_size=8, **sgd), seed=1),
+    }
+    return {name: replace(spec, dropout=False) for name, spec in specs.items()}
+
+
+def _train_width_stages(parents: Path, out_dir: Path) -> None:
     from occkd_core.data import make_synthetic_faces
+
+    data = make_synthetic_faces(WIDTH_FACES, image_size=32, seed=5)
+    for name, spec in _width_stages().items():
+        parent = {} if spec.strategy == "teacher" else {"init_checkpoint": parents / f"{spec.task}.pt",
+                                                         "teacher_checkpoint": parents / f"{spec.task}.pt"}
+        train_stage(spec, data, out_dir / name, **parent)
+
+
+def _width_worker(rank: int, world: int, port: int, parents: str, out_dir: str) -> None:
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        train_stage(_width_spec(), make_synthetic_faces(WIDTH_FACES, image_size=32, seed=5), Path(out_dir))
+        _train_width_stages(Path(parents), Path(out_dir))
     finally:
         dist.destroy_process_group()
 
 
-#: 300 faces: 180 training rows, even, so width 2 drops no row; batch 32: the last global batch is partial.
-WIDTH_FACES = 300
-
-
-def _width_spec() -> StageSpec:
-    # No dropout: its masks are drawn per process, the one thing that differs by width on VGG-f.
-    return replace(stage("gender", "teacher", "full", epochs=2, batch_size=32), dropout=False)
-
-
+@pytest.mark.slow
 def test_a_node_trains_the_same_at_width_one_and_two(tmp_path: Path):
-    """Same global batch (32) and seed: 1 worker, and 2 gloo workers each with half of every batch (rows
-    r, r+2, ... of it, with their flips), end two epochs of VGG-f at the same weights to 1e-4."""
+    """Same global batches and seed: 1 worker, and 2 gloo workers each with part of every batch (rows r,
+    r+2, ... of it, with their flips), end two epochs of each stage at the same weights to 1e-6: the
+    teacher, Hinton KD, hint KD and triplet KD (mining each epoch on every worker), on 97 rows."""
     import socket
 
     import torch.multiprocessing as mp
 
-    from occkd_core.data import make_synthetic_faces
+    from occkd_core.checkpoints import save_model_checkpoint
+    from occkd_core.models import ModelSpec, build_model
 
-    train_stage(_width_spec(), make_synthetic_faces(WIDTH_FACES, image_size=32, seed=5), tmp_path / "one")
+    # The distillations start from, and distil, one random network per task (its training is not the point).
+    torch.manual_seed(11)
+    for task in ("fer", "gender"):
+        parent_spec = ModelSpec(arch="vggf", num_outputs=get_task(task).num_outputs, width_mult=0.125,
+                                dropout=False)
+        save_model_checkpoint(tmp_path / "parents" / f"{task}.pt", build_model(parent_spec), parent_spec)
+    _train_width_stages(tmp_path / "parents", tmp_path / "one")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_width_worker, args=(2, port, str(tmp_path / "two")), nprocs=2, join=True)
-    one, two = (read_checkpoint(tmp_path / name / "last.pt")["state_dict"] for name in ("one", "two"))
-    assert one.keys() == two.keys()
-    for name, value in one.items():
-        if value.is_floating_point():
-            torch.testing.assert_close(two[name], value, atol=1e-4, rtol=1e-3, msg=name)
+    mp.spawn(_width_worker, args=(2, port, str(tmp_path / "parents"), str(tmp_path / "two")), nprocs=2, join=True)
+    for name, spec in _width_stages().items():
+        one, two = (read_checkpoint(tmp_path / width / name / "last.pt") for width in ("one", "two"))
+        assert one["state_dict"].keys() == two["state_dict"].keys()
+        for key, value in one["state_dict"].items():
+            torch.testing.assert_close(two["state_dict"][key], value, atol=1e-6, rtol=0, msg=f"{name}: {key}")
+        # The weights moved far beyond the tolerance (the test compares training, not two starting points).
+        if spec.strategy == "teacher":
+            torch.manual_seed(spec.seed)
+            start = build_model(spec.model_spec).state_dict()
+        else:
+            start = read_checkpoint(tmp_path / "parents" / f"{spec.task}.pt")["state_dict"]
+        assert max(float((one["state_dict"][k] - v).abs().max()) for k, v in start.items()) > 1e-3, name
+        # The logged loss is the global batches' too (each worker's terms weighted by its share of a batch).
+        losses = [[record["train_loss"] for record in json.loads(c["history"])] for c in (one, two)]
+        assert losses[1] == pytest.approx(losses[0], rel=1e-6, abs=0), name
 
 
 def test_resnet50_batchnorm_is_synchronised_across_gpu_workers():

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torchvision.models import resnet50
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from occkd_core.pretrained import read_weights_file
+from occkd_core.matconvnet import MatConvNetFile, MatConvNetLayer, compare_layers, matconvnet_layers
+from occkd_core.pretrained import PRETRAINED, read_weights_file
 from occkd_core.tasks import lookup
 
 #: Smallest input side every architecture handles: VGG-f's conv1 (11x11/4) and two 3x3/2 pools need 31 px
@@ -110,6 +111,11 @@ class FaceNet(nn.Module, abc.ABC):
         """Parameter name -> DSD sparsity rate (spec §9); empty where DSD is not used."""
         return {}
 
+    def matconvnet_layers(self) -> tuple[MatConvNetLayer, ...]:
+        """The layers a MatConvNet weights file must hold, with these settings, to be this network
+        (:func:`load_pretrained` refuses one that differs); empty: such files are not checked."""
+        return ()
+
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"{self.arch} expects images [B, 3, H, W], got shape {tuple(x.shape)}")
@@ -184,6 +190,10 @@ class VGGFace(_VGGBase):
         self.head = nn.Linear(in_channels, spec.num_outputs)
         _init_vgg(self)
 
+    # matconvnet_layers() stays empty: the pool padding of the published vgg-face.mat is not verified here
+    # (these ceil_mode pools are MatConvNet's [0 1 0 1]; a file padding by 0 differs at odd map sizes only),
+    # and a check that refused the paper's own file would be worse than none.
+
     def dsd_sparsities(self) -> dict[str, float]:
         # 0.2 at conv1_2 rising linearly to 0.7 at conv5_3: 12 layers, step 0.5 / 11 ≈ 0.045 (spec §9).
         names = [f"conv{b}_{i}" for b, widths in enumerate(VGGFACE_BLOCKS, start=1)
@@ -191,13 +201,26 @@ class VGGFace(_VGGBase):
         return {f"features.{name}.weight": 0.2 + 0.5 * k / (len(names) - 1) for k, name in enumerate(names)}
 
 
+#: VGG-f's LRN (norm1, norm2) in torch's terms: x / (k + alpha/size · Σ x²)^beta over 5 channels. The
+#: published imagenet-vgg-f.mat (MatConvNet's pretrained models, md5 3513562d28089bd965cc050cbf8597a6) is
+#: MatConvNet's import (utils/import-ref-models.sh) of Chatfield et al.'s Caffe CNN_F; its norm1/norm2
+#: ``param`` is [5 2 0.0001 0.75], which MatConvNet's LRN converter (utils/layers.py, CaffeLRN: [N k
+#: alpha/N beta]) writes for Caffe's ``local_size 5, alpha 0.0005, beta 0.75, k 2``. torch divides alpha
+#: by the size as Caffe does. (MatConvNet's default [5 1 0.0001/5 0.75], k = 1, is the setting of its own
+#: from-scratch ImageNet scripts: another network, whose norm outputs are 2^0.75 ≈ 1.7 (small Σ x²) to
+#: 5^0.75 ≈ 3.3 (large Σ x²) times these.)
+VGGF_LRN: Mapping[str, float] = {"size": 5, "alpha": 5e-4, "beta": 0.75, "k": 2.0}
+
+
 class VGGF(_VGGBase):
     """Chatfield et al.'s CNN-F conv1-conv5, global max-pool instead of pool5 + fc6-8 -> 256-d (spec §4.2).
 
-    LRN uses MatConvNet's CNN-F setting ``[5 1 0.0001/5 0.75]`` (kappa 1, alpha 2e-5 per squared input),
-    which in torch's convention (alpha is divided by the window size) is
-    ``LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1)``. pool5 is dropped: at 48-64 px inputs it would
-    leave no spatial extent, and the global max-pool over conv5 replaces it.
+    Every layer is the published imagenet-vgg-f.mat's (:meth:`matconvnet_layers` lists them in MatConvNet's
+    terms, and :func:`load_pretrained` refuses a file that differs): conv1 11×11 stride 4, no padding;
+    LRN :data:`VGGF_LRN`; 3×3 max-pools with stride 2, which the file pads by [0 1 0 1] (Caffe's ceil
+    rounding as MatConvNet writes it) and torch computes with ``ceil_mode``; conv2 5×5 padded by 2;
+    conv3-5 3×3 padded by 1. pool5 is dropped: at 48-64 px inputs it would leave no spatial extent, and
+    the global max-pool over conv5 replaces it.
     """
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -206,11 +229,11 @@ class VGGF(_VGGBase):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["conv1"] = nn.Conv2d(3, c1, kernel_size=11, stride=4)
         layers["relu1"] = nn.ReLU(inplace=True)
-        layers["norm1"] = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+        layers["norm1"] = nn.LocalResponseNorm(**VGGF_LRN)
         layers["pool1"] = nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
         layers["conv2"] = nn.Conv2d(c1, c, kernel_size=5, padding=2)
         layers["relu2"] = nn.ReLU(inplace=True)
-        layers["norm2"] = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+        layers["norm2"] = nn.LocalResponseNorm(**VGGF_LRN)
         layers["pool2"] = nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
         for index in (3, 4, 5):
             layers[f"conv{index}"] = nn.Conv2d(c, c, kernel_size=3, padding=1)
@@ -221,6 +244,9 @@ class VGGF(_VGGBase):
         self.embedding_dim = c
         self.head = nn.Linear(c, spec.num_outputs)
         _init_vgg(self)
+
+    def matconvnet_layers(self) -> tuple[MatConvNetLayer, ...]:
+        return matconvnet_layers(self.features.named_children())
 
     def dsd_sparsities(self) -> dict[str, float]:
         return {"features.conv2.weight": 0.2, "features.conv3.weight": 0.3,
@@ -344,8 +370,9 @@ def load_pretrained(model: FaceNet, path: str | Path, *, skip_head: bool = True)
     that lists them and names the architecture the file seems to hold.
     """
     path = Path(path)
-    raw = read_weights_file(path)  # torch (weights_only) or MatConvNet .mat; errors name the file
-    file_state = _unwrap_state_dict(raw, path)
+    content = read_weights_file(path)  # torch (weights_only) or MatConvNet .mat; errors name the file
+    network = content if isinstance(content, MatConvNetFile) else None
+    file_state = _unwrap_state_dict(network.state if network is not None else content, path)
     model_state = model.state_dict()
     is_vgg = isinstance(model, _VGGBase)
 
@@ -378,8 +405,28 @@ def load_pretrained(model: FaceNet, path: str | Path, *, skip_head: bool = True)
         if mismatched:
             problems.append(f"shape mismatch ({len(mismatched)}): " + "; ".join(mismatched))
         raise ValueError("\n  ".join(problems))
+    if network is not None:
+        _check_matconvnet_layers(model, network, path)
     model.load_state_dict(mapped, strict=False)
     return [name for name in model_state if name in mapped]
+
+
+def _check_matconvnet_layers(model: FaceNet, network: MatConvNetFile, path: Path) -> None:
+    """Refuse a MatConvNet file whose layers (LRN, pooling, conv stride and padding) are not the network's:
+    its weights were trained to be read by those layers, and another LRN or pooling changes every later
+    activation."""
+    differences = compare_layers(network.layers, model.matconvnet_layers())
+    if differences:
+        raise ValueError("\n  ".join([
+            f"cannot load {str(path)!r} into {model.arch}: the file's network differs from the one occkd builds "
+            f"(MatConvNet settings: stride [Y X], pad [top bottom left right], LRN param [N kappa alpha beta])",
+            *differences,
+            f"use the published file ({', '.join(_published_files(model.arch))}), or a torch state dict of this "
+            f"network"]))
+
+
+def _published_files(arch: str) -> list[str]:
+    return [name for weights in PRETRAINED.values() if weights.arch == arch for name in weights.files]
 
 
 def _unwrap_state_dict(raw: object, path: Path) -> dict[str, Tensor]:

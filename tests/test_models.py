@@ -79,6 +79,24 @@ def test_vggf_layer_order() -> None:
                      "conv3", "relu3", "drop3", "conv4", "relu4", "drop4", "conv5", "relu5", "drop5"]
 
 
+def test_vggf_lrn_is_caffes_cnn_f_lrn_computed_by_hand() -> None:
+    """Caffe's LRN (CNN_F: local_size 5, alpha 0.0005, beta 0.75, k 2): y_c = x_c / (k + alpha/5 · Σ x²)^beta,
+    the sum over channels c-2 .. c+2 that exist. MatConvNet's [5 2 0.0001 0.75] is the same formula with
+    alpha/5 written out."""
+    x = torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0]).view(1, 7, 1, 1)
+    norm1, norm2 = small("vggf").features.norm1, small("vggf").features.norm2
+    y = norm1(x).view(-1)
+    # c = 0: channels 0..2, Σ x² = 100 + 400 + 900 = 1400; 0.0005 / 5 · 1400 = 0.14
+    assert y[0].item() == pytest.approx(10 / (2 + 0.14) ** 0.75, rel=1e-6)
+    # c = 3: channels 1..5, Σ x² = 400 + 900 + 1600 + 2500 + 3600 = 9000 -> 0.9
+    assert y[3].item() == pytest.approx(40 / (2 + 0.9) ** 0.75, rel=1e-6)
+    values = x.view(-1).tolist()
+    by_hand = [v / (2 + 0.0005 / 5 * sum(u * u for u in values[max(0, c - 2): c + 3])) ** 0.75
+               for c, v in enumerate(values)]
+    assert y.tolist() == pytest.approx(by_hand, rel=1e-6)
+    assert norm2(x).view(-1).tolist() == pytest.approx(by_hand, rel=1e-6)
+
+
 def test_full_width_networks() -> None:
     vggf = build_model(ModelSpec("vggf", 8)).eval()
     res = build_model(ModelSpec("resnet50", 2)).eval()

@@ -27,10 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grid.artifacts import node_dir, read_predictions, read_result  # noqa: E402
 from grid.data import prepare_data  # noqa: E402
 from grid.graph import expand_graph  # noqa: E402
-from occkd_core.checkpoints import load_model  # noqa: E402
+from occkd_core.checkpoints import checkpoint_input_spec, load_model  # noqa: E402
 from occkd_core.data import open_face_store  # noqa: E402
 from occkd_core.evaluation import evaluate_conditions  # noqa: E402
-from occkd_core.preprocess import input_spec_for  # noqa: E402
 from occkd_core.presets import load_preset  # noqa: E402
 from occkd_core.stats import mcnemar_test  # noqa: E402
 from occkd_core.training import StageSpec, train_stage  # noqa: E402
@@ -70,10 +69,11 @@ def main() -> int:
                                  init_checkpoint=node_dir(args.storage, student.hash) / "train" / "best.pt",
                                  teacher_checkpoint=node_dir(args.storage, graph.nodes[teacher].hash) / "train" / "best.pt")
             seconds = time.perf_counter() - started
-            model, _ = load_model(result.best_checkpoint, "cpu")
+            model, checkpoint = load_model(result.best_checkpoint, "cpu")
             visible = spec.train_visible
             preds, values = evaluate_conditions(model, data.split("test"), spec.task_info,
-                                                input_spec_for(arch, spec.input_size), visibles=(visible,))[visible]
+                                                checkpoint_input_spec(checkpoint, spec.input_size),
+                                                visibles=(visible,))[visible]
             correct = {"control": preds.predicted == preds.targets}
             for name, node in (("student", student), ("kd", chosen)):
                 table = read_predictions(node_dir(args.storage, node.hash) / "predictions.parquet",

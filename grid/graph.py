@@ -84,9 +84,10 @@ class Node:
     cost: float  # estimated relative work, for scheduling priority and the benchmark's cost model
     hash: str = ""
     grid_point: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"margin": 0.1}
-    # Teachers only: where training starts, {"weights": name | "from_scratch", "sha256": ..., "file": path}.
-    # Name and checksum are part of the hash (and so of every descendant's); the path is not.
-    init: Mapping[str, str] = field(default_factory=dict)
+    # Teachers only: where training starts, {"weights": name | "from_scratch", "sha256": ..., "file": path,
+    # "input_mean": [r, g, b] when the file names one}. Name and checksum are part of the hash (and so of
+    # every descendant's); the path is not, nor the mean, which the checksummed bytes already fix.
+    init: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def run_name(self) -> str:
@@ -208,7 +209,7 @@ class _GraphBuilder:
                    "parents": [self.nodes[p].hash for p in node.parent_keys],
                    "data": self.data_fingerprints[node.task]}
         if node.init:
-            payload["init"] = {k: v for k, v in node.init.items() if k != "file"}
+            payload["init"] = {k: v for k, v in node.init.items() if k not in ("file", "input_mean")}
         node = node.replace(hash=_hash(payload))
         if node.key in self.nodes:
             raise ValueError(f"duplicate node key {node.key}")
@@ -226,7 +227,7 @@ class _GraphBuilder:
         per_image = get_architecture(arch).cost * (settings.input_size / 224) ** 2 * settings.width_mult ** 2
 
         def train_node(strategy: str, stage: str, visible: str, faces: str, parents: tuple[Edge, ...],
-                       spec: TrainSpec, point: Mapping[str, Any], init: Mapping[str, str] | None = None) -> Node:
+                       spec: TrainSpec, point: Mapping[str, Any], init: Mapping[str, Any] | None = None) -> Node:
             stage_spec = StageSpec(task=task, arch=arch, strategy=stage, train_visible=visible,
                                    input_size=settings.input_size, width_mult=settings.width_mult, train=spec,
                                    seed=seed, dropout=settings.dropout)
@@ -276,8 +277,9 @@ class _GraphBuilder:
 
 
 def teacher_init(preset: Preset, task: str, arch: str, weights: Mapping[str, WeightsFile],
-                 from_scratch: bool) -> dict[str, str]:
-    """Where the teacher of ``task`` × ``arch`` starts: the preset's weights (their file) or from scratch."""
+                 from_scratch: bool) -> dict[str, Any]:
+    """Where the teacher of ``task`` × ``arch`` starts: the preset's weights (their file, and the input mean
+    the file names, which the teacher subtracts) or from scratch."""
     name = preset.teacher_weights(task, arch)
     if name == FROM_SCRATCH or from_scratch:
         return {"weights": FROM_SCRATCH}
@@ -285,7 +287,10 @@ def teacher_init(preset: Preset, task: str, arch: str, weights: Mapping[str, Wei
         raise ValueError(f"preset {preset.name!r} starts the {task}/{arch} teacher from {name} weights: pass "
                          f"--weights {name}=PATH, or --from-scratch")
     found = weights[name]
-    return {"weights": name, "sha256": found.sha256, "file": found.path}
+    init: dict[str, Any] = {"weights": name, "sha256": found.sha256, "file": found.path}
+    if found.input_mean is not None:
+        init["input_mean"] = list(found.input_mean)
+    return init
 
 
 def default_resources(preset: Preset, archs: Iterable[str]) -> dict[str, Resources]:

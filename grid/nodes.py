@@ -25,13 +25,13 @@ from grid.artifacts import (
     RESULT_FILE, atomic_write_bytes, node_dir, read_predictions, read_result, save_numpy, write_predictions, write_result,
 )
 from grid.graph import Node
-from occkd_core.checkpoints import load_model
+from occkd_core.checkpoints import checkpoint_input_spec, load_model
 from occkd_core.data import FaceData, open_face_store
 from occkd_core.evaluation import Predictions, evaluate_conditions, predict, task_metrics
 from occkd_core.fusion import CONTROL_FUSION, fit_fusion_variants, fusion_variants
 from occkd_core.gradcam import save_split_gradcam
 from occkd_core.plots import save_test_plot
-from occkd_core.preprocess import input_spec_for
+from occkd_core.preprocess import InputSpec
 from occkd_core.stages import CONTROL_SUFFIX, control_stages, distilled_stages, get_stage, stage_starting_from
 from occkd_core.stats import compare_to_baseline, judge_comparisons
 from occkd_core.tasks import get_task
@@ -118,19 +118,21 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
                          cache_dir=Path(storage) / "cache")
     if not is_writer:
         return {}
-    model, _ = load_model(result.best_checkpoint, device)
+    model, checkpoint = load_model(result.best_checkpoint, device)
+    input_spec = checkpoint_input_spec(checkpoint, spec.input_size)  # e.g. the mean imagenet-vgg-f.mat names
     files = ["train/best.pt", "predictions.parquet", "test_plot.png"]
     # Fusion (spec §8) reads the embeddings of the faces they see: the distilled students', their controls'
     # (the control fusion) and the main student's (an SVM on the student's own embedding).
     with_embeddings = stage.fused or node.strategy == stage_starting_from("teacher")
-    rows, scores, embeddings = _evaluate(model, spec, node.strategy, data, device, with_embeddings=with_embeddings)
+    rows, scores, embeddings = _evaluate(model, spec, input_spec, node.strategy, data, device,
+                                         with_embeddings=with_embeddings)
     write_predictions(out / "predictions.parquet", rows)
     for split_name, array in embeddings.items():
         save_numpy(out / f"embeddings_{split_name}.npy", array)
         files.append(f"embeddings_{split_name}.npy")
     if stage.distilled:  # where the distilled student looks on its half of the face (spec §13)
         save_split_gradcam(out / "gradcam.png", model, data.split("test").images[:6], spec.train_visible,
-                           input_spec_for(spec.arch, spec.input_size))
+                           input_spec)
         files.append("gradcam.png")
     main_preds = next(p for (ts, _, p) in rows if ts == "test" and p.visible == spec.train_visible)
     save_test_plot(out / "test_plot.png", main_preds, spec.task_info.class_names, title=node.key)
@@ -149,12 +151,12 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
     return summary
 
 
-def _evaluate(model: torch.nn.Module, spec: StageSpec, model_name: str, data: FaceData, device: torch.device, *,
-              with_embeddings: bool) -> tuple[list[tuple[str, str, Predictions]], list[dict[str, Any]],
-                                              dict[str, np.ndarray]]:
+def _evaluate(model: torch.nn.Module, spec: StageSpec, input_spec: InputSpec, model_name: str, data: FaceData,
+              device: torch.device, *, with_embeddings: bool) -> tuple[list[tuple[str, str, Predictions]],
+                                                                       list[dict[str, Any]], dict[str, np.ndarray]]:
     """Predictions and scores on every test set × visibility, and (``with_embeddings``) the embeddings of
     every split under the faces the model trained on, each split predicted once."""
-    task, input_spec = spec.task_info, input_spec_for(spec.arch, spec.input_size)
+    task = spec.task_info
     rows, scores, embeddings = [], [], {}
     for split_name in ["train", "val"] if with_embeddings else []:
         preds = predict(model, data.split(split_name), task, spec.train_visible, input_spec, device=device,

@@ -249,7 +249,9 @@ def describe_init(graph: StageGraph, preset: Preset, from_scratch: bool) -> str:
     for node in graph.nodes.values():
         if node.strategy == "teacher":
             init = node.init or {"weights": FROM_SCRATCH}
-            label = (f"{init['weights']} ({Path(init['file']).name}, sha256 {init['sha256'][:12]})"
+            mean = (", input mean " + "/".join(f"{m:.2f}" for m in init["input_mean"])
+                    if "input_mean" in init else "")
+            label = (f"{init['weights']} ({Path(init['file']).name}, sha256 {init['sha256'][:12]}{mean})"
                      if init["weights"] != FROM_SCRATCH else "from scratch")
             by_weights.setdefault(label, []).append(f"{node.task}/{node.arch}")
     text = "Teachers: " + "; ".join(f"{label}: {', '.join(sorted(set(t)))}" for label, t in by_weights.items()) + "."

@@ -500,7 +500,8 @@ def _stage_model(folder: Path, node: Node, checkpoint: Path) -> None:
         "node": node.key, "node_hash": node.hash, "task": node.task, "arch": node.arch, "strategy": node.strategy,
         "train_faces": node.train_faces, "checkpoint": "best.pt",
         "load": "from occkd_core.checkpoints import load_model; model, info = load_model('best.pt')  "
-                "# torch.load(weights_only=True): a state dict and the model spec, no pickled code",
+                "# torch.load(weights_only=True): a state dict and the model spec, no pickled code; "
+                "info['input_spec'] is the normalisation it expects (checkpoint_input_spec)",
     }, indent=1))
 
 

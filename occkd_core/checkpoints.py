@@ -7,13 +7,15 @@ model is rebuilt from it.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from occkd_core.files import atomic_write
 from occkd_core.models import FaceNet, ModelSpec, build_model
+from occkd_core.preprocess import InputSpec, input_spec_for
 
 CHECKPOINT_FORMAT = 1
 
@@ -57,3 +59,13 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[FaceNet,
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), payload
 
+
+def checkpoint_input_spec(payload: Mapping[str, Any], size: int) -> InputSpec:
+    """The input normalisation a checkpoint's network was trained with, at input side ``size``: the one
+    it records (training writes it: a network started from a MatConvNet file keeps that file's mean for
+    life), or, for checkpoints written before it was recorded, its architecture's registry entry, which
+    every stage used then."""
+    recorded = payload.get("input_spec")
+    if recorded is None:
+        return input_spec_for(payload["model_spec"]["arch"], size)
+    return dataclasses.replace(InputSpec.from_dict(recorded), size=size)

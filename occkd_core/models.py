@@ -330,7 +330,9 @@ class ArchInfo:
 
 #: Architecture name -> what it is. Read through :func:`get_architecture`; iterating gives the names in order.
 ARCHITECTURES: dict[str, ArchInfo] = {
-    # VGG-f (MatConvNet imagenet-vgg-f): ImageNet mean, no std scaling.
+    # VGG-f: the ImageNet RGB mean (as MatConvNet ships with its VGG-VD imports), no std scaling. A VGG-f
+    # started from imagenet-vgg-f.mat subtracts that file's own averageImage instead (its descendants too,
+    # through their checkpoints); this mean serves a VGG-f trained from scratch, which has no file to ask.
     "vggf": ArchInfo("vggf", VGGF, (123.68, 116.78, 103.94), (1.0, 1.0, 1.0), cost=1.0, paper_name="VGG-f"),
     # VGG-face (Parkhi et al.): the face-identification data's RGB mean, no std scaling.
     "vggface": ArchInfo("vggface", VGGFace, (129.19, 104.76, 93.59), (1.0, 1.0, 1.0), cost=35.0,

@@ -43,11 +43,12 @@ class InputSpec:
         return cls(size=int(values["size"]), mean=tuple(values["mean"]), std=tuple(values.get("std", (1.0, 1.0, 1.0))))
 
 
-def input_spec_for(arch: str, size: int) -> InputSpec:
-    """The :class:`InputSpec` of architecture ``arch`` at input side ``size`` (its registry entry's
-    normalisation, :data:`occkd_core.models.ARCHITECTURES`)."""
+def input_spec_for(arch: str, size: int, mean: tuple[float, float, float] | None = None) -> InputSpec:
+    """The :class:`InputSpec` of architecture ``arch`` at input side ``size``: its registry entry's
+    normalisation (:data:`occkd_core.models.ARCHITECTURES`), with ``mean`` instead of the registry's when
+    given (the mean a pre-trained weights file names, :attr:`occkd_core.pretrained.WeightsFile.input_mean`)."""
     info = get_architecture(arch)
-    return InputSpec(size=size, mean=info.mean, std=info.std)
+    return InputSpec(size=size, mean=info.mean if mean is None else mean, std=info.std)
 
 
 def _hidden_rows(visible: Visibility, height: int) -> slice | None:

@@ -12,7 +12,8 @@ Formats read by :func:`read_weights_file`:
   ``resnet50-0676ba61.pth``, the common ``vgg_face_dag.pth`` / ``vgg_m_face`` style ports, our checkpoints;
 * MatConvNet ``.mat`` files as the authors used them (``imagenet-vgg-f.mat``, ``vgg-face.mat``):
   :mod:`occkd_core.matconvnet` reads their conv weights, every layer's settings (checked against the
-  network they load into) and the input mean they name (``meta.normalization.averageImage``).
+  network they load into) and the input mean they name (``meta.normalization.averageImage``), which a
+  teacher started from the file subtracts instead of its architecture's registry mean (spec §15 #17).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from occkd_core.files import file_sha256
-from occkd_core.matconvnet import MatConvNetFile, is_matlab_file, read_matconvnet
+from occkd_core.matconvnet import MatConvNetFile, is_matlab_file, read_input_mean, read_matconvnet
 
 #: What a preset writes for a teacher that starts from random initialisation.
 FROM_SCRATCH = "from_scratch"
@@ -70,16 +71,28 @@ class WeightsFile:
     name: str
     path: str  # absolute
     sha256: str
+    # The RGB input mean (0..255) the file names (a MatConvNet file's averageImage per channel), which its
+    # teacher subtracts; None: the file names none (torch files) and the architecture's registry mean
+    # applies. Read from the bytes sha256 identifies, so it is recorded beside it, not part of it.
+    input_mean: tuple[float, float, float] | None = None
 
     @classmethod
     def locate(cls, name: str, path: str | Path) -> "WeightsFile":
-        """Check the name and that ``path`` is a readable file, and checksum it (FileNotFoundError / ValueError)."""
+        """Check the name and that ``path`` is a readable file, checksum it and read the input mean it names
+        (FileNotFoundError / ValueError)."""
         get_pretrained(name)
         path = Path(path)
         if not path.is_file():
             what = "is a folder" if path.is_dir() else ("is not a regular file" if path.exists() else "does not exist")
             raise FileNotFoundError(f"weights file {str(path)!r} for {name} {what}")
-        return cls(name=name, path=str(path.resolve()), sha256=file_sha256(path))
+        return cls(name=name, path=str(path.resolve()), sha256=file_sha256(path), input_mean=weights_input_mean(path))
+
+
+def weights_input_mean(path: str | Path) -> tuple[float, float, float] | None:
+    """The RGB input mean (0..255) a weights file names: a MatConvNet file's averageImage per channel
+    (:func:`occkd_core.matconvnet.read_input_mean`); None for torch files, which name none."""
+    path = Path(path)
+    return read_input_mean(path) if is_matlab_file(path) else None
 
 
 def read_weights_file(path: str | Path) -> Mapping[str, Any] | MatConvNetFile:
@@ -108,4 +121,4 @@ def read_weights_file(path: str | Path) -> Mapping[str, Any] | MatConvNetFile:
 
 
 __all__ = ["FROM_SCRATCH", "PRETRAINED", "PretrainedWeights", "WeightsFile", "get_pretrained",
-           "read_matconvnet", "read_weights_file"]
+           "read_matconvnet", "read_weights_file", "weights_input_mean"]

@@ -23,13 +23,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from occkd_core.checkpoints import atomic_torch_save, load_model, read_checkpoint, save_model_checkpoint, unwrap
+from occkd_core.checkpoints import (atomic_torch_save, checkpoint_input_spec, load_model, read_checkpoint,
+                                    save_model_checkpoint, unwrap)
 from occkd_core.data import FaceData, FaceSplit
 from occkd_core.dsd import DSDPruner, DSDSchedule
 from occkd_core.evaluation import Predictions, predict, task_metrics, validation_score
 from occkd_core.models import FaceNet, ModelSpec, build_model, get_architecture, load_pretrained
 from occkd_core.preprocess import InputSpec, input_spec_for, random_flips
 from occkd_core.presets import TrainSpec
+from occkd_core.pretrained import weights_input_mean
 from occkd_core.stages import get_stage
 from occkd_core.strategies import BatchContext, StageInputs, SupervisedStrategy
 from occkd_core.tasks import TaskInfo, Visibility, check_name, get_task
@@ -142,11 +144,11 @@ def train_stage(
     train_split, val_split = data.split("train"), data.split("val")
     train_targets = torch.as_tensor(train_split.labels(task.name)).to(device)  # validates labels before training
     val_split.labels(task.name)
-    input_spec = input_spec_for(spec.arch, spec.input_size)
     on_gpu = device.type == "cuda"
 
     model = _starting_model(spec, train_targets, init_checkpoint, pretrained_weights, device)
-    teacher = _frozen_teacher(spec, teacher_checkpoint, device) if stage.needs_teacher else None
+    input_spec = _stage_input_spec(spec, init_checkpoint, pretrained_weights)
+    teacher = _frozen_teacher(spec, teacher_checkpoint, input_spec, device) if stage.needs_teacher else None
     optimizer = _make_optimizer(model, train)
     scheduler = _make_scheduler(optimizer, train)
     dsd = DSDPruner(model) if train.dsd else None
@@ -212,8 +214,9 @@ def train_stage(
         if rank == 0:  # best.pt when it improved; last.pt always, with all a resume needs
             if is_best:
                 save_model_checkpoint(best_path, model, spec.model_spec, stage_spec=spec.to_dict(), epoch=epoch,
-                                      val_score=score)
-            _save_last(last_path, spec, model, epoch, optimizer, scheduler, order_generator, flip_generator, progress)
+                                      val_score=score, input_spec=input_spec.to_dict())
+            _save_last(last_path, spec, input_spec, model, epoch, optimizer, scheduler, order_generator,
+                       flip_generator, progress)
         if on_epoch is not None:
             on_epoch(record)
     if world > 1:
@@ -240,19 +243,37 @@ def _starting_model(spec: StageSpec, train_targets: torch.Tensor, init_checkpoin
     return model.to(device, memory_format=torch.channels_last if on_gpu else torch.contiguous_format)
 
 
-def _frozen_teacher(spec: StageSpec, teacher_checkpoint: Path | None, device: torch.device) -> FaceNet:
+def _stage_input_spec(spec: StageSpec, init_checkpoint: Path | None, pretrained_weights: Path | None) -> InputSpec:
+    """The normalisation the stage's network expects: its parent checkpoint's, else the mean its pre-trained
+    weights file names (imagenet-vgg-f.mat's averageImage, say), else its architecture's registry entry."""
+    if init_checkpoint is not None:
+        return checkpoint_input_spec(read_checkpoint(init_checkpoint), spec.input_size)
+    mean = weights_input_mean(pretrained_weights) if pretrained_weights is not None else None
+    return input_spec_for(spec.arch, spec.input_size, mean=mean)
+
+
+def _frozen_teacher(spec: StageSpec, teacher_checkpoint: Path | None, input_spec: InputSpec,
+                    device: torch.device) -> FaceNet:
     if teacher_checkpoint is None:
         raise ValueError(f"{spec.strategy} needs the teacher's checkpoint")
-    teacher, _ = load_model(teacher_checkpoint, device)
+    teacher, payload = load_model(teacher_checkpoint, device)
+    # Teacher and student see the same normalised views of a batch (spec §3.4-3.5), so they must expect the
+    # same normalisation; a student descended from its teacher always does.
+    teacher_spec = checkpoint_input_spec(payload, spec.input_size)
+    if teacher_spec != input_spec:
+        raise ValueError(f"the teacher {str(teacher_checkpoint)!r} expects inputs normalised by mean "
+                         f"{teacher_spec.mean} / std {teacher_spec.std}, the {spec.strategy} stage's network by "
+                         f"{input_spec.mean} / {input_spec.std}: distil from the teacher its student was "
+                         f"fine-tuned from")
     teacher.requires_grad_(False)
     return teacher
 
 
-def _save_last(path: Path, spec: StageSpec, model: torch.nn.Module, epoch: int, optimizer: torch.optim.Optimizer,
-               scheduler: Any, order_generator: torch.Generator, flip_generator: torch.Generator,
-               progress: "_Progress") -> None:
+def _save_last(path: Path, spec: StageSpec, input_spec: InputSpec, model: torch.nn.Module, epoch: int,
+               optimizer: torch.optim.Optimizer, scheduler: Any, order_generator: torch.Generator,
+               flip_generator: torch.Generator, progress: "_Progress") -> None:
     save_model_checkpoint(
-        path, model, spec.model_spec, stage_spec=spec.to_dict(), epoch=epoch,
+        path, model, spec.model_spec, stage_spec=spec.to_dict(), input_spec=input_spec.to_dict(), epoch=epoch,
         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else {},
         order_generator=order_generator.get_state(), flip_generator=flip_generator.get_state(),
         history=json.dumps([asdict(r) for r in progress.history]), best_score=progress.best_score,

@@ -1,5 +1,6 @@
 """The stage graph, resource sizing, --dry-run and cluster.yaml, without starting Ray."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -422,6 +423,12 @@ def test_teacher_identity_follows_the_weights_files_content(tmp_path: Path):
         {k: n.hash for k, n in base.nodes.items()}
     teacher = base.nodes["fer/vggf/teacher"]
     assert teacher.init == {"weights": "vggf_imagenet", "sha256": first.sha256, "file": str((tmp_path / "a.pt").resolve())}
+    # The mean a .mat names is recorded beside the checksum; the checksummed bytes already fix it, so the
+    # hashes stay those of the same file without the record.
+    with_mean = dataclasses.replace(first, input_mean=(122.5, 114.25, 101.75))
+    recorded = graph(weights={"vggf_imagenet": with_mean})
+    assert recorded.nodes["fer/vggf/teacher"].init["input_mean"] == [122.5, 114.25, 101.75]
+    assert {k: n.hash for k, n in recorded.nodes.items()} == {k: n.hash for k, n in base.nodes.items()}
     assert base.nodes["fer/vggface/teacher"].init == {"weights": "from_scratch"}
     assert base.nodes["fer/vggf/student"].init == {}
     with pytest.raises(ValueError, match="starts the fer/vggf teacher from vggf_imagenet weights: pass "
@@ -490,14 +497,17 @@ def test_weights_are_staged_on_the_storage_every_node_mounts_without_changing_th
     from grid.run_all import stage_weights
     from occkd_core.pretrained import WeightsFile
 
+    from published_files import mean_image, vgg_f_layers, write_simplenn
+
     original = tmp_path / "home" / "imagenet-vgg-f.mat"
     original.parent.mkdir()
-    original.write_bytes(b"weights bytes")
+    write_simplenn(original, vgg_f_layers(width=0.125), mean_image((122.5, 114.25, 101.75)))
     found = {"vggf_imagenet": WeightsFile.locate("vggf_imagenet", original)}
     staged = stage_weights(found, tmp_path / "storage")
     copy = Path(staged["vggf_imagenet"].path)
     assert copy == tmp_path / "storage" / "pretrained" / found["vggf_imagenet"].sha256 / "imagenet-vgg-f.mat"
-    assert copy.read_bytes() == b"weights bytes" and staged["vggf_imagenet"].sha256 == found["vggf_imagenet"].sha256
+    assert copy.read_bytes() == original.read_bytes() and staged["vggf_imagenet"] == \
+        dataclasses.replace(found["vggf_imagenet"], path=str(copy))  # same sha256 and input mean
     before = copy.stat().st_mtime_ns
     assert stage_weights(found, tmp_path / "storage") == staged and copy.stat().st_mtime_ns == before  # once
     preset = load_preset("paper")

@@ -14,7 +14,7 @@ from torchvision.models import resnet50
 
 from occkd_core.files import file_sha256
 from occkd_core.models import ModelSpec, build_model, load_pretrained
-from occkd_core.pretrained import PRETRAINED, WeightsFile, get_pretrained, read_matconvnet
+from occkd_core.pretrained import PRETRAINED, WeightsFile, get_pretrained, read_matconvnet, weights_input_mean
 from published_files import cell, mean_image, vgg_f_layers, write_dagnn, write_simplenn
 
 
@@ -142,6 +142,34 @@ def test_missing_fields_take_matconvnet_defaults(tmp_path: Path) -> None:
     layers = vgg_f_layers(width=0.125, changes={"conv2": {"pad": 2}, "pool1": {"stride": 2}})  # scalars
     write_simplenn(path, layers, None)
     load_pretrained(small("vggf"), path)
+
+
+# -- the input mean ---------------------------------------------------------------------------------------
+
+def test_the_mean_image_becomes_its_per_channel_mean(tmp_path: Path) -> None:
+    # each channel of the 224×224 image is a ramp symmetric about its value: the channel means, exactly
+    path = write_simplenn(tmp_path / "imagenet-vgg-f.mat", vgg_f_layers(width=0.125),
+                          mean_image((122.5, 114.25, 101.75)))
+    assert weights_input_mean(path) == pytest.approx((122.5, 114.25, 101.75), abs=1e-4)
+    assert read_matconvnet(path).input_mean == pytest.approx((122.5, 114.25, 101.75), abs=1e-4)
+    found = WeightsFile.locate("vggf_imagenet", path)  # recorded beside the file's sha256
+    assert found.input_mean == pytest.approx((122.5, 114.25, 101.75), abs=1e-4)
+    assert found.sha256 == file_sha256(path)
+    # vgg-face.mat stores one value per channel (1 × 1 × 3); a wrapped net is read the same
+    triple = np.array([129.1863, 104.7624, 93.5940], dtype=np.float32).reshape(1, 1, 3)
+    write_simplenn(path, vgg_f_layers(width=0.125), triple, under_net=True)
+    assert weights_input_mean(path) == pytest.approx((129.1863, 104.7624, 93.5940), abs=1e-4)
+    write_dagnn(path, vgg_f_layers(width=0.125), triple)
+    assert weights_input_mean(path) == pytest.approx((129.1863, 104.7624, 93.5940), abs=1e-4)
+    # no mean in the file (an empty averageImage), and torch files, which name none
+    write_simplenn(path, vgg_f_layers(width=0.125), None)
+    assert weights_input_mean(path) is None
+    torch.save(small("vggf").state_dict(), tmp_path / "w.pt")
+    assert weights_input_mean(tmp_path / "w.pt") is None and WeightsFile.locate("vggf_imagenet",
+                                                                                tmp_path / "w.pt").input_mean is None
+    write_simplenn(path, vgg_f_layers(width=0.125), np.zeros((4, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"averageImage of shape \(4, 4\) is neither"):
+        weights_input_mean(path)
 
 
 # -- weights ------------------------------------------------------------------------------------------------

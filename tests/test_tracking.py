@@ -1,6 +1,7 @@
 """What the MLflow records say of a teacher's starting weights and of both significance rules, on a
 real SQLite tracking store."""
 
+import dataclasses
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -12,9 +13,11 @@ from occkd_core.pretrained import WeightsFile
 
 
 def test_teacher_runs_record_weights_name_file_and_checksum(tmp_path: Path):
-    weights_path = tmp_path / "imagenet-vgg-f.mat"
+    weights_path = tmp_path / "vggf-imagenet.pt"
     weights_path.write_bytes(b"abc")
-    weights = WeightsFile.locate("vggf_imagenet", weights_path)
+    # as read from imagenet-vgg-f.mat's averageImage (tests/test_pretrained.py reads real .mat layouts)
+    weights = dataclasses.replace(WeightsFile.locate("vggf_imagenet", weights_path),
+                                  input_mean=(122.5, 114.25, 101.75))
     preset = load_preset("paper")
     graph = expand_graph(preset, ["gender"], ["vggf", "resnet50"], train_sizes={"gender": 100},
                          data_fingerprints={"gender": "d"}, weights={"vggf_imagenet": weights})
@@ -25,6 +28,7 @@ def test_teacher_runs_record_weights_name_file_and_checksum(tmp_path: Path):
     assert teacher["pretrained.weights"] == "vggf_imagenet"
     assert teacher["pretrained.sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert teacher["pretrained.file"] == str(weights_path.resolve())
+    assert teacher["pretrained.input_mean"] == "[122.5, 114.25, 101.75]"  # beside the checksum
     scratch = client.get_run(tracker.start_node(graph.nodes["gender/resnet50/teacher"])).data.params
     assert scratch["pretrained.weights"] == "from_scratch" and "pretrained.sha256" not in scratch
     student = client.get_run(tracker.start_node(graph.nodes["gender/vggf/student"])).data.params

@@ -65,6 +65,32 @@ def test_student_starts_from_its_teacher(tiny_faces, tmp_path: Path):
     assert seen[0].val_metrics["accuracy"] == pytest.approx(metrics["accuracy"])
 
 
+def test_a_teacher_from_a_matconvnet_file_keeps_its_mean_down_the_curriculum(tiny_faces, tmp_path: Path):
+    """imagenet-vgg-f.mat names its own mean image: the teacher subtracts its per-channel mean, and the
+    student and the distilled stages, which start from it, keep it; a teacher expecting another mean is
+    refused rather than fed differently normalised views."""
+    from occkd_core.checkpoints import checkpoint_input_spec
+    from published_files import mean_image, vgg_f_layers, write_simplenn
+
+    weights = write_simplenn(tmp_path / "imagenet-vgg-f.mat", vgg_f_layers(width=0.125),
+                             mean_image((122.5, 114.25, 101.75)))
+    teacher = train_stage(stage("gender", "teacher", "full", epochs=1), tiny_faces, tmp_path / "t",
+                          pretrained_weights=weights)
+    expected = pytest.approx((122.5, 114.25, 101.75), abs=1e-4)
+    assert read_checkpoint(teacher.best_checkpoint)["input_spec"]["mean"] == expected
+    assert read_checkpoint(tmp_path / "t" / "last.pt")["input_spec"]["mean"] == expected
+    student = train_stage(stage("gender", "student", "upper", epochs=1), tiny_faces, tmp_path / "s",
+                          init_checkpoint=teacher.best_checkpoint)
+    student_spec = checkpoint_input_spec(read_checkpoint(student.best_checkpoint), 32)
+    assert student_spec.mean == expected and student_spec.size == 32
+    # a teacher trained from scratch subtracts the registry's ImageNet mean: not this student's teacher
+    other = train_stage(stage("gender", "teacher", "full", epochs=1), tiny_faces, tmp_path / "other")
+    assert checkpoint_input_spec(read_checkpoint(other.best_checkpoint), 32) == input_spec_for("vggf", 32)
+    with pytest.raises(ValueError, match=r"expects inputs normalised by mean \(123.68, 116.78, 103.94\)"):
+        train_stage(stage("gender", "standard_kd", "upper", epochs=1), tiny_faces, tmp_path / "kd",
+                    init_checkpoint=student.best_checkpoint, teacher_checkpoint=other.best_checkpoint)
+
+
 def test_interrupted_stage_resumes_from_last_checkpoint(tiny_faces, tmp_path: Path):
     before = time.time()
     first = train_stage(stage("fer", "teacher", "full", epochs=1), tiny_faces, tmp_path)

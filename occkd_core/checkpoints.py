@@ -21,9 +21,17 @@ CHECKPOINT_FORMAT = 1
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """Save to ``path`` so that it is either complete or absent (:func:`occkd_core.files.atomic_write`)."""
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+    """Save to ``path`` so that it is either complete or absent (:func:`occkd_core.files.atomic_write`). A
+    failed write (a full disk) is the OSError that caused it, naming ``path``."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as err:
+            # torch's zip writer reports a failed write as "[enforce fail ...] unexpected pos"; written through
+            # a Python file, the write's own OSError (ENOSPC: no space left) is its context: raise that.
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
     return Path(path)
 
 

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -203,7 +204,8 @@ def ui_command(tracking_uri: str, port: int = UI_PORT) -> str | None:
     """The command that serves a local store's UI (None for a tracking server, which serves its own)."""
     if tracking_uri.startswith(("http://", "https://")):
         return None
-    return f"mlflow ui --backend-store-uri {tracking_uri} --port {port}"
+    # Quoted for the shell: a store under a folder with spaces (or quotes) must still paste and run.
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --port {port}"
 
 
 class Tracker:

@@ -140,3 +140,14 @@ def test_kill_open_runs_ends_every_running_run_of_the_invocation(tmp_path: Path)
     assert client.get_run(training).data.tags["occkd.closed_reason"].startswith("interrupted by SIGTERM")
     assert client.get_run(tracker.parent.info.run_id).info.status == "KILLED"
     assert client.get_run(done).info.status == "FINISHED"
+
+
+def test_the_printed_mlflow_ui_command_pastes_into_a_shell_with_spaces_in_the_path():
+    import shlex
+
+    from grid.tracking import ui_command
+
+    uri = "sqlite:////tmp/my runs/it's/mlflow.db"
+    words = shlex.split(ui_command(uri))
+    assert words == ["mlflow", "ui", "--backend-store-uri", uri, "--port", "5000"]
+    assert ui_command("http://127.0.0.1:5000") is None  # a server serves its own UI

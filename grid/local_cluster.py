@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -73,27 +74,73 @@ def ray_is_running() -> bool:
     return subprocess.run([RAY, "status"], capture_output=True, env=token_env(), timeout=60).returncode == 0
 
 
+#: Every process of a Ray cluster started here carries this variable in its environment (its head, the
+#: autoscaler, the fake worker nodes it launches and every worker process, which inherit it), so that
+#: stopping it ends those and nothing else: `ray stop` ends every Ray on the machine, another grid's local
+#: Ray or another user's included.
+CLUSTER_MARK = "OCCKD_RAY_CLUSTER"
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where `ray start` leaves the address it started
+
+
+def marked_processes(mark: str) -> list[int]:
+    """The processes whose environment holds ``CLUSTER_MARK=mark`` (read from /proc; Linux)."""
+    needle = f"{CLUSTER_MARK}={mark}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0") and int(environ.parent.name) != os.getpid():
+                found.append(int(environ.parent.name))
+        except (OSError, ValueError):  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+def stop_marked(mark: str, grace: float = 15.0) -> None:
+    """Stop the cluster marked ``mark``: SIGTERM to each of its processes, SIGKILL to what is left after
+    ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for pid in marked_processes(mark):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while marked_processes(mark) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@contextmanager
+def marked_ray(command: list[str], env: Mapping[str, str]) -> Iterator[dict[str, str]]:
+    """Run ``ray start ...`` (``command``) with ``env`` and a fresh cluster mark; yield the environment to talk
+    to it; afterwards stop exactly its processes and forget its address if ``ray start`` left it current."""
+    marked = {**env, CLUSTER_MARK: uuid.uuid4().hex}
+    started = subprocess.run(command, capture_output=True, text=True, timeout=180, env=marked)
+    current = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None
+    try:
+        if started.returncode != 0:
+            raise RuntimeError(f"ray start failed:\n{started.stdout[-2000:]}{started.stderr[-2000:]}")
+        yield marked
+    finally:
+        stop_marked(marked[CLUSTER_MARK])
+        if current is not None and CURRENT_CLUSTER.exists() and CURRENT_CLUSTER.read_text() == current:
+            CURRENT_CLUSTER.unlink(missing_ok=True)  # a bare ray.init() would wait on the dead cluster
+
+
 @contextmanager
 def autoscaling_cluster(config: Mapping[str, Any], workdir: Path) -> Iterator[Path]:
-    """Start a fake autoscaling cluster from ``config`` (written to workdir/cluster.yaml) and stop it after.
-    The fake workers dial the GCS on Ray's default port 6379, so the head must use it."""
+    """Start a fake autoscaling cluster from ``config`` (written to workdir/cluster.yaml) and stop it after
+    (its own processes only, :func:`marked_ray`). The fake workers dial the GCS on Ray's default port 6379,
+    so the head must use it."""
     if ray_is_running():
         raise RuntimeError("a Ray cluster already runs on this machine; stop it first (ray stop) or use it directly")
     print(describe(*ensure_token()), flush=True)  # `ray start` in token mode refuses to run without one
     path = workdir / "cluster.yaml"
     path.write_text(yaml.safe_dump(dict(config)))
-    started = subprocess.run(
-        [RAY, "start", "--head", "--port=6379", f"--num-cpus={config['available_node_types']['ray.head.default']['resources']['CPU']}",
-         f"--autoscaling-config={path}"],
-        capture_output=True, text=True, timeout=180,
-        env={**token_env(), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
-    if started.returncode != 0:
-        raise RuntimeError(f"ray start failed:\n{started.stdout[-2000:]}{started.stderr[-2000:]}")
-    try:
+    command = [RAY, "start", "--head", "--port=6379",
+               f"--num-cpus={config['available_node_types']['ray.head.default']['resources']['CPU']}",
+               f"--autoscaling-config={path}"]
+    with marked_ray(command, {**token_env(), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}):
         yield path
-    finally:
-        # `ray stop --force` stops every Ray process here; ray_is_running() above made sure they are ours.
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
 def free_port() -> int:

@@ -5,8 +5,8 @@ From a new account's empty HOME, in the README's order: `python grid/ray_token.p
 (cluster.yaml copies that file to every node), the head starts in token mode, and the client, holding the
 same token, submits with RAY_AUTH_MODE=token; a client without the token is told in one line what to do.
 The Jobs API needs ray[default], which pyproject installs.
-The test skips rather than disturb a Ray cluster that already runs on the machine (`ray stop` stops
-every Ray process here)."""
+The test skips rather than disturb a Ray cluster that already runs on the machine, and stops only the
+processes of the head it started."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from grid.local_cluster import marked_ray
 from test_grid_e2e import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,14 +54,9 @@ def ray_head(fresh_home: Path):
     token = fresh_home / ".ray" / "auth_token"
     assert made.returncode == 0 and made.stdout.strip() == f"Ray token: made {token} (mode 600)", made
     assignments, command = _head_start_command()
-    env = {**os.environ, **assignments}
-    assert env.get("RAY_AUTH_MODE") == "token"
-    started = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
-    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-    try:
+    assert assignments.get("RAY_AUTH_MODE") == "token"
+    with marked_ray(command, {**os.environ, **assignments}) as env:  # stopped after: its processes, no other Ray
         yield env
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
 def test_a_grid_submitted_with_ray_job_submit_runs_on_the_head(ray_head, tmp_path: Path):

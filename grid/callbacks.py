@@ -21,6 +21,7 @@ class GridCallback(tune.Callback):
         self.storage, self.results, self.failed = storage, results, failed
         self.interrupts = interrupts  # grid.interrupts.Interrupts: set once the driver got SIGINT / SIGTERM
         self.interrupted: list[str] = []  # nodes stopped by it
+        self.retries: dict[str, int] = {}  # node key -> how many times Tune has run it again
 
     def _node(self, trial) -> Node:
         return self.graph.nodes[trial.config["node"]["key"]]
@@ -53,6 +54,12 @@ class GridCallback(tune.Callback):
         self.results[node.key] = result
         self.tracker.finish_node(node, result, directory, ARTIFACTS[node.kind])
         self.progress.set_state(node.key, "done")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """The node's trial failed (a crash, a lost worker) and Tune runs it again: its run keeps a record."""
+        node = self._node(trial)
+        self.retries[node.key] = self.retries.get(node.key, 0) + 1
+        self.tracker.note_retry(node, self.retries[node.key], error_text(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         node = self._node(trial)

@@ -447,6 +447,12 @@ class Tracker:
             self.client.log_metric(run_id, f"dagger.{name}", float(bool(row["dagger"])))
             self.client.set_tag(run_id, f"verdict_uncorrected.{name}", row["verdict_paper"])
 
+    def note_retry(self, node: Node, attempt: int, reason: str) -> None:
+        """Tag the node's run with its retries: how many, and why each attempt before failed."""
+        run_id = self.node_runs.get(node.key) or self.start_node(node)
+        self.client.set_tag(run_id, "occkd.retries", str(attempt))
+        self.client.set_tag(run_id, f"occkd.retry.{attempt}", reason[:5000])
+
     def fail_node(self, node: Node, reason: str) -> None:
         run_id = self.node_runs.get(node.key) or self.start_node(node)
         self.client.set_tag(run_id, "occkd.error", reason[:5000])

@@ -60,6 +60,8 @@ def test_a_crashing_worker_is_retried_and_a_node_failing_for_good_blocks_only_it
     runs, all_runs = node_runs(workdir)
     student = [r for r in runs if r.info.run_name == "gender/vggf/student"]
     assert [r.info.status for r in student] == ["FINISHED"]  # the retry reused the node's run
+    tags = student[0].data.tags  # ... and says it was retried, and why
+    assert tags["occkd.retries"] == "1" and "injected fault" in tags["occkd.retry.1"]
     status = {r.info.run_name: r.info.status for r in runs}
     assert status["gender/vggf/triplet_kd[margin=0.1]"] == "FAILED"
     for done in ("gender/vggf/teacher", "gender/vggf/student", "gender/vggf/student_ablation",

@@ -78,8 +78,11 @@ def init_ray(address: str | None, **kwargs: Any) -> None:
     token (a new one could not be the cluster's); a missing or wrong one is a ValueError of one line."""
     import ray
 
+    from grid.code import prefer_this_code_in_workers
+
     if address is None:
         ensure_token()  # a local Ray would make one itself, but with the umask's mode
+        prefer_this_code_in_workers()  # its workers import the driver's code, not another installed copy
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # a token-mode client also joins a cluster without auth
     try:

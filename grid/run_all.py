@@ -34,6 +34,7 @@ from occkd_core.files import atomic_write_bytes  # noqa: E402
 from grid.data import PreparedData, prepare_data  # noqa: E402
 from grid.graph import StageGraph, default_resources, describe_graph, expand_graph  # noqa: E402
 from grid.progress import Progress  # noqa: E402
+from grid.code import code_fingerprint  # noqa: E402
 from grid.ray_token import init_ray  # noqa: E402
 from grid.figures import write_figures  # noqa: E402
 from grid.report import collect_rows, write_report  # noqa: E402
@@ -518,7 +519,7 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
     machine_gpus = max((n.get("GPU", 0.0) for n in plan.shape.nodes), default=0.0)
     settings = RunSettings(storage=str(spec.storage), data_paths={t: str(p.path) for t, p in prepared.items()},
                            ray_train=plan.ray_train, fault_injection=_fault_injection(),
-                           train_max_failures=spec.max_failures, machine_gpus=machine_gpus)
+                           train_max_failures=spec.max_failures, machine_gpus=machine_gpus, code=code_fingerprint())
     outcome = RayOutcome(graph=graph, started_at=time.time())
     widths = WidthPolicy(machine_gpus=int(machine_gpus)) if spec.widths == "auto" and machine_gpus >= 1 else None
     searcher = DependencySearcher(graph, to_run, set(results), settings, capacity=ClusterCapacity(plan.node_types),

@@ -32,6 +32,7 @@ from ray.train.torch.config import _TorchBackend
 from ray.tune.search import Searcher
 
 from grid.artifacts import node_dir
+from grid.code import CODE_ROOT, check_same_code
 from grid.graph import Node, Resources, StageGraph
 from grid.widths import WidthChoice, WidthPolicy
 
@@ -49,6 +50,7 @@ class RunSettings:
     fault_injection: Mapping[str, int] | None = None  # tests only: node key -> attempts that fail
     train_max_failures: int = 2  # worker-group restarts Ray Train allows a node (FailureConfig)
     machine_gpus: float = 0.0  # GPUs of the largest machine: a node's GPU workers up to it share one machine
+    code: str = ""  # the driver's grid.code.code_fingerprint(): a trial importing other code refuses to run
 
 
 class DependencySearcher(Searcher):
@@ -437,6 +439,7 @@ def run_node_trial(config: dict[str, Any]) -> None:
     from grid import nodes
 
     node, settings = Node.from_dict(config["node"]), config["settings"]
+    check_same_code(settings.get("code", ""), f"the trial of {node.key}")
     storage = Path(settings["storage"])
     parents = _parent_outputs(config)
     data_path = Path(settings["data_paths"][node.task])
@@ -468,6 +471,7 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
     from grid import nodes
 
     node, settings = Node.from_dict(config["node"]), config["settings"]
+    check_same_code(settings.get("code", ""), f"a Ray Train worker of {node.key}")
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.set_num_threads(max(1, int(node.resources.cpus)))
@@ -510,7 +514,7 @@ def _placement(device: Any, *, workers: int, ray_train: bool, width: Mapping[str
     from grid.widths import describe_choice
 
     return {"ray_node": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "device": str(device), "workers": workers, "ray_train": ray_train,
+            "device": str(device), "workers": workers, "ray_train": ray_train, "code_root": str(CODE_ROOT),
             "width": describe_choice(WidthChoice(**{**width, "allowed": tuple(width["allowed"])})) if width
             else f"{workers} (the preset's)"}
 

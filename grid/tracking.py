@@ -49,6 +49,7 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from grid.code import CODE_ROOT, code_fingerprint
 from grid.graph import Node
 from grid.storage_lock import driver_alive, driver_identity
 
@@ -228,13 +229,16 @@ class Tracker:
                     self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         except Exception as err:  # unreachable server, unwritable store: say which URI
             raise RuntimeError(f"cannot reach the MLflow tracking store {tracking_uri!r}: {err}") from None
-        self.sha = git_sha()
+        self.sha = git_sha(CODE_ROOT)
         self.storage = storage
         self.data = dict(data or {})
         self.uploads = Uploads(tracking_uri)
         self._delay = _upload_delay()
         # Which driver a run belongs to, so that another invocation closes only runs whose driver is gone.
-        self.driver_tags = {DRIVER_TAG: json.dumps(driver_identity()), STORAGE_TAG: storage}
+        # The code that trains: every trial checks it imports exactly this (grid.code), so the commit recorded
+        # beside is the code's, and occkd.code tells uncommitted edits apart.
+        self.driver_tags = {DRIVER_TAG: json.dumps(driver_identity()), STORAGE_TAG: storage,
+                            "occkd.code": code_fingerprint(), "occkd.code_root": str(CODE_ROOT)}
         self.closed_stale = self._close_stale_runs()
         self.parent, self.invocation = self._open_parent(run_name, grid_id, params)
         self.node_runs: dict[str, str] = {}  # node key -> run id of this invocation

@@ -20,6 +20,14 @@ def write_inputs(folder: Path) -> None:
     (folder / "list.yaml").write_text("- a\n- b\n")
     (folder / "binary.yaml").write_bytes(bytes(range(128, 256)) * 4)
     (folder / "notes.txt").write_text("hello\n")
+    # Preset values that passed --dry-run before and failed at run time, wrote outside --storage, or took
+    # minutes and gigabytes to read (issue 28 items 8-10).
+    (folder / "epochs.yaml").write_text("extends: smoke\nstage_defaults: {student: {epochs: 1.5}}\n")
+    (folder / "nan.yaml").write_text("extends: smoke\nstages: {gender: {vggf: {triplet_kd: {margin: [0.1, .nan]}}}}\n")
+    (folder / "seed.yaml").write_text("extends: smoke\ndata: {seed: -1}\n")
+    (folder / "escape.yaml").write_text('extends: smoke\nname: "x/../../../../tmp/escape"\n')
+    bomb = ['_a0: &a0 ["lol"]'] + [f"_a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    (folder / "bomb.yaml").write_text("extends: smoke\n" + "\n".join(bomb) + "\ndescription: *a9\n")  # 9**9 values
     torch.save({"weight": torch.zeros(20000)}, folder / "real.pt")
     (folder / "cut.pt").write_bytes((folder / "real.pt").read_bytes()[:20000])  # the first 20 kB of a checkpoint
 
@@ -44,6 +52,13 @@ CASES = [
     (["--storage", "notes.txt/runs"], "notes.txt is a file, so no folder can be made under it"),
     (["--storage", "notes.txt"], "--storage 'notes.txt': exists and is not a folder"),
     (["--storage", "/proc/occkd/runs"], "--storage '/proc/occkd/runs': cannot create it"),
+    (["--preset", "epochs.yaml"], "preset epochs.yaml: stage_defaults.student: epochs must be a whole number, got 1.5"),
+    (["--preset", "nan.yaml"], "preset nan.yaml: stages.gender.vggf.triplet_kd: margin must be a finite number, got nan"),
+    (["--preset", "seed.yaml"], "preset seed.yaml: data: seed must be >= 0, got -1"),
+    (["--preset", "escape.yaml"], "name must be one folder name of at most 100 letters, digits, '.', '_' and '-'"),
+    (["--experiment", "../../escape"], "--experiment must be one folder name"),
+    (["--preset", "bomb.yaml"], "preset 'bomb.yaml' holds more than 100,000 values once its aliases (*name) are expanded"),
+    (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
 ]
 
 
@@ -63,7 +78,37 @@ def test_refused_with_one_line_and_nothing_written(tmp_path: Path, monkeypatch, 
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], err
+    assert "usage:" not in err and len(err.splitlines()) <= 2, err  # the line, and at most a --help hint
     assert set(tmp_path.iterdir()) == before  # no occkd_runs/, no mlflow.db, no data store
+
+
+# -- resources: a request no node can hold is refused naming the preset entry; CPUs beyond every node are capped --
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_gpu_request_no_node_can_hold_is_refused_naming_the_preset_entry(tmp_path: Path, monkeypatch, capsys, dry_run):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # this machine, as a local Ray would see it: 1 GPU
+    (tmp_path / "gpus.yaml").write_text("extends: smoke\nname: gpus\nresources: {vggf: {cpus: 1, gpus: 2}}\n")
+    code, err = run_main(tmp_path, monkeypatch, capsys, ["--tasks", "gender", "--archs", "vggf", "--preset", "gpus.yaml",
+                                                         *(["--dry-run"] if dry_run else [])])
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1, err
+    assert "preset 'gpus': resources.vggf (cpus: 1, gpus: 2) cannot run here: no node can hold" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpus.yaml"]  # refused before data, storage or MLflow
+
+
+def test_cpus_beyond_every_node_are_capped_and_the_plan_names_the_preset_value(tmp_path: Path, monkeypatch, capsys):
+    """Capped, not refused: paper and mid ask 4-8 CPUs per node and run on a 2-core machine (README)."""
+    import os
+
+    (tmp_path / "cpus.yaml").write_text("extends: smoke\nresources: {vggf: {cpus: 100000}}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--tasks", "gender", "--archs", "vggf", "--preset", "cpus.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (f"resources.vggf.cpus: 100000 is more than any node has: its nodes ask for {os.cpu_count()} CPUs "
+            "(the largest node's)") in out
+    assert "gender/vggf/teacher" in out and f"cpu={os.cpu_count()} " in out
 
 
 # -- degenerate data: refused with the counts and the minimum, in --dry-run already ----------------------

@@ -315,7 +315,7 @@ def _main(spec: GridSpec, interrupts: Any) -> int:
         if not spec.dry_run:
             # The data checked as --dry-run checks it (split sizes from the sources' labels) before anything
             # is written; prepare_data below checks the converted store again.
-            prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=False)
+            prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=False, archs=spec.archs)
             try:
                 spec.storage.mkdir(parents=True, exist_ok=True)
             except OSError as err:
@@ -324,7 +324,8 @@ def _main(spec: GridSpec, interrupts: Any) -> int:
                 f"waiting for the grid running on this storage ({storage_lock.describe_holder(holder)}) ...",
                 flush=True))
             weights = stage_weights(weights, spec.storage)
-        prepared = prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=not spec.dry_run)
+        prepared = prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=not spec.dry_run,
+                                archs=spec.archs)
     except (ValueError, OSError, storage_lock.StorageBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         if lock is not None:

@@ -123,12 +123,16 @@ def fer_rows(train: int, val: int, test: int) -> list:
     return rows
 
 
-def write_utkface(folder: Path, count: int) -> None:
+def write_utkface(folder: Path, count: int, ages=None, genders=None) -> None:
+    """``count`` UTKFace faces named AGE_GENDER_RACE_DATETIME.jpg.chip.jpg, as the data set names them."""
     from PIL import Image
 
     folder.mkdir(parents=True)
     for i in range(count):
-        Image.new("RGB", (200, 200), (i * 20 % 256, 80, 120)).save(folder / f"{20 + i}_{i % 2}_0_2017011617452{i}.jpg.chip.jpg")
+        age = 20 + i if ages is None else ages[i]
+        gender = i % 2 if genders is None else genders[i]
+        Image.new("RGB", (200, 200), (i * 20 % 256, 80, 120)).save(
+            folder / f"{age}_{gender}_0_2017011617{i:05d}.jpg.chip.jpg")
 
 
 def run_main(tmp_path: Path, monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
@@ -147,9 +151,61 @@ def test_six_utkface_images_are_refused_with_the_counts(tmp_path: Path, monkeypa
     code, err = run_main(tmp_path, monkeypatch, capsys, ["--tasks", "gender", "--archs", "vggf", "--preset", "mini",
                                                          "--data-root", "data", *(["--dry-run"] if dry_run else [])])
     assert code == 2 and "Traceback" not in err
-    assert "too few usable images for task 'gender': {'train': 4, 'val': 1, 'test': 1} per split" in err
-    assert "at least {'train': 8, 'val': 2, 'test': 2}" in err
+    # mini mines pools of 20 % of the training rows: of 4 rows, a pool of 1, in which no anchor ever finds a triplet
+    assert "task 'gender': the train split has 4 rows, too few for gender/vggf/triplet_kd: a mining pool of 1 rows" in err
+    assert "with probability 1, so one of its 5 epochs trains on nothing" in err
     assert not (tmp_path / "occkd_runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_44_utkface_faces_that_pass_the_split_minimums_are_refused_for_what_triplet_mining_needs(
+        tmp_path: Path, monkeypatch, capsys, dry_run):
+    """Issue 28 item 11: the first 44 files of a UTKFace folder sorted by name, 43 ten-year-olds and one aged
+    100. Before, --dry-run accepted them and both age triplet-KD nodes failed after a minute inside
+    scikit-learn ("Found array with 0 sample(s)"): no pool of 5 held a triplet, so an epoch trained on nothing."""
+    write_utkface(tmp_path / "data" / "utkface" / "UTKFace", 44, ages=[10] * 43 + [100], genders=[0] * 43 + [1])
+    code, err = run_main(tmp_path, monkeypatch, capsys, ["--tasks", "age", "--archs", "vggf", "--preset", "mini",
+                                                         "--data-root", "data", *(["--dry-run"] if dry_run else [])])
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert ("task 'age': the train split has 26 rows, too few for age/vggf/triplet_kd: a mining pool of 5 rows "
+            "(pool_fraction 0.2) gives no anchor a triplet") in errors[0]
+    assert "train split needs at least" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no store, no storage, no MLflow
+
+
+def test_a_data_set_whose_every_age_lies_within_the_threshold_can_never_mine(tmp_path: Path, monkeypatch, capsys):
+    write_utkface(tmp_path / "data" / "utkface" / "UTKFace", 300, ages=[30 + i % 5 for i in range(300)])
+    code, err = run_main(tmp_path, monkeypatch, capsys, ["--tasks", "age", "--archs", "vggf", "--preset", "mini",
+                                                         "--data-root", "data", "--dry-run"])
+    assert code == 2 and "the train split has 180 rows, too few for age/vggf/triplet_kd" in err
+    assert "no number of rows with these labels suffices" in err
+    # the same faces for gender (alternating) are enough: the check is per task
+    assert main(["--tasks", "gender", "--archs", "vggf", "--preset", "mini", "--data-root", "data", "--dry-run"]) == 0
+
+
+def test_the_refusal_follows_the_miner_exactly():
+    """The chance that a pool gives no anchor a triplet, against the miner itself on every pool of small sets
+    (ages with their 5-year threshold, and classes), and one value by hand."""
+    import itertools
+
+    import numpy as np
+
+    from occkd_core.data.checks import no_triplet_chance
+    from occkd_core.mining import mine_hard_triplets
+
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        ages, classes = rng.integers(20, 36, 9).astype(np.float32), rng.integers(0, 3, 9)
+        for labels, threshold in ((ages, 5.0), (classes, None)):
+            embeddings = torch.randn(9, 3)
+            for size in (1, 2, 3, 4):
+                pools = list(itertools.combinations(range(9), size))
+                empty = sum(len(mine_hard_triplets(embeddings, embeddings, torch.as_tensor(labels), torch.tensor(pool),
+                                                   age_threshold=threshold)) == 0 for pool in pools)
+                assert no_triplet_chance(labels, size, threshold) == pytest.approx(empty / len(pools), abs=1e-12)
+    # 13 men and 13 women, pools of 5: one gender only in 2 · C(13, 5) of the C(26, 5) pools
+    assert no_triplet_chance(np.array([0, 1] * 13), 5, None) == pytest.approx(2 * 1287 / 65780)
 
 
 def test_fer_without_its_test_rows_is_refused_in_the_dry_run(tmp_path: Path, monkeypatch, capsys):
@@ -164,7 +220,7 @@ def test_fer_without_its_test_rows_is_refused_in_the_dry_run(tmp_path: Path, mon
 def test_a_truncated_fer_csv_gz_is_named(tmp_path: Path, monkeypatch, capsys):
     from test_loaders import write_fer_pair
 
-    fer, _ = write_fer_pair(tmp_path / "data" / "ferplus", fer_rows(train=40, val=4, test=4), gz=True)
+    fer, _ = write_fer_pair(tmp_path / "data" / "ferplus", fer_rows(train=130, val=4, test=4), gz=True)
     fer.write_bytes(fer.read_bytes()[: len(fer.read_bytes()) // 2])
     code, err = run_main(tmp_path, monkeypatch, capsys, ["--tasks", "fer", "--archs", "vggf", "--preset", "mini",
                                                          "--data-root", "data"])

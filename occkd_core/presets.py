@@ -99,14 +99,13 @@ class TrainSpec:
     icpr_form: bool = False  # C Eq. 4: CE + λ·triplet instead of (1−λ)·L + λ·triplet
 
     def __post_init__(self) -> None:
+        optional = {f.name for f in fields(self) if f.default is None}  # None: unset (a default or not used)
         for name in WHOLE_SETTINGS:
-            value = getattr(self, name)
-            if value is not None:
-                _check_whole(name, value, minimum=1)
+            if getattr(self, name) is not None or name not in optional:
+                _check_whole(name, getattr(self, name), minimum=1)
         for name in NUMBER_SETTINGS:
-            value = getattr(self, name)
-            if value is not None:
-                _check_number(name, value)
+            if getattr(self, name) is not None or name not in optional:
+                _check_number(name, getattr(self, name))
         for name in ("dsd", "tau_squared", "triplet_squared", "triplet_normalize", "icpr_form"):
             if not isinstance(getattr(self, name), bool):
                 raise SettingError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -304,9 +303,10 @@ def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
         for task, arch, strategy in stages:  # validate every grid point now, not mid-run
             try:
                 preset.grid(task, arch, strategy)
-            except SettingError as err:  # name the mapping the value came from
-                where = given_in[(task, arch, get_stage(strategy).control_of or strategy)].get(err.key)
-                raise ValueError(f"{where or f'{task}/{arch}/{strategy}'}: {err}") from None
+            except ValueError as err:  # name the mapping the value came from, or at least the stage
+                key = getattr(err, "key", None)
+                where = given_in[(task, arch, get_stage(strategy).control_of or strategy)].get(key)
+                raise ValueError(f"{where or f'stage {task}/{arch}/{strategy}'}: {err}") from None
     except KeyError as err:
         raise ValueError(f"preset {origin}: missing key {err}") from None
     except (TypeError, ValueError) as err:

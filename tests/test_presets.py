@@ -264,6 +264,8 @@ def test_a_bad_extends_names_the_problem(tmp_path: Path, overlay, message):
     ("stage_defaults: {student: {epochs: 1.5}}", "stage_defaults.student: epochs must be a whole number, got 1.5"),
     ("stage_defaults: {student: {batch_size: 64.5}}", "stage_defaults.student: batch_size must be a whole number, got 64.5"),
     ("stage_defaults: {student: {epochs: true}}", "stage_defaults.student: epochs must be a whole number, got True"),
+    ("stage_defaults: {student: {batch_size: null}}", "stage_defaults.student: batch_size must be a whole number, got None"),
+    ("stage_defaults: {student: {momentum: null}}", "stage_defaults.student: momentum must be a number, got None"),
     ("stages: {age: {vggf: {teacher: {plateau_patience: 2.5}}}}",
      "stages.age.vggf.teacher: plateau_patience must be a whole number, got 2.5"),
     ("stage_defaults: {standard_kd: {temperature: .nan}}", "stage_defaults.standard_kd: temperature must be a finite number, got nan"),

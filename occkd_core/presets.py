@@ -194,7 +194,8 @@ class DataSettings:
         if self.source not in ("synthetic", "real"):
             raise SettingError("source", f"source must be 'synthetic' or 'real', got {self.source!r}")
         if self.label_rule not in LABEL_RULES:
-            raise SettingError("label_rule", f"label_rule must be one of {', '.join(LABEL_RULES)}, got {self.label_rule!r}")
+            raise SettingError("label_rule", f"label_rule must be one of {', '.join(LABEL_RULES)}, "
+                                             f"got {self.label_rule!r}")
         _check_whole("seed", self.seed, minimum=0)  # numpy's generators take no negative seed
         _check_whole("image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
         _check_whole("num_faces", self.num_faces, minimum=0)

@@ -145,13 +145,13 @@ def check_split_sizes(labels: Mapping[str, np.ndarray], task: str, source: str,
             continue
         pool = pool_size(len(train), plan.pool_fraction)
         per_epoch = no_triplet_chance(train, pool, threshold)
-        triplet = (f"a positive under {threshold:g} years from the anchor's age and a negative {threshold:g} or more away"
-                   if threshold is not None else "a positive of the anchor's class and a negative of another")
+        triplet = (f"a positive under {threshold:g} years from the anchor's age and a negative {threshold:g} or more "
+                   "away" if threshold is not None else "a positive of the anchor's class and a negative of another")
         needed = rows_needed(train, plan, threshold)
         needs = (f"with these labels in the same proportions the train split needs at least {needed} rows"
                  if needed is not None else "no number of rows with these labels suffices (no anchor can find both)")
         raise ValueError(
             f"{source}: task {task!r}: the train split has {len(train)} rows, too few for {plan.stage}: a mining "
             f"pool of {pool} rows (pool_fraction {plan.pool_fraction:g}) gives no anchor a triplet ({triplet}) "
-            f"with probability {per_epoch:.3g}, so one of its {plan.epochs} epochs trains on nothing and the node fails "
-            f"with probability {failure:.3g} (the grid accepts {MAX_NODE_FAILURE:g}); {needs}")
+            f"with probability {per_epoch:.3g}, so one of its {plan.epochs} epochs trains on nothing and the node "
+            f"fails with probability {failure:.3g} (the grid accepts {MAX_NODE_FAILURE:g}); {needs}")

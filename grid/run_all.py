@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 if __package__ in (None, ""):  # run as a script: make `grid` and `occkd_core` importable from a clone
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,7 +39,7 @@ from grid.ray_token import init_ray  # noqa: E402
 from grid.figures import write_figures  # noqa: E402
 from grid.report import collect_rows, write_report  # noqa: E402
 from grid.timeline import node_timeline, overheads, summary_line, write_timeline  # noqa: E402
-from occkd_core.presets import Preset, builtin_presets, load_preset  # noqa: E402
+from occkd_core.presets import Preset, builtin_presets, load_preset, name_problem  # noqa: E402
 from occkd_core.pretrained import FROM_SCRATCH, PRETRAINED, WeightsFile, get_pretrained  # noqa: E402
 from occkd_core.models import ARCHITECTURES, get_architecture  # noqa: E402
 from occkd_core.tasks import TASKS, get_task  # noqa: E402
@@ -67,9 +67,16 @@ class GridSpec:
     wait: bool = False  # another grid holds the storage: wait for it rather than stop
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, less the usage block it prints above every error: with a dozen options it buried the one
+    line that says what was wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help for every option)\n")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tasks", required=True,
                         help=f"comma-separated tasks: {','.join(TASKS)}")
     parser.add_argument("--archs", default=",".join(ARCHITECTURES),
@@ -88,7 +95,9 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory, "
                              "so `mlflow ui` opens it; on a cluster the MLflow server, e.g. http://127.0.0.1:5000)")
-    parser.add_argument("--experiment", default=None, help="MLflow experiment name (default: occkd-<preset>)")
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment name, also the report's folder under --storage (reports/NAME), so one "
+                             "folder name (default: occkd-<preset>)")
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to join ('auto' on a cluster head); default: start a local Ray")
     parser.add_argument("--cluster-config", type=Path, default=None,
@@ -141,6 +150,9 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
         parser.error(f"--storage {str(args.storage)!r}: {problem}")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    problem = name_problem(args.experiment) if args.experiment is not None else None
+    if problem:
+        parser.error(f"--experiment {problem}")
     cluster_config = args.cluster_config
     if cluster_config is None and args.ray_address and BOOTSTRAP_CONFIG.expanduser().is_file():
         cluster_config = BOOTSTRAP_CONFIG.expanduser()
@@ -299,10 +311,14 @@ def _main(spec: GridSpec, interrupts: Any) -> int:
             return 2
     try:
         weights = resolve_weights(spec.preset, list(spec.tasks), list(spec.archs), spec.weights, spec.from_scratch)
+        if not spec.dry_run and not spec.ray_address:
+            # A request no node of this machine (or its --cluster-config node types) can hold, refused before
+            # anything is written; run_on_ray fits the requests again on the Ray it starts.
+            fit_preset_resources(spec, cluster_now(spec, connect=False)[1])
         if not spec.dry_run:
             # The data checked as --dry-run checks it (split sizes from the sources' labels) before anything
             # is written; prepare_data below checks the converted store again.
-            prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=False)
+            prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=False, archs=spec.archs)
             try:
                 spec.storage.mkdir(parents=True, exist_ok=True)
             except OSError as err:
@@ -311,7 +327,8 @@ def _main(spec: GridSpec, interrupts: Any) -> int:
                 f"waiting for the grid running on this storage ({storage_lock.describe_holder(holder)}) ...",
                 flush=True))
             weights = stage_weights(weights, spec.storage)
-        prepared = prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=not spec.dry_run)
+        prepared = prepare_data(spec.preset, list(spec.tasks), spec.storage, spec.data_root, write=not spec.dry_run,
+                                archs=spec.archs)
     except (ValueError, OSError, storage_lock.StorageBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         if lock is not None:
@@ -354,11 +371,10 @@ class ClusterPlan:
     lines: tuple[str, ...]  # what the grid says about the cluster in its first lines
 
 
-def plan_cluster(spec: GridSpec, graph: StageGraph, *, connect: bool) -> ClusterPlan:
-    """Fit every node's request to the cluster (``connect``: the Ray cluster the driver is connected to;
-    else this machine as a local Ray would see it) and the autoscaler's node types from --cluster-config.
-    ValueError for a request no node or node type can ever hold."""
-    from grid.scheduler import cluster_shape, fit_resources, live_nodes, read_node_types, resolve_ray_train
+def cluster_now(spec: GridSpec, *, connect: bool) -> tuple[dict[str, float], Any, Mapping[str, Any] | None]:
+    """The cluster's resources now, its shape (grid.scheduler.ClusterShape) and the autoscaler's node types from
+    --cluster-config: the Ray cluster the driver is connected to, or this machine as a local Ray would see it."""
+    from grid.scheduler import cluster_shape, live_nodes, read_node_types
 
     node_types = read_node_types(spec.cluster_config) if spec.cluster_config else None
     if connect:
@@ -370,10 +386,34 @@ def plan_cluster(spec: GridSpec, graph: StageGraph, *, connect: bool) -> Cluster
 
         now = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
         live = [now]
-    shape = cluster_shape(now, live, node_types)
+    return now, cluster_shape(now, live, node_types), node_types
+
+
+def fit_preset_resources(spec: GridSpec, shape: Any) -> dict[str, Any]:
+    """Each ``resources:`` entry of the preset (an architecture of this run, fusion, significance) fitted to
+    ``shape``; ValueError naming the entry and its values for a request no node or node type can ever hold."""
+    from grid.scheduler import fit_resources
+
+    fits = {}
+    for owner, request in default_resources(spec.preset, spec.archs).items():
+        try:
+            fits[owner] = fit_resources(request, shape)
+        except ValueError as err:
+            raise ValueError(f"preset {spec.preset.name!r}: resources.{owner} (cpus: {request.cpus:g}, gpus: "
+                             f"{request.gpus:g}) cannot run here: {err}") from None
+    return fits
+
+
+def plan_cluster(spec: GridSpec, graph: StageGraph, *, connect: bool) -> ClusterPlan:
+    """Fit every node's request to the cluster (``connect``: the Ray cluster the driver is connected to;
+    else this machine as a local Ray would see it) and the autoscaler's node types from --cluster-config.
+    ValueError for a request no node or node type can ever hold."""
+    from grid.scheduler import resolve_ray_train
+
+    now, shape, node_types = cluster_now(spec, connect=connect)
     wanted = default_resources(spec.preset, spec.archs)
-    fitted = graph.with_resources({k: fit_resources(wanted[n.arch] if n.kind == "train" else wanted[n.kind], shape)
-                                   for k, n in graph.nodes.items()})
+    fits = fit_preset_resources(spec, shape)
+    fitted = graph.with_resources({k: fits[n.arch if n.kind == "train" else n.kind] for k, n in graph.nodes.items()})
     ray_train = resolve_ray_train(spec.ray_train, shape)
     can_add = (f" (the autoscaler may grow it to {shape.potential['CPU']:g} CPUs, {shape.potential['GPU']:g} GPUs)"
                if node_types else "")
@@ -384,6 +424,12 @@ def plan_cluster(spec: GridSpec, graph: StageGraph, *, connect: bool) -> Cluster
         lines.append("no GPU in the cluster and no autoscaler node type with GPUs"
                      + (f" in {spec.cluster_config}" if spec.cluster_config else " known (see --cluster-config)")
                      + ": GPU requests dropped, training on CPUs")
+    # CPU requests are capped rather than refused: a preset written for a cluster's nodes (paper, mid: 4-8 CPUs)
+    # still runs on a smaller machine; this says so, naming the preset's value, instead of ignoring it.
+    for owner, request in wanted.items():
+        if fits[owner].cpus < request.cpus and owner in spec.preset.resources:
+            lines.append(f"resources.{owner}.cpus: {request.cpus:g} is more than any node has: its nodes ask for "
+                         f"{fits[owner].cpus:g} CPUs (the largest node's)")
     machine_gpus = max((n.get("GPU", 0.0) for n in shape.nodes), default=0.0)
     if spec.widths == "auto" and machine_gpus >= 2 and any(n.resources.gpus for n in fitted.nodes.values()):
         lines.append(f"widths: each GPU training node gets 1 to {machine_gpus:g} GPUs (DDP workers) as it starts, "

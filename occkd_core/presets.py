@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -20,10 +22,11 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from occkd_core.data.ferplus import LABEL_RULES
+from occkd_core.data.synthetic import MIN_IMAGE_SIZE
 from occkd_core.pretrained import FROM_SCRATCH, get_pretrained
 from occkd_core.stages import STAGES, get_stage
 from occkd_core.strategies import LOSS_SETTINGS
-from occkd_core.models import ARCHITECTURES, get_architecture
+from occkd_core.models import ARCHITECTURES, MIN_INPUT_SIZE, get_architecture
 from occkd_core.tasks import TASKS, get_task
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -34,6 +37,39 @@ PRESET_DIR = Path(__file__).parent / "presets"
 GRID_FIELDS = ("lr", "lam", "temperature", "margin", "triplet_normalize", "tau_squared")
 #: Kernels of the age fusion's ε-SVR (spec §15 #28: RBF by default, "also try a linear kernel").
 SVR_KERNELS = ("rbf", "linear")
+
+
+#: Stage settings that count something (images, epochs): whole numbers, so ``epochs: 1.5`` is refused when the
+#: preset loads rather than as a TypeError inside the training loop.
+WHOLE_SETTINGS = ("batch_size", "epochs", "plateau_patience", "early_stop_patience")
+#: Stage settings that are real numbers: finite ones (NaN passes every ``<`` check, so it is refused by name).
+NUMBER_SETTINGS = ("lr", "weight_decay", "momentum", "plateau_factor", "lam", "temperature", "margin", "pool_fraction")
+#: The largest learning rate a preset may give (see TrainSpec's check): three orders of magnitude above
+#: the papers' largest (1e-3, spec §10).
+MAX_LR = 1.0
+
+
+class SettingError(ValueError):
+    """A setting's value is wrong; ``key`` names the setting, so the preset loader can say where it was given."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _check_whole(name: str, value: Any, minimum: int) -> None:
+    # numbers.Integral: int and numpy's integers; bool is an int to Python, never a count to a user.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SettingError(name, f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise SettingError(name, f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SettingError(name, f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise SettingError(name, f"{name} must be a finite number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -63,35 +99,44 @@ class TrainSpec:
     icpr_form: bool = False  # C Eq. 4: CE + λ·triplet instead of (1−λ)·L + λ·triplet
 
     def __post_init__(self) -> None:
-        for name in ("lr", "weight_decay", "momentum", "plateau_factor", "lam", "temperature", "margin",
-                     "pool_fraction", "batch_size", "epochs", "plateau_patience", "early_stop_patience"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+        optional = {f.name for f in fields(self) if f.default is None}  # None: unset (a default or not used)
+        for name in WHOLE_SETTINGS:
+            if getattr(self, name) is not None or name not in optional:
+                _check_whole(name, getattr(self, name), minimum=1)
+        for name in NUMBER_SETTINGS:
+            if getattr(self, name) is not None or name not in optional:
+                _check_number(name, getattr(self, name))
         for name in ("dsd", "tau_squared", "triplet_squared", "triplet_normalize", "icpr_form"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise SettingError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+            raise SettingError("optimizer", f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.schedule not in ("plateau", "constant"):
-            raise ValueError(f"schedule must be 'plateau' or 'constant', got {self.schedule!r}")
-        for name in ("batch_size", "epochs", "plateau_patience", "early_stop_patience"):
-            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+            raise SettingError("schedule", f"schedule must be 'plateau' or 'constant', got {self.schedule!r}")
+        if not self.lr > 0:
+            raise SettingError("lr", f"lr must be a positive number, got {self.lr!r}")
+        if self.lr > MAX_LR:
+            raise SettingError("lr", f"lr must be at most {MAX_LR:g}: a step moves each weight by about lr (Adam) "
+                                     f"or lr × its gradient (SGD), so above {MAX_LR:g} the first step outweighs the "
+                                     f"weights themselves (spec §10 uses 1e-6 to 1e-3), got {self.lr!r}")
         if self.weight_decay is None:
             object.__setattr__(self, "weight_decay", 5e-4 if self.optimizer == "sgd" else 0.0)
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+            raise SettingError("weight_decay", f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise SettingError("momentum", f"momentum must lie in [0, 1) (the share of the last step kept in the "
+                                           f"next), got {self.momentum!r}")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise SettingError("plateau_factor", f"plateau_factor must lie in (0, 1) (what a plateau multiplies the "
+                                                 f"learning rate by), got {self.plateau_factor!r}")
         if self.lam is not None and not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam (λ) must lie in [0, 1], got {self.lam!r}")
+            raise SettingError("lam", f"lam (λ) must lie in [0, 1], got {self.lam!r}")
         if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+            raise SettingError("temperature", f"temperature must be > 0, got {self.temperature!r}")
         if self.margin is not None and self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin!r}")
+            raise SettingError("margin", f"margin must be >= 0, got {self.margin!r}")
         if self.pool_fraction is not None and not 0.0 < self.pool_fraction <= 1.0:
-            raise ValueError(f"pool_fraction must lie in (0, 1], got {self.pool_fraction!r}")
+            raise SettingError("pool_fraction", f"pool_fraction must lie in (0, 1], got {self.pool_fraction!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,10 +174,12 @@ class ArchSettings:
     dropout: bool = True
 
     def __post_init__(self) -> None:
-        if self.input_size < 32:
-            raise ValueError(f"input_size must be >= 32 px, got {self.input_size}")
+        _check_whole("input_size", self.input_size, minimum=MIN_INPUT_SIZE)
+        _check_number("width_mult", self.width_mult)
         if not 0 < self.width_mult <= 4:
-            raise ValueError(f"width_mult must lie in (0, 4], got {self.width_mult}")
+            raise SettingError("width_mult", f"width_mult must lie in (0, 4], got {self.width_mult}")
+        if not isinstance(self.dropout, bool):
+            raise SettingError("dropout", f"dropout must be true or false, got {self.dropout!r}")
 
 
 @dataclass(frozen=True)
@@ -144,12 +191,16 @@ class DataSettings:
     label_rule: str = "majority"  # real FER+ only: how the 10 crowd votes become one label (spec §15 #16)
 
     def __post_init__(self) -> None:
-        if self.label_rule not in LABEL_RULES:
-            raise ValueError(f"data.label_rule must be one of {', '.join(LABEL_RULES)}, got {self.label_rule!r}")
         if self.source not in ("synthetic", "real"):
-            raise ValueError(f"data.source must be 'synthetic' or 'real', got {self.source!r}")
+            raise SettingError("source", f"source must be 'synthetic' or 'real', got {self.source!r}")
+        if self.label_rule not in LABEL_RULES:
+            raise SettingError("label_rule", f"label_rule must be one of {', '.join(LABEL_RULES)}, "
+                                             f"got {self.label_rule!r}")
+        _check_whole("seed", self.seed, minimum=0)  # numpy's generators take no negative seed
+        _check_whole("image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
+        _check_whole("num_faces", self.num_faces, minimum=0)
         if self.source == "synthetic" and self.num_faces < 10:
-            raise ValueError(f"synthetic data needs num_faces >= 10, got {self.num_faces}")
+            raise SettingError("num_faces", f"synthetic data needs num_faces >= 10, got {self.num_faces}")
 
 
 @dataclass(frozen=True)
@@ -223,54 +274,127 @@ def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
     unknown = sorted(k for k in raw if k not in TOP_LEVEL_KEYS and not str(k).startswith("_"))
     if unknown:
         raise ValueError(f"preset {origin}: unknown key(s) {unknown}; valid: {', '.join(TOP_LEVEL_KEYS)}")
-    for key in ("data", "models", "fusion", "stages"):
-        if key in raw and not isinstance(raw[key], Mapping):
+    for key in ("data", "models", "fusion", "stages", "stage_defaults", "resources"):
+        optional = key in ("stage_defaults", "resources") and raw.get(key) is None  # an empty section
+        if key in raw and not optional and not isinstance(raw[key], Mapping):
             raise ValueError(f"preset {origin}: {key} must be a mapping, got {raw[key]!r}"
                              + (" (it is empty)" if raw[key] is None else ""))
     try:
-        models = {arch: ArchSettings(**raw["models"][arch]) for arch in ARCHITECTURES}
-        defaults = raw.get("stage_defaults", {}) or {}
-        _check_keys("stage_defaults", defaults, tuple(STAGES))
-        _check_keys("stages", raw["stages"], tuple(TASKS))
-        for task, archs in raw["stages"].items():
-            _check_keys(f"stages.{task}", archs or {}, ARCHITECTURES)
-            for arch, entries in (archs or {}).items():
-                _check_keys(f"stages.{task}.{arch}", entries or {}, tuple(STAGES))
-        stages: dict[tuple[str, str, str], Mapping[str, Any]] = {}
-        for task in TASKS:
-            for arch in ARCHITECTURES:
-                given = (raw["stages"].get(task) or {}).get(arch) or {}
-                for strategy in tuple(STAGES):
-                    entry = {**defaults.get(strategy, {}), **(given.get(strategy) or {})}
-                    if not entry:
-                        raise ValueError(f"no settings for stage {task}/{arch}/{strategy}")
-                    for key, value in entry.items():
-                        if isinstance(value, list) and key not in GRID_FIELDS:
-                            raise ValueError(f"{task}/{arch}/{strategy}: {key} cannot be a grid (only {GRID_FIELDS})")
-                        if isinstance(value, list) and not value:
-                            raise ValueError(f"{task}/{arch}/{strategy}: grid {key} is empty")
-                    stages[(task, arch, strategy)] = entry
+        name = _parse_name(raw["name"])
+        description = raw.get("description", "")
+        if not isinstance(description, str):
+            raise ValueError(f"description must be text, got a {type(description).__name__}")
+        _check_keys("models", raw["models"], ARCHITECTURES)
+        models = {arch: _build_setting(ArchSettings, f"models.{arch}", _mapping(f"models.{arch}", raw["models"][arch]))
+                  for arch in ARCHITECTURES}
+        data = _build_setting(DataSettings, "data", raw["data"])
+        stages, given_in = _stage_entries(raw)
         preset = Preset(
-            name=str(raw["name"]),
-            description=str(raw.get("description", "")),
-            data=DataSettings(**raw["data"]),
+            name=name,
+            description=description,
+            data=data,
             models=models,
-            fusion_Cs=tuple(float(c) for c in raw["fusion"]["Cs"]),
+            fusion_Cs=_parse_fusion_Cs(raw["fusion"]),
             stages=stages,
-            resources=_parse_resources(raw.get("resources", {})),
+            resources=_parse_resources(raw.get("resources") or {}),
             pretrained=_parse_pretrained(raw.get("pretrained", FROM_SCRATCH)),
             svr_kernels=_parse_svr_kernels(raw["fusion"]),
             controls=_parse_controls(raw.get("controls", True)),
         )
         for task, arch, strategy in stages:  # validate every grid point now, not mid-run
-            preset.grid(task, arch, strategy)
+            try:
+                preset.grid(task, arch, strategy)
+            except ValueError as err:  # name the mapping the value came from, or at least the stage
+                key = getattr(err, "key", None)
+                where = given_in[(task, arch, get_stage(strategy).control_of or strategy)].get(key)
+                raise ValueError(f"{where or f'stage {task}/{arch}/{strategy}'}: {err}") from None
     except KeyError as err:
         raise ValueError(f"preset {origin}: missing key {err}") from None
     except (TypeError, ValueError) as err:
         raise ValueError(f"preset {origin}: {err}") from None
-    if any(c <= 0 for c in preset.fusion_Cs):
-        raise ValueError(f"preset {origin}: fusion Cs must be > 0, got {preset.fusion_Cs}")
     return preset
+
+
+#: A preset's name becomes a folder (``<storage>/reports/occkd-<name>``): one path component, no separator,
+#: no "..", nothing a shell or a file system treats specially.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+
+
+def name_problem(value: Any) -> str | None:
+    """Why ``value`` cannot name a folder safely (see :data:`SAFE_NAME`), or None."""
+    if not isinstance(value, str):
+        return f"must be text, got {value!r}"
+    if not SAFE_NAME.fullmatch(value):
+        return (f"must be one folder name of at most 100 letters, digits, '.', '_' and '-' (not starting with '.' "
+                f"or '-'; it names the report folder under --storage), got {value!r}")
+    return None
+
+
+def _parse_name(value: Any) -> str:
+    problem = name_problem(value)
+    if problem:
+        raise ValueError(f"name {problem}")
+    return value
+
+
+def _mapping(where: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be a mapping of settings, got {value!r}")
+    return value
+
+
+def _build_setting(cls: type, where: str, values: Mapping[str, Any]) -> Any:
+    """``cls(**values)`` with unknown keys listed and a bad value named by where it was given."""
+    _check_keys(where, values, tuple(f.name for f in fields(cls)))
+    try:
+        return cls(**values)
+    except SettingError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _stage_entries(raw: Mapping[str, Any]) -> tuple[dict[tuple[str, str, str], Mapping[str, Any]],
+                                                       dict[tuple[str, str, str], dict[str, str]]]:
+    """Every (task, arch, stage) entry, stage_defaults merged under its own settings, and for each entry
+    where each setting was given (``stage_defaults.student`` or ``stages.fer.vggf.student``)."""
+    defaults = raw.get("stage_defaults", {}) or {}
+    _check_keys("stage_defaults", defaults, tuple(STAGES))
+    for strategy, entry in defaults.items():
+        _mapping(f"stage_defaults.{strategy}", entry or {})
+    _check_keys("stages", raw["stages"], tuple(TASKS))
+    for task, archs in raw["stages"].items():
+        _check_keys(f"stages.{task}", _mapping(f"stages.{task}", archs or {}), ARCHITECTURES)
+        for arch, entries in (archs or {}).items():
+            _check_keys(f"stages.{task}.{arch}", _mapping(f"stages.{task}.{arch}", entries or {}), tuple(STAGES))
+            for strategy, entry in (entries or {}).items():
+                _mapping(f"stages.{task}.{arch}.{strategy}", entry or {})
+    stages: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+    given_in: dict[tuple[str, str, str], dict[str, str]] = {}
+    for task in TASKS:
+        for arch in ARCHITECTURES:
+            given = (raw["stages"].get(task) or {}).get(arch) or {}
+            for strategy in tuple(STAGES):
+                own = given.get(strategy) or {}
+                entry = {**(defaults.get(strategy) or {}), **own}
+                if not entry:
+                    raise ValueError(f"no settings for stage {task}/{arch}/{strategy}")
+                where = {key: f"stages.{task}.{arch}.{strategy}" if key in own else f"stage_defaults.{strategy}"
+                         for key in entry}
+                for key, value in entry.items():
+                    if isinstance(value, list) and key not in GRID_FIELDS:
+                        raise ValueError(f"{where[key]}: {key} cannot be a grid (only {GRID_FIELDS})")
+                    if isinstance(value, list) and not value:
+                        raise ValueError(f"{where[key]}: grid {key} is empty")
+                stages[(task, arch, strategy)] = entry
+                given_in[(task, arch, strategy)] = where
+    return stages, given_in
+
+
+def _parse_fusion_Cs(fusion: Mapping[str, Any]) -> tuple[float, ...]:
+    Cs = fusion["Cs"]
+    if not isinstance(Cs, list) or not Cs or not all(
+            isinstance(c, numbers.Real) and not isinstance(c, bool) and math.isfinite(c) and c > 0 for c in Cs):
+        raise ValueError(f"fusion.Cs must be a non-empty list of finite numbers > 0 (the SVM's C grid), got {Cs!r}")
+    return tuple(float(c) for c in Cs)
 
 
 RESOURCE_KEYS = ("cpus", "gpus", "workers", "max_workers")
@@ -341,11 +465,17 @@ def _parse_resources(raw: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     for owner, values in raw.items():
         if owner not in valid_owners:
             raise ValueError(f"resources: unknown entry {owner!r}; valid: {', '.join(valid_owners)}")
-        unknown = sorted(set(values) - set(RESOURCE_KEYS))
+        unknown = sorted(set(_mapping(f"resources.{owner}", values or {})) - set(RESOURCE_KEYS))
         if unknown:
             raise ValueError(f"resources.{owner}: unknown key(s) {unknown}; valid: {', '.join(RESOURCE_KEYS)}")
-        if any(not isinstance(v, (int, float)) or v < 0 for v in values.values()):
-            raise ValueError(f"resources.{owner}: values must be numbers >= 0, got {values}")
+        values = values or {}
+        for key, value in values.items():
+            try:
+                _check_number(key, value)
+            except SettingError as err:
+                raise ValueError(f"resources.{owner}.{key}: {err}") from None
+            if value < 0:
+                raise ValueError(f"resources.{owner}.{key} must be >= 0, got {value!r}")
         if values.get("workers", 1) < 1:
             raise ValueError(f"resources.{owner}: workers must be >= 1")
         for key in ("workers", "max_workers"):
@@ -415,14 +545,62 @@ def _merged(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, An
     return out
 
 
+#: The most values (scalars, lists, mappings, keys included) a preset file may hold once its aliases (``*name``) are
+#: expanded. The built-in presets hold at most ~700; aliases of aliases expand exponentially (2.6 KB of
+#: 9 levels of 9 aliases hold 9⁹ values, gigabytes once anything walks or prints them), so a file beyond
+#: this is refused before anything is built from it.
+MAX_PRESET_VALUES = 100_000
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _PresetLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, less documents whose aliases expand beyond :data:`MAX_PRESET_VALUES` values or
+    refer to themselves: counted on the composed node graph, where an alias is a shared node, before any
+    Python object is built."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _count_values(node, {}, set())
+        return super().construct_document(node)
+
+
+def _count_values(node: yaml.Node, counted: dict[int, int], open_nodes: set[int]) -> int:
+    """Values in ``node`` with every alias expanded; each distinct node is counted once (``counted``)."""
+    if id(node) in counted:
+        return counted[id(node)]
+    if id(node) in open_nodes:
+        raise _TooLarge("has an alias (*name) inside the value it refers to, which expands without end")
+    open_nodes.add(id(node))
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_count_values(child, counted, open_nodes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_count_values(key, counted, open_nodes) + _count_values(value, counted, open_nodes)
+                     for key, value in node.value)
+    open_nodes.discard(id(node))
+    if total > MAX_PRESET_VALUES:
+        raise _TooLarge(f"holds more than {MAX_PRESET_VALUES:,} values once its aliases (*name) are expanded "
+                        f"(aliases of aliases?); a preset holds a few hundred, so write the values out or alias "
+                        f"only plain entries")
+    counted[id(node)] = total
+    return total
+
+
 def _read_preset_file(path: Path) -> Mapping[str, Any]:
     """The YAML mapping of a preset file; ValueError naming the file for anything else."""
     if not path.is_file():
         raise ValueError(f"preset {str(path)!r} is not a file (a folder or a device?); give a preset .yaml file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_PresetLoader)
     except UnicodeDecodeError:
         raise ValueError(f"preset {str(path)!r} is not a text file (not UTF-8); give a preset .yaml file") from None
+    except _TooLarge as err:
+        raise ValueError(f"preset {str(path)!r} {err}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ValueError(f"preset {str(path)!r} nests its values too deeply to read; a preset is a few levels "
+                         f"of mappings") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""

@@ -162,6 +162,11 @@ class TripletKDStrategy(SupervisedStrategy):
         self.mined = mine_hard_triplets(student_embeddings, teacher_embeddings, ctx.targets, pool,
                                         age_threshold=ctx.task.age_threshold)
         num = len(ctx.split)
+        if not len(self.mined):  # an epoch on no rows would fail later, inside a metric, saying nothing of this
+            raise ValueError(f"epoch {epoch}: the mining pool of {len(pool)} of the {num} training rows (pool_fraction "
+                             f"{ctx.train.pool_fraction:g}) gave no anchor a positive and a negative, so the epoch has "
+                             f"nothing to train on; the train split is too small or too uniform for this pool "
+                             f"(the grid checks it first: occkd_core.data.checks)")
         self.positive_of = np.full(num, -1, dtype=np.int64)
         self.negative_of = np.full(num, -1, dtype=np.int64)
         anchors = self.mined.anchors.cpu().numpy()

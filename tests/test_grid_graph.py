@@ -485,7 +485,7 @@ def test_a_dry_run_on_real_data_converts_and_writes_nothing(tmp_path: Path, monk
     from test_bad_input import fer_rows
     from test_loaders import write_fer_pair
 
-    write_fer_pair(tmp_path / "data" / "ferplus", fer_rows(train=16, val=4, test=4))  # enough to run the method
+    write_fer_pair(tmp_path / "data" / "ferplus", fer_rows(train=130, val=4, test=4))  # enough to run the method
     monkeypatch.chdir(tmp_path)
     assert main(["--tasks", "fer", "--archs", "vggf", "--preset", "mini", "--data-root", "data", "--dry-run"]) == 0
     assert "fer/vggf/teacher" in capsys.readouterr().out

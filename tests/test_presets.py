@@ -1,5 +1,6 @@
 """The `paper` preset matches spec §10 row by row; presets validate their input."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,111 @@ def test_a_bad_extends_names_the_problem(tmp_path: Path, overlay, message):
     path.write_text(yaml.safe_dump(overlay))
     with pytest.raises(ValueError, match=message):
         load_preset(path)
+
+
+# -- values that passed validation and failed at run time or meant nothing (issue 28 item 8) -----------------
+# Each is a real preset file extending smoke; the message names the file, where the key was given and the value.
+
+@pytest.mark.parametrize("overlay, message", [
+    ("stage_defaults: {student: {epochs: 1.5}}", "stage_defaults.student: epochs must be a whole number, got 1.5"),
+    ("stage_defaults: {student: {batch_size: 64.5}}", "stage_defaults.student: batch_size must be a whole number, got 64.5"),
+    ("stage_defaults: {student: {epochs: true}}", "stage_defaults.student: epochs must be a whole number, got True"),
+    ("stage_defaults: {student: {batch_size: null}}", "stage_defaults.student: batch_size must be a whole number, got None"),
+    ("stage_defaults: {student: {momentum: null}}", "stage_defaults.student: momentum must be a number, got None"),
+    ("stages: {age: {vggf: {teacher: {plateau_patience: 2.5}}}}",
+     "stages.age.vggf.teacher: plateau_patience must be a whole number, got 2.5"),
+    ("stage_defaults: {standard_kd: {temperature: .nan}}", "stage_defaults.standard_kd: temperature must be a finite number, got nan"),
+    ("stage_defaults: {triplet_kd: {margin: [0.1, .inf]}}", "stage_defaults.triplet_kd: margin must be a finite number, got inf"),
+    ("stage_defaults: {student: {weight_decay: .nan}}", "stage_defaults.student: weight_decay must be a finite number, got nan"),
+    ("stage_defaults: {student: {weight_decay: -.inf}}", "stage_defaults.student: weight_decay must be a finite number, got -inf"),
+    ("stage_defaults: {student: {lr: .nan}}", "stage_defaults.student: lr must be a finite number, got nan"),
+    ("stage_defaults: {student: {momentum: -5}}", r"stage_defaults.student: momentum must lie in \[0, 1\)"),
+    ("stage_defaults: {student: {momentum: 1.0}}", r"stage_defaults.student: momentum must lie in \[0, 1\).*got 1.0"),
+    ("stage_defaults: {student: {plateau_factor: 50}}", r"stage_defaults.student: plateau_factor must lie in \(0, 1\)"),
+    ("stage_defaults: {student: {lr: 1.0e+300}}", "stage_defaults.student: lr must be at most 1: .*got 1e\\+300"),
+    ("stages: {fer: {vggf: {student: {lr: 2.0}}}}", "stages.fer.vggf.student: lr must be at most 1"),
+    ("data: {image_size: 5}", "data: image_size must be >= 24, got 5"),
+    ("data: {seed: -1}", "data: seed must be >= 0, got -1"),
+    ("data: {seed: 0.5}", "data: seed must be a whole number, got 0.5"),
+    ("data: {num_faces: \"2400\"}", "data: num_faces must be a whole number, got '2400'"),
+    ("data: {nun_faces: 2400}", r"data: unknown name\(s\) \['nun_faces'\]"),
+    ("models: {vggf: {input_size: 48.5}}", "models.vggf: input_size must be a whole number, got 48.5"),
+    ("models: {vggf: {width_mult: .nan}}", "models.vggf: width_mult must be a finite number, got nan"),
+    ("models: {vggf: 5}", "models.vggf must be a mapping of settings, got 5"),
+    ("name: true", "name must be text, got True"),
+    ("description: [a, b]", "description must be text, got a list"),
+    ("fusion: {Cs: [1.0, .nan]}", r"fusion.Cs must be a non-empty list of finite numbers > 0 .*got \[1.0, nan\]"),
+    ("fusion: {Cs: [\"1\"]}", "fusion.Cs must be a non-empty list of finite numbers > 0"),
+    ("resources: {vggf: {cpus: .nan}}", "resources.vggf.cpus: cpus must be a finite number, got nan"),
+    ("resources: {vggf: {gpus: true}}", "resources.vggf.gpus: gpus must be a number, got True"),
+    ("resources: {vggf: 4}", "resources.vggf must be a mapping of settings, got 4"),
+    ("stages: {fer: {vggf: {teacher: 5}}}", "stages.fer.vggf.teacher must be a mapping of settings, got 5"),
+    ("stage_defaults: [1, 2]", "stage_defaults must be a mapping, got"),
+])
+def test_values_that_would_fail_at_run_time_are_refused_naming_file_key_and_value(tmp_path: Path, overlay, message):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(f"extends: smoke\n{overlay}\n")
+    with pytest.raises(ValueError, match=f"^preset {re.escape(str(path))}: {message}"):
+        load_preset(path)
+
+
+def test_the_limits_admit_what_the_papers_and_the_built_in_presets_use(tmp_path: Path):
+    path = tmp_path / "edge.yaml"
+    path.write_text("extends: smoke\nname: edge_1.0-b\ndata: {seed: 0, image_size: 24}\n"
+                    "stage_defaults: {student: {lr: 1.0, momentum: 0.0, plateau_factor: 0.5, weight_decay: 0.0}}\n")
+    preset = load_preset(path)
+    assert preset.name == "edge_1.0-b" and preset.data.image_size == 24
+    spec = preset.grid("fer", "vggface", "student")[0]
+    assert (spec.lr, spec.momentum, spec.plateau_factor) == (1.0, 0.0, 0.5)
+
+
+# -- names that become paths (issue 28 item 10) --------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["x/../../../../tmp/escape", "..", ".hidden", "a\\b", "-rf", "", "a b", "x" * 101])
+def test_a_preset_name_must_be_one_safe_path_component(tmp_path: Path, name):
+    import yaml
+
+    path = tmp_path / "named.yaml"
+    path.write_text(yaml.safe_dump({"extends": "smoke", "name": name}))
+    with pytest.raises(ValueError, match=r"name must be one folder name of at most 100 letters, digits"):
+        load_preset(path)
+
+
+# -- YAML aliases that expand without bound (issue 28 item 9) -------------------------------------------------
+
+def alias_bomb(levels: int, width: int = 9) -> str:
+    """``levels`` anchors, each a list of ``width`` aliases of the one before: width**levels values."""
+    lines = ['_a0: &a0 ["lol"]']
+    for i in range(1, levels + 1):
+        lines.append(f"_a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("key", ["description", "name"])
+def test_an_alias_bomb_is_refused_before_anything_is_built(tmp_path: Path, key):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"extends: smoke\n{alias_bomb(6)}{key}: *a6\n")  # 9**6 = 531,441 values in 1 KB
+    with pytest.raises(ValueError, match=f"^preset '{re.escape(str(path))}' holds more than 100,000 values once its aliases"):
+        load_preset(path)
+
+
+def test_a_self_referring_alias_and_a_deep_nest_are_refused(tmp_path: Path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("extends: smoke\n_x: &x [*x]\ndescription: *x\n")
+    with pytest.raises(ValueError, match=r"has an alias \(\*name\) inside the value it refers to"):
+        load_preset(path)
+    path.write_text("extends: smoke\ndescription: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ValueError, match="nests its values too deeply to read"):
+        load_preset(path)
+
+
+def test_anchors_and_aliases_of_plain_entries_still_load_as_safe_load_reads_them(tmp_path: Path):
+    import yaml
+
+    from occkd_core.presets import PRESET_DIR, _read_preset_file
+
+    for file in sorted(PRESET_DIR.glob("*.yaml")):  # the built-in presets share entries through anchors
+        assert _read_preset_file(file) == yaml.safe_load(file.read_text())
+    path = tmp_path / "few.yaml"
+    path.write_text(f"{alias_bomb(4)}x: *a4\n")  # 9**4 = 6,561 values: within the bound
+    assert _read_preset_file(path) == yaml.safe_load(path.read_text())

@@ -328,3 +328,18 @@ def test_resnet50_batchnorm_is_synchronised_across_gpu_workers():
     assert count(with_sync_batchnorm(model(), 2, torch.device("cuda", 0))) == 53  # every BatchNorm of ResNet-50
     assert count(with_sync_batchnorm(model(), 1, torch.device("cuda", 0))) == 0
     assert count(with_sync_batchnorm(model(), 2, torch.device("cpu"))) == 0  # PyTorch's SyncBatchNorm is GPU-only
+
+
+def test_an_epoch_whose_pool_gives_no_anchor_a_triplet_stops_the_node_saying_so(tiny_faces, tmp_path: Path):
+    """Every training age within the 5-year threshold: no anchor ever has a negative. Before, the epoch trained
+    on no rows and the node failed inside scikit-learn ("Found array with 0 sample(s)")."""
+    from occkd_core.data.store import FaceData
+
+    train = tiny_faces.split("train")
+    ages = replace(train, age=np.full(len(train), 30.0, dtype=np.float32))
+    data = FaceData(name=tiny_faces.name, splits={**tiny_faces.splits, "train": ages}, metadata=tiny_faces.metadata)
+    teacher = train_stage(stage("age", "teacher", "full", epochs=1), data, tmp_path / "t")
+    with pytest.raises(ValueError, match=r"epoch 1: the mining pool of 54 of the 180 training rows \(pool_fraction 0.3\) "
+                                         r"gave no anchor a positive and a negative"):
+        train_stage(stage("age", "triplet_kd", "lower"), data, tmp_path / "k", init_checkpoint=teacher.best_checkpoint,
+                    teacher_checkpoint=teacher.best_checkpoint)

@@ -33,14 +33,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from occkd_core.data import affectnet
 from occkd_core.data.affectnet import load_affectnet
-from occkd_core.data.checks import check_split_sizes
+from occkd_core.data.checks import MiningPlan, check_split_sizes
 from occkd_core.data.ferplus import LABEL_RULES, LabelRule, ferplus_split_labels, load_ferplus
 from occkd_core.data.synthetic import make_synthetic_faces, synthetic_split_sizes
 from occkd_core.data.store import SCHEMA_VERSION, FaceData, FaceSplit, open_face_store, write_face_store
@@ -295,10 +295,12 @@ def _plan(task: str, data_root: Path, cache_dir: Path, *, label_rule: LabelRule 
     return _StorePlan(path=path, found=found, settings=settings, checksums=checksums)
 
 
-def check_planned_splits(task: str, data_root: Path, cache_dir: Path, **options: Any) -> None:
+def check_planned_splits(task: str, data_root: Path, cache_dir: Path, *, mining: Sequence[MiningPlan] = (),
+                         **options: Any) -> None:
     """For ``--dry-run``, before anything is converted: the split sizes a conversion would give, from the
-    sources' labels alone (FER+ votes, UTKFace names), checked like a conversion checks them. FER+ joined
-    with AffectNet is checked at conversion only (AffectNet's labels need its annotation files read)."""
+    sources' labels alone (FER+ votes, UTKFace names), checked like a conversion checks them (``mining``: see
+    :func:`check_split_sizes`). FER+ joined with AffectNet is checked at conversion only (AffectNet's labels
+    need its annotation files read)."""
     plan = _plan(task, data_root, cache_dir, **options)
     if "fer2013new" in plan.found and "affectnet" not in plan.found:
         labels = ferplus_split_labels(plan.found["fer2013new"], label_rule=plan.settings["label_rule"])
@@ -307,7 +309,8 @@ def check_planned_splits(task: str, data_root: Path, cache_dir: Path, **options:
                                       split_fractions=plan.settings["split_fractions"])
     else:
         return
-    check_split_sizes(labels, task, source=", ".join(str(value) for _, value in sorted(plan.found.items())))
+    check_split_sizes(labels, task, source=", ".join(str(value) for _, value in sorted(plan.found.items())),
+                      mining=mining)
 
 
 def _convert_and_write(task: str, plan: _StorePlan) -> Path:

@@ -447,6 +447,24 @@ def synthetic_split_sizes(num_faces: int, split_fractions: Sequence[float] = (0.
     return sizes
 
 
+def _draw_labels(num_faces: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Expression, gender and age of every face, the generator's first draws (so labels can be had alone)."""
+    expression = rng.permutation(np.arange(num_faces) % len(EXPRESSIONS)).astype(np.int64)
+    gender = rng.permutation(np.arange(num_faces) % 2).astype(np.int64)
+    age = rng.integers(1, MAX_SYNTHETIC_AGE + 1, num_faces).astype(np.float32)
+    return expression, gender, age
+
+
+def synthetic_split_labels(num_faces: int, task: str, seed: int = 0,
+                           split_fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> dict[str, np.ndarray]:
+    """Per split, the labels of ``task`` (fer, gender, age) that :func:`make_synthetic_faces` gives these
+    arguments, without drawing a face."""
+    sizes = synthetic_split_sizes(num_faces, split_fractions)
+    labels = dict(zip(("fer", "gender", "age"), _draw_labels(num_faces, np.random.default_rng(seed))))[task]
+    ends = np.cumsum(sizes)
+    return {name: labels[end - size:end] for name, size, end in zip(("train", "val", "test"), sizes, ends)}
+
+
 def make_synthetic_faces(num_faces: int, image_size: int = 64, seed: int = 0,
                          split_fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> FaceData:
     """``num_faces`` labelled RGB faces split into train/val/test, the same for the same arguments.
@@ -458,9 +476,7 @@ def make_synthetic_faces(num_faces: int, image_size: int = 64, seed: int = 0,
         raise ValueError(f"num_faces must be >= 3 (one face per split at least), got {num_faces}")
     sizes = synthetic_split_sizes(num_faces, split_fractions)
     rng = np.random.default_rng(seed)
-    expression = rng.permutation(np.arange(num_faces) % len(EXPRESSIONS)).astype(np.int64)
-    gender = rng.permutation(np.arange(num_faces) % 2).astype(np.int64)
-    age = rng.integers(1, MAX_SYNTHETIC_AGE + 1, num_faces).astype(np.float32)
+    expression, gender, age = _draw_labels(num_faces, rng)
     params = sample_face_params(expression, gender, age, rng)
     images = draw_faces(params, image_size, seed=int(rng.integers(2**63)))
 
@@ -479,4 +495,4 @@ def make_synthetic_faces(num_faces: int, image_size: int = 64, seed: int = 0,
     return FaceData(name="synthetic", splits=splits, metadata=metadata)
 
 
-__all__ = ["FaceParams", "draw_faces", "make_synthetic_faces", "sample_face_params"]
+__all__ = ["FaceParams", "draw_faces", "make_synthetic_faces", "sample_face_params", "synthetic_split_labels"]

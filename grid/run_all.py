@@ -150,6 +150,8 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
         parser.error(f"--storage {str(args.storage)!r}: {problem}")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.max_failures < 0:  # Tune reads -1 as "retry for ever": a node that always fails would never end
+        parser.error(f"--max-failures must be >= 0 (retries of a failed node), got {args.max_failures}")
     problem = name_problem(args.experiment) if args.experiment is not None else None
     if problem:
         parser.error(f"--experiment {problem}")

@@ -59,6 +59,7 @@ CASES = [
     (["--experiment", "../../escape"], "--experiment must be one folder name"),
     (["--preset", "bomb.yaml"], "preset 'bomb.yaml' holds more than 100,000 values once its aliases (*name) are expanded"),
     (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
+    (["--max-failures", "-1"], "--max-failures must be >= 0 (retries of a failed node), got -1"),
 ]
 
 

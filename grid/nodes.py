@@ -213,7 +213,8 @@ def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequenc
         name = model.variant.name
         fitted[name] = {"C": model.fit.C, "val_score": model.fit.val_score, "kernel": model.variant.kernel or "default",
                         "members": list(model.variant.members),
-                        "val_scores": {str(c): v for c, v in model.fit.val_scores.items()}}
+                        "val_scores": {str(c): v for c, v in model.fit.val_scores.items()},
+                        "converged": {str(c): v for c, v in model.fit.converged.items()}}
         for test_set, outputs in model.outputs.items():
             preds = Predictions(visible=visible, outputs=outputs, targets=labels[test_set])
             rows.append((test_set, name, preds))

@@ -7,11 +7,16 @@ architecture), extracted from the occluded training images; C is chosen on the v
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from sklearn.base import ClassifierMixin, RegressorMixin
+from sklearn.compose import TransformedTargetRegressor
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, mean_absolute_error
+from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, SVR, LinearSVC, LinearSVR
@@ -24,24 +29,71 @@ FUSION_C_GRID: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
 _KERNELS: tuple[str, ...] = ("linear", "rbf", "poly", "sigmoid")
 _DEFAULT_KERNEL: dict[str, str] = {"classification": "linear", "regression": "rbf"}
 
-# LinearSVC's default of 1000 iterations is too few for thousands of 1024-4096-d embeddings at
-# large C; it only stops early when it has converged, so a generous cap costs nothing otherwise.
-_LINEAR_SVC_MAX_ITER = 20_000
-# Below this many training images the linear SVM is fitted by libsvm (SVC(kernel="linear"), spec
-# §15 #27 "for small sets"): on weakly separable embeddings liblinear's LinearSVC needs tens of
-# seconds per C where libsvm needs under one (measured: 1,440 × 512 features, C = 10: 43 s vs 0.4 s).
-# libsvm's cost grows with the square of the set, so large sets keep LinearSVC (one-vs-rest).
-_LIBSVM_BELOW = 10_000
+
+# -- the linear solvers (spec §15 #27 and #28), chosen by measurement: benchmarks/RESULTS.md §11 -----------
+
+# liblinear stops after max_iter passes over the data (dual) or Newton steps (primal), with a
+# ConvergenceWarning that fit_fusion records. The converging fits of the bench needed at most 484 passes
+# (dual) and 665 Newton steps (primal, near rows = dims); the cap only ends fits that would not converge
+# (the dual with many more faces than dims at C >= 1), which otherwise ran on for minutes.
+_LIBLINEAR_MAX_ITER = 1000
+
+#: Each maps C to an unfitted one-vs-rest linear SVM (spec §15 #27): LinearSVC is one-vs-rest natively;
+#: libsvm's SVC is one-vs-one inside whatever its decision_function_shape says, so its entry wraps the
+#: binary SVC in OneVsRestClassifier. benchmarks/bench_fusion.py times every entry.
+LINEAR_SVM_SOLVERS: dict[str, Callable[[float], ClassifierMixin]] = {
+    # liblinear's dual coordinate descent (squared hinge): a pass costs rows x dims.
+    "liblinear_dual": lambda C: LinearSVC(C=C, dual=True, max_iter=_LIBLINEAR_MAX_ITER, random_state=0),
+    # liblinear's primal trust-region Newton method, same loss.
+    "liblinear_primal": lambda C: LinearSVC(C=C, dual=False, max_iter=_LIBLINEAR_MAX_ITER, random_state=0),
+    # libsvm's SMO on a linear kernel (hinge loss), one binary SVC per class: spec §15 #27's "for small sets".
+    "libsvm": lambda C: OneVsRestClassifier(SVC(C=C, kernel="linear")),
+}
+
+#: Each maps C to an unfitted linear ε-SVR (spec §15 #28 "also try a linear kernel"), ε = 0.1 years.
+LINEAR_SVR_SOLVERS: dict[str, Callable[[float], RegressorMixin]] = {
+    # liblinear regularises its intercept like any weight (it is one more feature, of value
+    # intercept_scaling), where SVR(kernel="linear") leaves it free. On raw years that pulls the
+    # intercept towards 0: 6.7 years low at C = 0.1 on 600 faces aged 20-80 around 50. Centred on the
+    # training mean, the targets leave an intercept of a fraction of a year, whose penalty no longer
+    # matters, and the two solvers agree (tests/test_fusion.py). A large intercept_scaling instead
+    # shrinks the penalty but slowed the dual's convergence tenfold and more.
+    "liblinear_dual": lambda C: TransformedTargetRegressor(
+        regressor=LinearSVR(C=C, epsilon=0.1, loss="epsilon_insensitive", dual=True,
+                            max_iter=_LIBLINEAR_MAX_ITER, random_state=0),
+        transformer=StandardScaler(with_std=False)),  # centres only: ε stays 0.1 years
+    "libsvm": lambda C: SVR(C=C, kernel="linear", epsilon=0.1),
+}
+
+# The dual fits the SVM in a few hundred passes while the faces number up to ~1.5x the dims (measured at
+# 0.12x to 1.46x); at 1.95x and beyond it hit the 1000-pass cap at C >= 1, where the primal Newton
+# method converged in seconds (RESULTS.md §11).
+_DUAL_UP_TO_ROWS_PER_DIM = 1.5
+
+
+def linear_solver(kind: TaskKind, num_rows: int, num_features: int) -> str:
+    """The key of LINEAR_SVM_SOLVERS (classification) or LINEAR_SVR_SOLVERS (regression) for ``num_rows``
+    training faces x ``num_features`` dims: the fastest one in benchmarks/RESULTS.md §11, from the shape of
+    the set (not its size alone: what makes a solver slow is the ratio of faces to dims, and C)."""
+    if kind == "classification":
+        # Few faces for their dims (gender at mid: 2,650 faces x 8,192): the dual's passes are cheap and
+        # few, where the primal took 5-30x longer at some C and libsvm over 10 s at every C. Many faces
+        # for their dims (FER+: 25k x 512): the primal at ~26 s per C, the dual over 60 s.
+        return "liblinear_dual" if num_rows <= _DUAL_UP_TO_ROWS_PER_DIM * num_features else "liblinear_primal"
+    # ε-insensitive loss has no primal solver in liblinear; libsvm was slower at every measured size.
+    return "liblinear_dual"
 
 
 @dataclass(frozen=True)
 class FusionResult:
     """The fusion model fitted at the C with the best validation score, and the score of every C."""
 
-    model: Pipeline  # StandardScaler + LinearSVC / SVC (classification) or SVR (regression)
+    model: Pipeline  # StandardScaler + the SVM (classification) or ε-SVR (regression), build_fusion_model
     C: float
     val_score: float  # accuracy (classification) or -MAE (regression) at the chosen C
     val_scores: dict[float, float] = field(default_factory=dict)  # C -> validation score
+    # C -> False where liblinear stopped at its iteration cap (the score is then the unconverged fit's)
+    converged: dict[float, bool] = field(default_factory=dict)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Class ids or ages for features [N, D1 + D2]."""
@@ -88,22 +140,22 @@ def concat_embeddings(*embeddings: np.ndarray) -> np.ndarray:
     return np.concatenate(arrays, axis=1)
 
 
-def _build_model(kind: TaskKind, kernel: str, C: float, num_train: int = _LIBSVM_BELOW) -> Pipeline:
+def build_fusion_model(kind: TaskKind, kernel: str, C: float, num_rows: int, num_features: int,
+                       solver: str | None = None) -> Pipeline:
+    """The unfitted pipeline fit_fusion fits at one C: standardisation, then the SVM or ε-SVR. ``solver``
+    names a linear solver (LINEAR_SVM_SOLVERS / LINEAR_SVR_SOLVERS) instead of :func:`linear_solver`'s choice."""
     # Standardise on the training embeddings: the two students' embeddings can differ in scale,
     # and an SVM's C only means something on comparable features (spec §15 #27).
-    if kind == "classification":
-        if kernel == "linear" and num_train < _LIBSVM_BELOW:
-            estimator = SVC(C=C, kernel="linear", decision_function_shape="ovr")
-        elif kernel == "linear":
-            # One-vs-rest (spec §15 #27); liblinear picks primal or dual by the data's shape.
-            estimator = LinearSVC(C=C, dual="auto", max_iter=_LINEAR_SVC_MAX_ITER, random_state=0)
-        else:
-            estimator = SVC(C=C, kernel=kernel, gamma="scale")
-    elif kernel == "linear" and num_train >= _LIBSVM_BELOW:
-        # The linear ε-SVR variant (spec §15 #28 "also try a linear kernel") on large sets: liblinear's
-        # dual solver of the same ε-insensitive loss, as LinearSVC serves the linear SVM above.
-        estimator = LinearSVR(C=C, epsilon=0.1, loss="epsilon_insensitive", dual=True,
-                              max_iter=_LINEAR_SVC_MAX_ITER, random_state=0)
+    if kernel == "linear":
+        solvers = LINEAR_SVM_SOLVERS if kind == "classification" else LINEAR_SVR_SOLVERS
+        solver = linear_solver(kind, num_rows, num_features) if solver is None else solver
+        if solver not in solvers:
+            raise ValueError(f"unknown linear {kind} solver {solver!r}; valid solvers: {', '.join(solvers)}")
+        estimator = solvers[solver](C)
+    elif solver is not None:
+        raise ValueError(f"solver {solver!r} is for the linear kernel; kernel {kernel!r} is always libsvm's")
+    elif kind == "classification":
+        estimator = SVC(C=C, kernel=kernel, gamma="scale")
     else:
         # ε-SVR with scikit-learn's defaults (spec §15 #28): the PDF's "ε = 0" is read as the default 0.1.
         estimator = SVR(C=C, kernel=kernel, gamma="scale", epsilon=0.1)
@@ -128,7 +180,8 @@ def fit_fusion(
 ) -> FusionResult:
     """Fit an SVM (classification) or ε-SVR (regression) for every C on the training features, keep the one with the best validation score.
 
-    ``kernel`` defaults to ``"linear"`` (LinearSVC) for classification and ``"rbf"`` for regression.
+    ``kernel`` defaults to ``"linear"`` (a one-vs-rest linear SVM, solver by :func:`linear_solver`) for
+    classification and ``"rbf"`` for regression.
     Ties in validation score go to the smaller C (the simpler model). The kept model is the one
     fitted on the training features at that C; it is not refitted on training + validation.
     """
@@ -158,14 +211,27 @@ def fit_fusion(
     best: Pipeline | None = None
     best_C, best_score = grid[0], -math.inf
     val_scores: dict[float, float] = {}
+    converged: dict[float, bool] = {}
     for C in grid:
-        model = _build_model(kind, kernel, C, len(train_features)).fit(train_features, train_targets)
+        model = build_fusion_model(kind, kernel, C, *train_features.shape)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            model.fit(train_features, train_targets)
+        converged[C] = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        for w in caught:  # anything else goes on as it came
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if not converged[C]:
+            warnings.warn(f"the fusion's {kind} model stopped at its iteration cap at C = {C:g} "
+                          f"({_LIBLINEAR_MAX_ITER}) on {train_features.shape[0]} x {train_features.shape[1]} features; its "
+                          "validation score is the unconverged fit's (FusionResult.converged)", ConvergenceWarning,
+                          stacklevel=2)
         score = _score(kind, val_targets, model.predict(val_features))
         val_scores[C] = score
         if score > best_score:  # strict: a tie keeps the smaller C seen first
             best, best_C, best_score = model, C, score
     assert best is not None  # the grid is non-empty and every score is finite
-    return FusionResult(model=best, C=best_C, val_score=best_score, val_scores=val_scores)
+    return FusionResult(model=best, C=best_C, val_score=best_score, val_scores=val_scores, converged=converged)
 
 
 # -- the fusion node's models (spec §8; J Table 4) ----------------------------------------------------------

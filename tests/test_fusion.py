@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.compose import TransformedTargetRegressor
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, SVR, LinearSVC, LinearSVR
 
-from occkd_core.fusion import FUSION_C_GRID, concat_embeddings, fit_fusion
+from occkd_core.fusion import (FUSION_C_GRID, LINEAR_SVM_SOLVERS, LINEAR_SVR_SOLVERS, build_fusion_model,
+                               concat_embeddings, fit_fusion, linear_solver)
 
 
 def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -39,18 +44,42 @@ def test_classification_on_separable_features_ties_go_to_smallest_C() -> None:
     assert np.array_equal(result.predict(val_x), val_y)
     scaler, svm = result.model[0], result.model[-1]
     assert isinstance(scaler, StandardScaler)
-    # A small set is fitted by libsvm's linear SVC (liblinear is far slower on weakly separable data).
-    assert isinstance(svm, SVC) and svm.kernel == "linear" and svm.C == 0.1
+    # 90 faces x 6 dims: more faces than dims, liblinear's primal (benchmarks/RESULTS.md §11)
+    assert isinstance(svm, LinearSVC) and not svm.dual and svm.C == 0.1
+    assert svm.coef_.shape == (3, 6)  # one-vs-rest: one hyperplane per class
 
 
-def test_large_sets_use_liblinear_one_vs_rest(monkeypatch) -> None:
-    import occkd_core.fusion as fusion
+def test_linear_solver_follows_the_shape_of_the_set() -> None:
+    assert linear_solver("classification", 2650, 8192) == "liblinear_dual"  # gender at mid: more dims than faces
+    assert linear_solver("classification", 25_057, 512) == "liblinear_primal"  # FER+
+    assert linear_solver("regression", 2650, 8192) == "liblinear_dual"
+    with pytest.raises(ValueError, match="valid solvers: liblinear_dual, liblinear_primal, libsvm"):
+        build_fusion_model("classification", "linear", 1.0, 90, 6, solver="sgd")
+    with pytest.raises(ValueError, match="always libsvm"):
+        build_fusion_model("classification", "rbf", 1.0, 90, 6, solver="libsvm")
 
-    monkeypatch.setattr(fusion, "_LIBSVM_BELOW", 10)
-    train_x, train_y, val_x, val_y = blobs()
-    result = fit_fusion(train_x, train_y, val_x, val_y, kind="classification", Cs=(1.0,))
-    svm = result.model[-1]
-    assert isinstance(svm, LinearSVC) and svm.coef_.shape == (3, 6)  # one-vs-rest: one hyperplane per class
+
+@pytest.mark.parametrize("solver", sorted(LINEAR_SVM_SOLVERS))
+def test_every_linear_svm_solver_is_one_vs_rest(solver: str) -> None:
+    """Spec §15 #27: one-vs-rest. With 4 classes one-vs-rest fits 4 binary machines, class k against the
+    rest, where one-vs-one would fit 6 (one per pair): the count and the machines tell them apart."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0.0, 4.0, (4, 5))
+    train_y = np.repeat(np.arange(4), 25)
+    train_x = centres[train_y] + rng.normal(0.0, 1.0, (100, 5))
+    model = build_fusion_model("classification", "linear", 1.0, 100, 5, solver=solver).fit(train_x, train_y)
+    svm = model[-1]
+    if isinstance(svm, OneVsRestClassifier):
+        assert len(svm.estimators_) == 4 and all(e.kernel == "linear" for e in svm.estimators_)
+        # machine k is "class k vs the rest": the binary SVC fitted on (y == k)
+        scaled = model[0].transform(train_x)
+        for k, machine in enumerate(svm.estimators_):
+            alone = SVC(C=1.0, kernel="linear").fit(scaled, (train_y == k).astype(int))
+            np.testing.assert_allclose(machine.decision_function(scaled), alone.decision_function(scaled), atol=1e-6)
+    else:
+        assert isinstance(svm, LinearSVC) and svm.coef_.shape == (4, 5) and svm.multi_class == "ovr"
+    assert model.decision_function(train_x).shape == (100, 4)
+    assert np.mean(model.predict(train_x) == train_y) > 0.9
 
 
 def test_classification_with_rbf_kernel_uses_svc() -> None:
@@ -76,23 +105,46 @@ def test_regression_on_linear_target_has_small_mae() -> None:
     assert result.val_score == pytest.approx(-np.mean(np.abs(result.predict(val_x) - val_y)))
 
 
-def test_linear_svr_variant_fits_a_linear_target_within_epsilon(monkeypatch) -> None:
+def test_linear_svr_variant_fits_a_linear_target_within_epsilon() -> None:
     """Spec §15 #28's other kernel: on a noise-free linear target a linear ε-SVR with large C is exact up
-    to its ε-tube (0.1 years), where the RBF one above is off by up to 1.5; large sets use liblinear."""
-    import occkd_core.fusion as fusion
-
+    to its ε-tube (0.1 years), where the RBF one above is off by up to 1.5; on either solver."""
     rng = np.random.default_rng(0)
     w = np.array([3.0, -2.0, 1.0, 0.5])
     train_x, val_x = rng.uniform(-1, 1, (120, 4)), rng.uniform(-1, 1, (60, 4))
     train_y, val_y = 40 + 10 * train_x @ w, 40 + 10 * val_x @ w
     result = fit_fusion(train_x, train_y, val_x, val_y, kind="regression", kernel="linear")
-    svr = result.model[-1]
-    assert isinstance(svr, SVR) and svr.kernel == "linear" and svr.epsilon == 0.1
-    assert -result.val_score < 0.1 + 1e-3
-    monkeypatch.setattr(fusion, "_LIBSVM_BELOW", 10)
-    large = fit_fusion(train_x, train_y, val_x, val_y, kind="regression", kernel="linear", Cs=(100.0,))
-    assert isinstance(large.model[-1], LinearSVR) and large.model[-1].epsilon == 0.1
-    assert -large.val_score < 0.1 + 1e-2
+    assert isinstance(result.model[-1], TransformedTargetRegressor)
+    assert isinstance(result.model[-1].regressor_, LinearSVR) and result.model[-1].regressor_.epsilon == 0.1
+    assert -result.val_score < 0.1 + 1e-2
+    libsvm = build_fusion_model("regression", "linear", 100.0, 120, 4, solver="libsvm").fit(train_x, train_y)
+    assert isinstance(libsvm[-1], SVR) and libsvm[-1].kernel == "linear" and libsvm[-1].epsilon == 0.1
+    assert np.mean(np.abs(libsvm.predict(val_x) - val_y)) < 0.1 + 1e-3
+
+
+def test_liblinear_svr_matches_libsvm_svr_on_ages() -> None:
+    """The two linear ε-SVR solvers fit the same model: liblinear's (targets centred, its intercept
+    penalised) and libsvm's SVR(kernel="linear") (intercept free), on 600 faces aged 20-80 around 50."""
+    rng = np.random.default_rng(0)
+    num_dims = 8
+    w = rng.normal(0.0, 12 / np.sqrt(num_dims), num_dims)
+    train_x, val_x = rng.normal(0.0, 1.0, (600, num_dims)), rng.normal(0.0, 1.0, (300, num_dims))
+    train_y = np.clip(50 + train_x @ w + rng.normal(0.0, 6.0, 600), 20, 80)
+    val_y = np.clip(50 + val_x @ w + rng.normal(0.0, 6.0, 300), 20, 80)
+    assert 45 < train_y.mean() < 55 and train_y.std() > 10
+    for C in (0.1, 1.0, 10.0):
+        liblinear, libsvm = (build_fusion_model("regression", "linear", C, 600, num_dims, solver=solver)
+                             .fit(train_x, train_y) for solver in ("liblinear_dual", "libsvm"))
+        intercept = liblinear[-1].regressor_.intercept_[0] + liblinear[-1].transformer_.mean_[0]
+        assert intercept == pytest.approx(libsvm[-1].intercept_[0], abs=0.05)
+        ours, reference = liblinear.predict(val_x), libsvm.predict(val_x)
+        assert np.max(np.abs(ours - reference)) < 0.2  # years, against predictions spread over ~50
+        assert np.mean(np.abs(ours - val_y)) == pytest.approx(np.mean(np.abs(reference - val_y)), abs=0.01)
+        if C == 0.1:
+            # liblinear on raw years, as before: its penalised intercept is pulled years towards 0
+            raw = make_pipeline(StandardScaler(), LinearSVR(C=C, epsilon=0.1, dual=True, random_state=0))
+            raw.fit(train_x, train_y)
+            assert libsvm[-1].intercept_[0] - raw[-1].intercept_[0] > 5.0
+            assert np.mean(np.abs(raw.predict(val_x) - val_y)) > np.mean(np.abs(reference - val_y)) + 1.0
 
 
 def test_validation_picks_a_middle_C() -> None:
@@ -130,3 +182,14 @@ def test_fit_fusion_rejects_bad_input() -> None:
         fit_fusion(train_x, train_y, val_x, val_y, kind="ranking")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Cs must be"):
         fit_fusion(train_x, train_y, val_x, val_y, kind="classification", Cs=(0.0, 1.0))
+
+
+def test_a_fit_stopped_at_the_iteration_cap_is_recorded(monkeypatch) -> None:
+    import occkd_core.fusion as fusion
+
+    train_x, train_y, val_x, val_y = blobs(4)
+    assert all(fit_fusion(train_x, train_y, val_x, val_y, kind="classification", Cs=(0.1, 1.0)).converged.values())
+    monkeypatch.setattr(fusion, "_LIBLINEAR_MAX_ITER", 1)  # one Newton step cannot reach liblinear's tolerance
+    with pytest.warns(ConvergenceWarning, match=r"iteration cap at C = 1 \(1\) on 90 x 6 features"):
+        result = fit_fusion(train_x, train_y, val_x, val_y, kind="classification", Cs=(0.1, 1.0))
+    assert result.converged == {0.1: False, 1.0: False}

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from occkd_core.stats import holm_correction, mcnemar_test, wilcoxon_test
+from occkd_core.stats import (compare_to_baseline, hodges_lehmann, holm_correction, judge_comparisons, mcnemar_test,
+                              wilcoxon_test)
 
 
 def correctness(both_right: int, b: int, c: int, both_wrong: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +98,10 @@ def test_wilcoxon_small_example_by_hand() -> None:
     assert result.pvalue == pytest.approx(0.1875)
     assert result.median_difference == 3.0
     assert result.num_pairs == 5
+    # R+ = 1 + 3 + 4 + 5 = 13 (the model's error larger), R- = 2: the model is worse in the tested sense
+    assert (result.rank_sum_worse, result.rank_sum_better) == (13.0, 2.0) and not result.improved
+    # Walsh averages of [-2, 1, 3, 4, 5]: -2, -0.5, 0.5, 1, 1, 1.5, 2, 2.5, 3, 3, 3.5, 4, 4, 4.5, 5 -> 8th of 15 = 2.5
+    assert result.hodges_lehmann == 2.5
 
 
 def test_wilcoxon_scipy_documented_example() -> None:
@@ -129,3 +134,58 @@ def test_wilcoxon_rejects_bad_input() -> None:
         wilcoxon_test(np.array([1.0, -1.0]), np.ones(2))
     with pytest.raises(ValueError, match="NaN"):
         wilcoxon_test(np.array([1.0, np.nan]), np.ones(2))
+
+
+def test_wilcoxon_direction_follows_the_ranks_not_the_mean() -> None:
+    """Skewed errors: the model is 1-11 years better on 11 faces and 90 years worse on one. Its MAE is
+    higher (mean d = (-66 + 90) / 12 = +2.0), yet the signed-rank test rejects because it is better:
+    |d| ranks 1..11 are the negative ones, rank 12 the positive, so R- = 66, R+ = 12 = the statistic.
+    Exact two-sided p: subsets of {1..12} with rank sum <= 12 number 1+1+1+2+2+3+4+5+6+8+10+12+15 = 70
+    (partitions of 0..12 into distinct parts), so p = 2 · 70 / 2^12 = 0.0341796875."""
+    d = np.array([-1.0, -2, -3, -4, -5, -6, -7, -8, -9, -10, -11, 90])
+    baseline = np.full(d.size, 12.0)
+    model = baseline + d  # absolute errors 11, 10, ..., 1 and 102
+    assert np.mean(model) - np.mean(baseline) == pytest.approx(2.0)  # worse by the mean
+    result = wilcoxon_test(model, baseline)
+    assert (result.rank_sum_better, result.rank_sum_worse, result.statistic) == (66.0, 12.0, 12.0)
+    assert result.pvalue == pytest.approx(140 / 4096)
+    assert result.improved
+    # Walsh averages: 66 from pairs of negatives, -(i + j)/2; 12 from pairs with 90. The 39th and 40th of
+    # 78 are the 27th and 28th smallest i + j among the negatives: i + j = 2..10 give 25 pairs, 11 gives
+    # five more, so both are -11/2.
+    assert result.hodges_lehmann == -5.5 and result.median_difference == -5.5
+    comparison = compare_to_baseline("regression", model, baseline)
+    assert comparison.model_value == pytest.approx(14.0) and comparison.baseline_value == pytest.approx(12.0)
+    assert comparison.improved and comparison.hodges_lehmann == -5.5
+    assert comparison.to_dict()["hodges_lehmann"] == -5.5
+    verdict, = judge_comparisons([comparison.pvalue], [comparison.improved])
+    assert verdict.verdict == verdict.verdict_holm == "better" and verdict.dagger
+    # Mirrored (the model 90 years better on one face, worse on the rest): worse, though its MAE is lower.
+    mirrored = wilcoxon_test(baseline, model)
+    assert not mirrored.improved and mirrored.hodges_lehmann == 5.5
+    assert judge_comparisons([mirrored.pvalue], [mirrored.improved])[0].verdict == "worse"
+
+
+def test_wilcoxon_statistic_is_the_smaller_rank_sum_and_hodges_lehmann_agrees_in_sign() -> None:
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        baseline = rng.gamma(2.0, 3.0, 40)
+        model = np.abs(baseline + rng.standard_t(2, 40) + rng.normal(0.0, 1.0))
+        result = wilcoxon_test(model, baseline)
+        assert result.statistic == pytest.approx(min(result.rank_sum_worse, result.rank_sum_better))
+        assert result.rank_sum_worse + result.rank_sum_better == 40 * 41 / 2  # continuous: no zeros, no ties
+        assert result.improved == (result.hodges_lehmann < 0)
+
+
+def test_hodges_lehmann_known_values() -> None:
+    assert hodges_lehmann(np.array([1.0, 2.0, 9.0])) == 3.5  # Walsh averages 1, 1.5, 2, 5, 5.5, 9 -> (2 + 5) / 2
+    assert hodges_lehmann(np.array([0.0, 0.0, 4.0])) == 4.0  # zeros dropped, as the test drops them
+    assert hodges_lehmann(np.zeros(3)) == 0.0
+
+
+def test_mcnemar_comparison_direction_is_b_over_c() -> None:
+    model, baseline = correctness(50, 10, 2, 8)
+    comparison = compare_to_baseline("classification", model, baseline)
+    assert comparison.improved and comparison.model_value > comparison.baseline_value
+    assert (comparison.b, comparison.c) == (10, 2) and "hodges_lehmann" not in comparison.to_dict()
+    assert not compare_to_baseline("classification", baseline, model).improved

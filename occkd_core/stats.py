@@ -13,6 +13,9 @@ of the task (``grid/nodes.py``, ``run_significance_node``; one family per task a
 several baselines (one per architecture), not one. It is drawn that wide because a reader scans the whole
 table for daggers: Holm over it bounds the chance of any false dagger in the table at α, where a family
 per architecture or per test set would let that chance grow with the number of networks and test sets.
+The tests against the teacher-free controls (each distilled model against its control, the fusion against
+the control fusion) answer another question, what the teacher adds, and are a second family of their own,
+drawn as wide (every architecture and test set of the task), so neither correction counts the other's tests.
 """
 
 from __future__ import annotations

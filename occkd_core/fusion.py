@@ -30,12 +30,12 @@ _KERNELS: tuple[str, ...] = ("linear", "rbf", "poly", "sigmoid")
 _DEFAULT_KERNEL: dict[str, str] = {"classification": "linear", "regression": "rbf"}
 
 
-# -- the linear solvers (spec §15 #27 and #28), chosen by measurement: benchmarks/RESULTS.md §11 -----------
+# -- the linear solvers (spec §15 #27 and #28), chosen by measurement: benchmarks/RESULTS.md §12 -----------
 
 # liblinear stops after max_iter passes over the data (dual) or Newton steps (primal), with a
-# ConvergenceWarning that fit_fusion records. The converging fits of the bench needed at most 484 passes
-# (dual) and 665 Newton steps (primal, near rows = dims); the cap only ends fits that would not converge
-# (the dual with many more faces than dims at C >= 1), which otherwise ran on for minutes.
+# ConvergenceWarning that fit_fusion records. The converging fits of the bench needed at most 755 passes
+# (dual) and 665 Newton steps (primal, near rows = dims); the cap ends fits that would not converge (the
+# dual with many more faces than dims at C >= 1) 20 times sooner than the former cap of 20,000.
 _LIBLINEAR_MAX_ITER = 1000
 
 #: Each maps C to an unfitted one-vs-rest linear SVM (spec §15 #27): LinearSVC is one-vs-rest natively;
@@ -65,20 +65,21 @@ LINEAR_SVR_SOLVERS: dict[str, Callable[[float], RegressorMixin]] = {
     "libsvm": lambda C: SVR(C=C, kernel="linear", epsilon=0.1),
 }
 
-# The dual fits the SVM in a few hundred passes while the faces number up to ~1.5x the dims (measured at
-# 0.12x to 1.46x); at 1.95x and beyond it hit the 1000-pass cap at C >= 1, where the primal Newton
-# method converged in seconds (RESULTS.md §11).
+# The dual fits the SVM in 29-484 passes at every C while the faces number up to ~1.5x the dims
+# (measured at 0.12x to 1.46x); from 1.95x on it stopped unconverged at the 1000-pass cap at C >= 1,
+# where the primal Newton method converged (0.3-47 s per C; RESULTS.md §12). The boundary sits between
+# the two measured ratios, on synthetic embeddings.
 _DUAL_UP_TO_ROWS_PER_DIM = 1.5
 
 
 def linear_solver(kind: TaskKind, num_rows: int, num_features: int) -> str:
     """The key of LINEAR_SVM_SOLVERS (classification) or LINEAR_SVR_SOLVERS (regression) for ``num_rows``
-    training faces x ``num_features`` dims: the fastest one in benchmarks/RESULTS.md §11, from the shape of
+    training faces x ``num_features`` dims: the fastest one in benchmarks/RESULTS.md §12, from the shape of
     the set (not its size alone: what makes a solver slow is the ratio of faces to dims, and C)."""
     if kind == "classification":
         # Few faces for their dims (gender at mid: 2,650 faces x 8,192): the dual's passes are cheap and
-        # few, where the primal took 5-30x longer at some C and libsvm over 10 s at every C. Many faces
-        # for their dims (FER+: 25k x 512): the primal at ~26 s per C, the dual over 60 s.
+        # few (3.4 s per C), where the primal took up to 30x longer at some C and libsvm hit the 10 s cap.
+        # Many faces for their dims (FER+: 25k x 512): the primal at 24-28 s per C, the dual over 60 s.
         return "liblinear_dual" if num_rows <= _DUAL_UP_TO_ROWS_PER_DIM * num_features else "liblinear_primal"
     # ε-insensitive loss has no primal solver in liblinear; libsvm was slower at every measured size.
     return "liblinear_dual"

@@ -44,7 +44,7 @@ def test_classification_on_separable_features_ties_go_to_smallest_C() -> None:
     assert np.array_equal(result.predict(val_x), val_y)
     scaler, svm = result.model[0], result.model[-1]
     assert isinstance(scaler, StandardScaler)
-    # 90 faces x 6 dims: more faces than dims, liblinear's primal (benchmarks/RESULTS.md §11)
+    # 90 faces x 6 dims: more faces than dims, liblinear's primal (benchmarks/RESULTS.md §12)
     assert isinstance(svm, LinearSVC) and not svm.dual and svm.C == 0.1
     assert svm.coef_.shape == (3, 6)  # one-vs-rest: one hyperplane per class
 

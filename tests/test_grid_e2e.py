@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +48,17 @@ def run_grid(workdir: Path, *extra: str, env: dict | None = None) -> subprocess.
 def grid_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("grid")
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    # Another copy of the code comes first on PYTHONPATH, as an installed older checkout would: the workers
+    # must still run this one, the driver's (test_the_workers_ran_the_drivers_code).
+    installed = workdir / "installed"
+    for package in ("occkd_core", "grid"):
+        shutil.copytree(REPO / package, installed / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (installed / "occkd_core" / "__init__.py").write_text("raise ImportError('the installed copy was imported')\n")
     # The teacher's MLflow upload takes 10 s: the student must not wait for it (uploads are off the
     # scheduler's path).
     first = run_grid(workdir, env={"OCCKD_FAULT_UPLOAD_DELAY": json.dumps({"node": "gender/vggf/teacher",
-                                                                            "seconds": UPLOAD_DELAY})})
+                                                                            "seconds": UPLOAD_DELAY}),
+                                   "PYTHONPATH": str(installed)})
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return workdir, first
 
@@ -258,3 +266,16 @@ def test_the_printed_link_opens_the_mlflow_ui_on_the_runs_table(grid_run, tmp_pa
         assert parent.info.run_name in table and "matching runs" in table
         page = rendered_text(browser, urls["run_page"])
         assert "triplet_kd" in page and "synthetic/train" in page
+
+
+def test_the_workers_ran_the_drivers_code(grid_run):
+    """With another copy first on PYTHONPATH (one that cannot even be imported), every node ran the driver's
+    code, and MLflow records that code's fingerprint."""
+    from grid.code import code_fingerprint
+
+    workdir, _ = grid_run
+    results = [json.loads(p.read_text()) for p in (workdir / "occkd_runs").glob("nodes/*/result.json")]
+    trained = [r for r in results if r["kind"] == "train"]
+    assert len(trained) == 8 and {r["placement"]["code_root"] for r in trained} == {str(REPO)}
+    _, finished, _ = finished_runs(workdir)
+    assert {r.data.tags["occkd.code"] for r in finished} == {code_fingerprint(REPO)}

@@ -29,7 +29,8 @@ from occkd_core.training import StageSpec
 GRAPH_VERSION = 3
 # 3: VGG-f's published LRN (k = 2, α = 5e-4); a stage's identity holds only the loss settings it reads (the
 #    hint KD nodes lost τ and τ²); the main student saves its embeddings (fusion's student_svm); dropout is
-#    seeded per rank and epoch, and no rows are dropped at width > 1; triplet KD visits its rows in a new order.
+#    seeded per rank and epoch, and no rows are dropped at width > 1; triplet KD visits its rows in a new order;
+#    fusion's linear SVM is one-vs-rest liblinear and its linear ε-SVR centres ages; age verdicts follow the ranks.
 
 #: The node of the student trained on the other half: never distilled (spec §1, §15 #33).
 ABLATION_SUFFIX = "_ablation"

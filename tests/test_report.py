@@ -132,7 +132,8 @@ def test_significance_node_and_report_show_the_papers_rule_beside_holm(significa
     line = next(line for line in markdown.splitlines() if line.startswith("| vggf | fusion |"))
     assert line.endswith("| 0.0414 † | 0.124, no significant difference | vs control fusion: 0.00195 † "
                          "(Holm 0.00586, better) |")
-    assert "the teacher's effect is significant after Holm in 1 of 3 comparisons" in markdown
+    assert "after Holm the teacher helps significantly in 1 and hurts significantly in 0 of 3 comparisons" in markdown
+    assert "| vggf | control_fusion | upper |" in markdown  # no teacher: the student's faces
     assert "vggf fusion " in markdown and "vs control fusion" in markdown
     # Without controls the report says its comparisons are uncontrolled.
     bare = [{k: ("" if "control" in k else v) for k, v in r.items()} for r in rows if "control" not in r["model"]]

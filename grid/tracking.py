@@ -12,9 +12,14 @@ concurrently collide, a known problem of per-trial MLflow logging in Ray).
   dataset, and its files as artifacts. A training node's ``best.pt`` is an MLflow logged model (a
   ``weights_only`` state dict with its architecture, not a pickled module) to which those metrics are
   linked too.
-- Artifact uploads run on a background thread (:class:`Uploads`): a node's run ends FINISHED once its
-  files are up, and the driver drains the queue before it exits. A driver killed with uploads pending
-  leaves those runs RUNNING; the next invocation closes them as FAILED and records the sealed nodes again.
+- Every write after the parent run is opened goes through one background thread
+  (:class:`grid.records.Recorder`), so the scheduler never waits on MLflow: a node's run ends FINISHED
+  once its files are up, and the driver drains the queue before it exits. A store that stops answering
+  holds the records (the nodes go on training and sealing) until it answers again; what is still held at
+  the end is counted and the driver exits 1. A driver killed with records pending leaves those runs
+  RUNNING; the next invocation closes them as FAILED and records the sealed nodes again.
+- Records are per storage: a grid on another ``--storage`` sharing the store neither continues this
+  grid's parent run nor supersedes its node runs.
 
 A node already recorded as FINISHED is never recorded again, and runs that a killed invocation left
 RUNNING are closed as FAILED on the next start.
@@ -35,7 +40,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -51,6 +55,7 @@ from mlflow.tracking import MlflowClient
 
 from grid.code import CODE_ROOT, code_fingerprint
 from grid.graph import Node
+from grid.records import Job, Recorder, describe_unrecorded  # noqa: F401 - describe_unrecorded: the driver's
 from grid.storage_lock import driver_alive, driver_identity
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -123,58 +128,6 @@ class StoreSplit(MetaDataset):
         return {**super().to_dict(), "profile": json.dumps(self.profile)}
 
 
-class Uploads:
-    """Artifact uploads off the scheduler's path: one background thread, with an MlflowClient of its own,
-    takes the jobs in order. A job that fails is kept with its error; :meth:`drain` waits for all."""
-
-    def __init__(self, tracking_uri: str) -> None:
-        self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-uploads")
-        self._jobs: list[tuple[str, int, Future]] = []  # (label, bytes, future)
-        self._lock = threading.Lock()
-        self.errors: dict[str, str] = {}  # label -> error of a job that failed
-
-    def __getstate__(self) -> dict[str, str]:
-        """Tune pickles its callbacks (and so the tracker) into its experiment state: a copy carries no
-        thread or queue, and uploads nothing."""
-        return {"tracking_uri": self.tracking_uri}
-
-    def __setstate__(self, state: Mapping[str, str]) -> None:
-        self.__init__(state["tracking_uri"])
-
-    def submit(self, label: str, size: int, job: Callable[[MlflowClient], None]) -> Future:
-        def run() -> None:
-            try:
-                job(self.client)
-            except Exception as err:  # kept for drain(): the node's run says so, the driver reports it
-                self.errors[label] = f"{type(err).__name__}: {err}"
-                raise
-
-        future = self._pool.submit(run)
-        with self._lock:
-            self._jobs.append((label, size, future))
-        return future
-
-    def pending(self) -> tuple[int, int]:
-        """Jobs not yet done and their bytes."""
-        with self._lock:
-            open_jobs = [(label, size) for label, size, future in self._jobs if not future.done()]
-        return len(open_jobs), sum(size for _, size in open_jobs)
-
-    def drain(self, say: Callable[[str], None] | None = None) -> dict[str, str]:
-        """Wait for every job; the errors of those that failed (label -> error)."""
-        count, size = self.pending()
-        if count and say:
-            say(f"waiting for {count} MLflow upload(s), {size / 1e6:.0f} MB")
-        with self._lock:
-            futures = [future for _, _, future in self._jobs]
-        for future in futures:
-            with contextlib.suppress(Exception):
-                future.result()
-        return dict(self.errors)
-
-
 def _upload_delay() -> dict[str, Any]:
     text = os.environ.get(UPLOAD_DELAY_ENV)
     return json.loads(text) if text else {}
@@ -216,7 +169,8 @@ class Tracker:
     ``data``: per task, its prepared store (:class:`DataRecord`), logged as each node's dataset inputs."""
 
     def __init__(self, tracking_uri: str, experiment: str, *, run_name: str, params: Mapping[str, Any],
-                 storage: str = "", grid_id: str = "", data: Mapping[str, DataRecord] | None = None) -> None:
+                 storage: str = "", grid_id: str = "", data: Mapping[str, DataRecord] | None = None,
+                 say: Callable[[str], None] | None = None) -> None:
         for name in ("mlflow", "alembic"):  # schema set-up chatter on a new store, not the user's business
             logging.getLogger(name).setLevel(logging.WARNING)
         self.tracking_uri = tracking_uri
@@ -232,7 +186,6 @@ class Tracker:
         self.sha = git_sha(CODE_ROOT)
         self.storage = storage
         self.data = dict(data or {})
-        self.uploads = Uploads(tracking_uri)
         self._delay = _upload_delay()
         # Which driver a run belongs to, so that another invocation closes only runs whose driver is gone.
         # The code that trains: every trial checks it imports exactly this (grid.code), so the commit recorded
@@ -241,20 +194,28 @@ class Tracker:
                             "occkd.code": code_fingerprint(), "occkd.code_root": str(CODE_ROOT)}
         self.closed_stale = self._close_stale_runs()
         self.parent, self.invocation = self._open_parent(run_name, grid_id, params)
-        self.node_runs: dict[str, str] = {}  # node key -> run id of this invocation
-        self.models: dict[str, str] = {}  # node key -> logged model id of this invocation
         self.link = ui_link(tracking_uri, self.experiment_id)
+        # From here on every write goes through the recorder's thread (grid.records): the scheduler never
+        # waits on MLflow, and a store that stops answering holds the records instead of the grid.
+        self.recorder = Recorder(tracking_uri, say=say)
+        self.started: list[str] = []  # node keys this invocation opened a run for, in order
+        self.node_runs: dict[str, str] = {}  # node key -> run id of this invocation (set on the recorder's thread)
+        self.models: dict[str, str] = {}  # node key -> logged model id of this invocation
 
     def _open_parent(self, run_name: str, grid_id: str, params: Mapping[str, Any]):
-        """The grid's parent run and this invocation's number in it: the last run of the same grid is
-        continued (RUNNING again), unless a live driver holds it (the same grid on other storage at the same
-        time gets its own parent, which names the other)."""
+        """The grid's parent run and this invocation's number in it: the last run of the same grid on the same
+        storage is continued (RUNNING again). The same grid on other storage gets its own parent, which names
+        the other's if that one is running."""
         previous = []
         if grid_id:
             previous = self.client.search_runs(
                 [self.experiment_id], max_results=20, order_by=["attributes.start_time DESC"],
                 filter_string=f"tags.`{GRID_TAG}` = '{grid_id}' and tags.`occkd.kind` = 'grid'")
-        idle = next((run for run in previous if run.info.status != "RUNNING"), None)
+        # (filtered in Python, not in the filter string: a storage path may hold quotes)
+        # A parent is continued only by the same grid on the same storage: another storage's grid sharing this
+        # store has its own (issue 28: a second storage's rerun continued the first's and rewrote its tag).
+        mine = [run for run in previous if run.data.tags.get(STORAGE_TAG, "") == self.storage]
+        idle = next((run for run in mine if run.info.status != "RUNNING"), None)
         if idle is not None:
             run_id = idle.info.run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -263,8 +224,9 @@ class Tracker:
                                                 {"mlflow.source.git.commit": self.sha, **self.driver_tags}.items()])
             return self.client.get_run(run_id), invocation
         tags = {"occkd.kind": "grid", GRID_TAG: grid_id, "mlflow.source.git.commit": self.sha, **self.driver_tags}
-        if previous:  # the same grid is running from another live driver
-            tags["occkd.alongside"] = previous[0].info.run_id
+        running = [run for run in previous if run.info.status == "RUNNING"]
+        if running:  # the same grid is running from another live driver (on other storage)
+            tags["occkd.alongside"] = running[0].info.run_id
         parent = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self._log_params(parent.info.run_id, params)
         for record in self.data.values():  # the grid's data, so that the parent's row shows them too
@@ -278,9 +240,10 @@ class Tracker:
         identity = json.loads(self.driver_tags[DRIVER_TAG])
         text = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} on {identity.get('host')} (pid {identity.get('pid')}), "
                 f"commit {self.sha[:10]}: {complete} node(s) already complete, {to_run} to run")
-        self.client.log_batch(self.parent.info.run_id, tags=[RunTag("occkd.invocations", str(self.invocation)),
-                                                             RunTag(f"occkd.invocation.{self.invocation}", text),
-                                                             RunTag("occkd.ui_link", self.link)])
+        tags = [RunTag("occkd.invocations", str(self.invocation)), RunTag(f"occkd.invocation.{self.invocation}", text),
+                RunTag("occkd.ui_link", self.link)]
+        self.recorder.submit(Job("invocation", "parent", lambda client: client.log_batch(self.parent.info.run_id,
+                                                                                           tags=tags)))
 
     def _close_stale_runs(self) -> int:
         """Runs left RUNNING by a killed invocation end as FAILED (their nodes re-run or resume). Only runs
@@ -305,31 +268,41 @@ class Tracker:
         return not alive if alive is not None else tags.get(STORAGE_TAG) == self.storage
 
     def finished_hashes(self) -> set[str]:
+        """The nodes with a FINISHED run recorded from this storage (another storage's record of the same
+        node says nothing of the files here)."""
         runs = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'FINISHED'",
                                        max_results=50000)
-        return {r.data.tags["occkd.node"] for r in runs if "occkd.node" in r.data.tags}
+        return {r.data.tags["occkd.node"] for r in runs
+                if "occkd.node" in r.data.tags and r.data.tags.get(STORAGE_TAG, "") == self.storage}
 
-    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+    def _log_params(self, run_id: str, params: Mapping[str, Any], client: MlflowClient | None = None) -> None:
         flat = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten("", params).items()]
         for start in range(0, len(flat), 100):
-            self.client.log_batch(run_id, params=flat[start : start + 100])
+            (client or self.client).log_batch(run_id, params=flat[start : start + 100])
 
-    def start_node(self, node: Node) -> str:
-        """The node's run in this invocation: created once, reused when Tune retries the node."""
+    def start_node(self, node: Node) -> None:
+        """Open the node's run in this invocation (once; Tune's retries of the node reuse it)."""
+        if node.key in self.started:
+            return
+        self.started.append(node.key)
+        self.recorder.submit(Job(f"{node.key}: open", node.key, lambda client: self._node_run(client, node)))
+
+    def _node_run(self, client: MlflowClient, node: Node) -> str:
+        """On the recorder's thread: the node's run of this invocation, created on first use."""
         if node.key in self.node_runs:
             return self.node_runs[node.key]
         tags = {PARENT_TAG: self.parent.info.run_id, "occkd.task": node.task, "occkd.arch": node.arch or "-",
                 "occkd.strategy": node.strategy, "occkd.train_faces": node.train_faces, "occkd.node": node.hash,
                 "occkd.seed": str(node.seed), "mlflow.source.git.commit": self.sha, **self.driver_tags,
                 "mlflow.note.content": node_note(node, self.storage)}
-        run = self.client.create_run(self.experiment_id, run_name=node.run_name, tags=tags)
+        run = client.create_run(self.experiment_id, run_name=node.run_name, tags=tags)
         params = {"spec": node.params, "grid_point": node.grid_point, "resources": node.resources.as_dict(),
                   "parents": ",".join(f"{edge.role}={edge.key}" for edge in node.parents)}
         if node.init:  # a teacher: which weights it started from, the file and its sha256
             params["pretrained"] = dict(node.init)
-        self._log_params(run.info.run_id, params)
+        self._log_params(run.info.run_id, params, client)
         if node.task in self.data:
-            self.client.log_inputs(run.info.run_id, datasets=self._dataset_inputs(node, self.data[node.task]))
+            client.log_inputs(run.info.run_id, datasets=self._dataset_inputs(node, self.data[node.task]))
         self.node_runs[node.key] = run.info.run_id
         return run.info.run_id
 
@@ -354,22 +327,30 @@ class Tracker:
         return {"dataset_name": record.dataset_name(split), "dataset_digest": record.fingerprint[:36]}
 
     def log_epoch(self, node: Node, metrics: Mapping[str, Any]) -> None:
-        run_id = self.node_runs.get(node.key)
-        if run_id is None:
-            return
         step = int(metrics.get("epoch", 0))
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in TUNE_KEYS]
         if batch:
-            self.client.log_batch(run_id, metrics=batch)
+            self.recorder.submit(Job(f"{node.key}: epoch {step}", node.key,
+                                     lambda client: client.log_batch(self._node_run(client, node), metrics=batch)))
 
     def finish_node(self, node: Node, result: Mapping[str, Any], directory: Path, artifacts: Iterable[str]) -> None:
-        """Record a sealed node: its metrics, tags, logged model and dataset links now; its files on the
-        upload thread, after which the run ends FINISHED (and supersedes an older run of the node)."""
-        run_id = self.node_runs.get(node.key) or self.start_node(node)
+        """Record a sealed node, on the recorder's thread: its metrics, tags, logged model and dataset links,
+        then its files, after which the run ends FINISHED (and supersedes an older run of the node)."""
         checkpoint = directory / "train" / "best.pt"
-        model_id = self._create_model(node, run_id) if node.kind == "train" and checkpoint.exists() else None
+        has_model = node.kind == "train" and checkpoint.exists()
+        files = [(directory / name, str(Path(name).parent) if "/" in name else None) for name in artifacts
+                 if (directory / name).exists() and not (has_model and directory / name == checkpoint)]
+        files.append((directory / "result.json", None))
+        size = sum(path.stat().st_size for path, _ in files) + (checkpoint.stat().st_size if has_model else 0)
+        self.recorder.submit(Job(node.key, node.key, final=True, size=size, fn=lambda client: self._record_sealed(
+            client, node, result, files, checkpoint if has_model else None)))
+
+    def _record_sealed(self, client: MlflowClient, node: Node, result: Mapping[str, Any],
+                       files: list[tuple[Path, str | None]], checkpoint: Path | None) -> None:
+        run_id = self._node_run(client, node)
+        model_id = self._create_model(client, node, run_id) if checkpoint is not None else None
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, 0, model_id=model_id, **self._dataset_link(node, "val"))
                    for k, v in result.get("metrics", {}).items()
@@ -377,9 +358,9 @@ class Tracker:
         metrics += [Metric(metric_name(row, node.strategy), float(row["value"]), now, 0, model_id=model_id,
                            **self._dataset_link(node, row["test_set"])) for row in result.get("scores", [])]
         for start in range(0, len(metrics), 500):
-            self.client.log_batch(run_id, metrics=metrics[start : start + 500])
+            client.log_batch(run_id, metrics=metrics[start : start + 500])
         for comparison in result.get("comparisons", []):
-            self._log_comparison(run_id, comparison)
+            self._log_comparison(run_id, comparison, client)
         placement = result.get("placement") or {}
         if placement:  # where a training node ran: which Ray node, GPUs and workers, through Ray Train or not
             tags = [RunTag(f"occkd.{key}", str(placement.get(key)))
@@ -387,29 +368,29 @@ class Tracker:
             tags.append(RunTag("occkd.gpu_ids", ",".join(placement.get("gpu_ids", [])) or "-"))
             if placement.get("resumed_from_epoch") is not None:  # Ray Train restarted its workers mid-node
                 tags.append(RunTag("occkd.resumed_from_epoch", str(placement["resumed_from_epoch"])))
-            self.client.log_batch(run_id, tags=tags)
-        files = [(directory / name, str(Path(name).parent) if "/" in name else None) for name in artifacts
-                 if (directory / name).exists() and not (model_id and directory / name == checkpoint)]
-        files.append((directory / "result.json", None))
-        size = sum(path.stat().st_size for path, _ in files) + (checkpoint.stat().st_size if model_id else 0)
-        self.uploads.submit(node.key, size, lambda client: self._upload(client, node, run_id, model_id, files,
-                                                                        checkpoint))
+            client.log_batch(run_id, tags=tags)
+        self._upload(client, node, run_id, model_id, files, checkpoint)
 
-    def _create_model(self, node: Node, run_id: str) -> str:
-        """The node's best checkpoint as an MLflow logged model (PENDING until its file is uploaded)."""
+    def _create_model(self, client: MlflowClient, node: Node, run_id: str) -> str:
+        """The node's best checkpoint as an MLflow logged model (PENDING until its file is uploaded); once per
+        invocation, also when a record held through an outage is written again."""
+        if node.key in self.models:
+            return self.models[node.key]
         spec = node.params
-        model = self.client.create_logged_model(
+        model = client.create_logged_model(
             self.experiment_id, name=model_name(node), source_run_id=run_id, model_type=f"occkd/{node.arch}",
             params={"arch": str(node.arch), "task": node.task, "strategy": node.strategy,
                     "train_faces": node.train_faces, "input_size": str(spec.get("input_size", ""))},
             tags={"occkd.node": node.hash, "occkd.node_key": node.key, "mlflow.source.git.commit": self.sha})
-        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
         self.models[node.key] = model.model_id
         return model.model_id
 
     def _upload(self, client: MlflowClient, node: Node, run_id: str, model_id: str | None,
-                files: list[tuple[Path, str | None]], checkpoint: Path) -> None:
-        """On the upload thread: the node's files, its model's checkpoint, then the run's end."""
+                files: list[tuple[Path, str | None]], checkpoint: Path | None) -> None:
+        """On the recorder's thread: the node's files, its model's checkpoint, then the run's end. A failure
+        while the store answers ends the run FAILED with the reason; during an outage the recorder holds
+        the whole record and writes it again once the store answers."""
         if self._delay.get("node") == node.key:  # tests: an upload that takes this long
             time.sleep(float(self._delay["seconds"]))
         try:
@@ -422,10 +403,11 @@ class Tracker:
                 client.finalize_logged_model(model_id, "READY")
             client.set_terminated(run_id, status="FINISHED")
         except Exception as err:
-            client.set_tag(run_id, "occkd.error", f"MLflow upload failed: {err}"[:5000])
-            client.set_terminated(run_id, status="FAILED")
-            if model_id:
-                client.finalize_logged_model(model_id, "FAILED")
+            with contextlib.suppress(Exception):  # the store may be the one failing: the recorder sorts it out
+                client.set_tag(run_id, "occkd.error", f"MLflow upload failed: {err}"[:5000])
+                client.set_terminated(run_id, status="FAILED")
+                if model_id:
+                    client.finalize_logged_model(model_id, "FAILED")
             raise
         self._supersede(client, node, run_id)
 
@@ -435,44 +417,56 @@ class Tracker:
         rerun that fails must not leave the node with no finished run while its children have one)."""
         older = client.search_runs([self.experiment_id], max_results=100,
                                    filter_string=f"tags.`occkd.node` = '{node.hash}' and attributes.status = 'FINISHED'")
-        for run in (r for r in older if r.info.run_id != new_run_id):
+        # Only this storage's: a grid on other storage sharing the store keeps its own records (issue 28).
+        mine = [r for r in older if r.info.run_id != new_run_id and r.data.tags.get(STORAGE_TAG, "") == self.storage]
+        for run in mine:
             client.set_tag(run.info.run_id, "occkd.superseded_by", new_run_id)
             client.set_terminated(run.info.run_id, status="KILLED")
 
-    def _log_comparison(self, run_id: str, row: Mapping[str, Any]) -> None:
+    def _log_comparison(self, run_id: str, row: Mapping[str, Any], client: MlflowClient | None = None) -> None:
         # The papers' family (against the student) keeps its names; occkd's against the teacher-free control
         # gets its own, as the same model is tested in both.
         against = "" if row.get("family", "student") == "student" else "_vs_control"
         name = f"{row['arch']}.{row['model']}{against}.{row['test_set']}"
-        self.client.log_metric(run_id, f"pvalue.{name}", float(row["pvalue"]))
-        self.client.log_metric(run_id, f"pvalue_holm.{name}", float(row["pvalue_holm"]))
-        self.client.set_tag(run_id, f"verdict.{name}", row["verdict"])  # Holm-corrected
+        client = client or self.client
+        client.log_metric(run_id, f"pvalue.{name}", float(row["pvalue"]))
+        client.log_metric(run_id, f"pvalue_holm.{name}", float(row["pvalue_holm"]))
+        client.set_tag(run_id, f"verdict.{name}", row["verdict"])  # Holm-corrected
         if "verdict_paper" in row:  # the papers' rule: uncorrected p < α (a dagger where the model is better)
-            self.client.log_metric(run_id, f"dagger.{name}", float(bool(row["dagger"])))
-            self.client.set_tag(run_id, f"verdict_uncorrected.{name}", row["verdict_paper"])
+            client.log_metric(run_id, f"dagger.{name}", float(bool(row["dagger"])))
+            client.set_tag(run_id, f"verdict_uncorrected.{name}", row["verdict_paper"])
 
     def note_retry(self, node: Node, attempt: int, reason: str) -> None:
         """Tag the node's run with its retries: how many, and why each attempt before failed."""
-        run_id = self.node_runs.get(node.key) or self.start_node(node)
-        self.client.set_tag(run_id, "occkd.retries", str(attempt))
-        self.client.set_tag(run_id, f"occkd.retry.{attempt}", reason[:5000])
+        tags = [RunTag("occkd.retries", str(attempt)), RunTag(f"occkd.retry.{attempt}", reason[:5000])]
+        self.recorder.submit(Job(f"{node.key}: retry {attempt}", node.key,
+                                 lambda client: client.log_batch(self._node_run(client, node), tags=tags)))
 
     def fail_node(self, node: Node, reason: str) -> None:
-        run_id = self.node_runs.get(node.key) or self.start_node(node)
-        self.client.set_tag(run_id, "occkd.error", reason[:5000])
-        self.client.set_terminated(run_id, status="FAILED")
+        def record(client: MlflowClient) -> None:
+            run_id = self._node_run(client, node)
+            client.set_tag(run_id, "occkd.error", reason[:5000])
+            client.set_terminated(run_id, status="FAILED")
+
+        self.recorder.submit(Job(node.key, node.key, record, final=True))
 
     def kill_node(self, node: Node, reason: str) -> None:
         """An interrupted node's run ends as KILLED (its checkpoint stays; the rerun resumes it)."""
-        run_id = self.node_runs.get(node.key)
-        if run_id is None:
+        if node.key not in self.started:
             return
-        self.client.set_tag(run_id, "occkd.closed_reason", reason)
-        self.client.set_terminated(run_id, status="KILLED")
+
+        def record(client: MlflowClient) -> None:
+            run_id = self._node_run(client, node)
+            client.set_tag(run_id, "occkd.closed_reason", reason)
+            client.set_terminated(run_id, status="KILLED")
+
+        self.recorder.submit(Job(node.key, node.key, record, final=True))
 
     def kill_open_runs(self, reason: str) -> int:
-        """Every run of this invocation still RUNNING (nodes training or uploading, and the parent) ends
-        KILLED; the next invocation resumes the nodes and records the sealed ones again. The count."""
+        """Now, from the calling thread (a driver leaving: the recorder's queue is abandoned): every run of
+        this invocation still RUNNING (nodes training or uploading, and the parent) ends KILLED; the next
+        invocation resumes the nodes and records the sealed ones again. The count."""
+        self.recorder.abandon()
         closed = 0
         for run_id in [*self.node_runs.values(), self.parent.info.run_id]:
             if self.client.get_run(run_id).info.status == "RUNNING":
@@ -482,22 +476,31 @@ class Tracker:
         return closed
 
     def drain(self, say: Callable[[str], None] | None = None) -> dict[str, str]:
-        """Wait for the uploads in flight; the nodes whose upload failed (their runs ended FAILED; the next
-        invocation records them again from storage)."""
-        return self.uploads.drain(say)
+        """Wait for the records in flight (held ones are tried once more); the nodes whose upload failed while
+        the store answered (their runs ended FAILED; the next invocation records them again from storage).
+        Nodes an outage kept out of the store: :meth:`unrecorded`."""
+        return self.recorder.drain(say)
+
+    def unrecorded(self) -> list[str]:
+        return self.recorder.unrecorded()
 
     def finish(self, status: str, artifacts: Iterable[Path] = (), figures: Iterable[Path] = (),
                note: str = "") -> None:
         """End the parent run: the report's files, its figures under ``figures/``, and ``note`` as the run's
-        description (what the MLflow UI shows at the top of the run's page)."""
+        description (what the MLflow UI shows at the top of the run's page). Queued: :meth:`drain` waits."""
         run_id = self.parent.info.run_id
-        for path in artifacts:
-            self.client.log_artifact(run_id, str(path))
-        for path in figures:
-            self.client.log_artifact(run_id, str(path), artifact_path="figures")
-        if note:
-            self.client.set_tag(run_id, "mlflow.note.content", note)
-        self.client.set_terminated(run_id, status=status)
+        artifacts, figures = list(artifacts), list(figures)
+
+        def record(client: MlflowClient) -> None:
+            for path in artifacts:
+                client.log_artifact(run_id, str(path))
+            for path in figures:
+                client.log_artifact(run_id, str(path), artifact_path="figures")
+            if note:
+                client.set_tag(run_id, "mlflow.note.content", note)
+            client.set_terminated(run_id, status=status)
+
+        self.recorder.submit(Job("parent", "parent", record, final=True))
 
 
 def _stage_model(folder: Path, node: Node, checkpoint: Path) -> None:

@@ -24,18 +24,23 @@ def test_teacher_runs_record_weights_name_file_and_checksum(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "occkd-test", run_name="grid", params={"preset": "paper"})
     client = MlflowClient(uri)
-    teacher = client.get_run(tracker.start_node(graph.nodes["gender/vggf/teacher"])).data.params
+
+    def start(key: str) -> str:  # runs are opened on the recorder's thread
+        tracker.start_node(graph.nodes[key])
+        tracker.drain()
+        return tracker.node_runs[key]
+
+    teacher = client.get_run(start("gender/vggf/teacher")).data.params
     assert teacher["pretrained.weights"] == "vggf_imagenet"
     assert teacher["pretrained.sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert teacher["pretrained.file"] == str(weights_path.resolve())
     assert teacher["pretrained.input_mean"] == "[122.5, 114.25, 101.75]"  # beside the checksum
-    scratch = client.get_run(tracker.start_node(graph.nodes["gender/resnet50/teacher"])).data.params
+    scratch = client.get_run(start("gender/resnet50/teacher")).data.params
     assert scratch["pretrained.weights"] == "from_scratch" and "pretrained.sha256" not in scratch
-    student = client.get_run(tracker.start_node(graph.nodes["gender/vggf/student"])).data.params
+    student = client.get_run(start("gender/vggf/student")).data.params
     assert not any(key.startswith("pretrained.") for key in student)
 
-    significance = graph.nodes["gender/significance"]
-    run_id = tracker.start_node(significance)
+    run_id = start("gender/significance")
     row = {"arch": "vggf", "model": "fusion", "test_set": "test", "pvalue": 0.0414, "pvalue_holm": 0.124,
            "verdict": "no significant difference", "verdict_paper": "better", "dagger": True}
     tracker._log_comparison(run_id, row)
@@ -117,6 +122,7 @@ def test_one_parent_per_grid_unless_its_driver_is_alive(tmp_path: Path):
     assert alongside.parent.info.run_id != first.parent.info.run_id
     assert alongside.parent.data.tags["occkd.alongside"] == first.parent.info.run_id
     first.finish("FINISHED")
+    first.drain()
     again = Tracker(uri, "occkd-test", run_name="grid", params={"a": 1}, grid_id=graph.identity, data=data)
     assert (again.parent.info.run_id, again.invocation) == (first.parent.info.run_id, 2)
     assert again.parent.info.status == "RUNNING"
@@ -132,8 +138,10 @@ def test_kill_open_runs_ends_every_running_run_of_the_invocation(tmp_path: Path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "occkd-test", run_name="grid", params={})
     client = MlflowClient(uri)
-    training = tracker.start_node(graph.nodes["gender/vggf/teacher"])
-    done = tracker.start_node(graph.nodes["gender/vggf/student"])
+    for key in ("gender/vggf/teacher", "gender/vggf/student"):
+        tracker.start_node(graph.nodes[key])
+    tracker.drain()
+    training, done = tracker.node_runs["gender/vggf/teacher"], tracker.node_runs["gender/vggf/student"]
     client.set_terminated(done, status="FINISHED")
     assert tracker.kill_open_runs("interrupted by SIGTERM; the driver did not stop in time") == 2
     assert client.get_run(training).info.status == "KILLED"
@@ -151,3 +159,38 @@ def test_the_printed_mlflow_ui_command_pastes_into_a_shell_with_spaces_in_the_pa
     words = shlex.split(ui_command(uri))
     assert words == ["mlflow", "ui", "--backend-store-uri", uri, "--port", "5000"]
     assert ui_command("http://127.0.0.1:5000") is None  # a server serves its own UI
+
+
+def test_two_storages_sharing_one_store_keep_their_own_records(tmp_path: Path):
+    """Issue 28: two grids of the same graph on different --storage, one MLflow store. The second's sealed
+    nodes used to end the first's runs as KILLED (superseded), and its rerun continued the first's parent
+    and rewrote its storage tag. Each storage now keeps its own parent and node runs."""
+    graph, folder, data, result = _sealed_teacher(tmp_path)
+    teacher = graph.nodes["gender/vggf/teacher"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+
+    def grid(storage: str) -> Tracker:  # one invocation: the teacher sealed, the parent ended
+        tracker = Tracker(uri, "occkd-test", run_name="grid", params={}, storage=storage, grid_id=graph.identity,
+                          data=data)
+        tracker.start_node(teacher)
+        tracker.finish_node(teacher, result, folder, ["train/best.pt", "predictions.parquet"])
+        tracker.finish("FINISHED")
+        assert tracker.drain() == {} and tracker.unrecorded() == []
+        return tracker
+
+    first, second = grid("/runs/a"), grid("/runs/b")
+    assert second.parent.info.run_id != first.parent.info.run_id
+    for tracker, storage in ((first, "/runs/a"), (second, "/runs/b")):
+        run = client.get_run(tracker.node_runs[teacher.key])
+        assert (run.info.status, run.data.tags["occkd.storage"]) == ("FINISHED", storage)
+        assert "occkd.superseded_by" not in run.data.tags
+    again = grid("/runs/b")  # the second grid's rerun (its node ran again, e.g. a damaged file)
+    assert (again.parent.info.run_id, again.invocation) == (second.parent.info.run_id, 2)
+    assert client.get_run(first.parent.info.run_id).data.tags["occkd.storage"] == "/runs/a"
+    assert client.get_run(first.node_runs[teacher.key]).info.status == "FINISHED"  # not superseded by b's
+    older_b = client.get_run(second.node_runs[teacher.key])
+    assert (older_b.info.status, older_b.data.tags["occkd.superseded_by"]) == ("KILLED", again.node_runs[teacher.key])
+    # What each storage counts as recorded is its own: a third storage has nothing recorded yet.
+    assert teacher.hash in again.finished_hashes()
+    assert teacher.hash not in Tracker(uri, "occkd-test", run_name="grid", params={}, storage="/runs/c").finished_hashes()

@@ -477,30 +477,50 @@ def run_graph(spec: GridSpec, graph: StageGraph, prepared: Mapping[str, Prepared
         return 2
     if tracker.closed_stale:
         print(f"closed {tracker.closed_stale} MLflow run(s) left RUNNING by an interrupted invocation as FAILED")
-    results = resume(graph, spec.storage, tracker)
-    to_run = [k for k in graph.nodes if k not in results]
-    tracker.record_invocation(complete=len(results), to_run=len(to_run))
-    progress = Progress(graph, skipped=set(results))
-    if interrupts is not None:  # a driver that cannot stop in time still leaves no run RUNNING
-        interrupts.on_overdue = lambda: tracker.kill_open_runs(
-            f"interrupted by {signal.Signals(interrupts.signum).name}; the driver did not stop in time")
-    continued = f", continuing its parent run (invocation {tracker.invocation})" if tracker.invocation > 1 else ""
-    print(f"{len(graph.nodes)} nodes: {len(results)} already complete, {len(to_run)} to run "
-          f"(storage {spec.storage}, MLflow {spec.tracking_uri}{continued})")
+    results: dict[str, dict[str, Any]] = {}
     try:
-        outcome = (run_on_ray(spec, graph, to_run, results, prepared, tracker, progress, interrupts) if to_run
-                   else RayOutcome(graph=graph))
-    except ValueError as err:  # a request that no node of the cluster can ever hold
-        print(f"error: {err}", file=sys.stderr)
-        tracker.drain(print)
-        tracker.finish("FAILED")
-        return 2
-    except GridInterrupted:  # a second signal: leave at once (pending uploads are redone by the next run)
-        tracker.finish("KILLED")
-        raise
-    if outcome.interrupted is not None:
-        return write_interrupted(spec, outcome, results, tracker, to_run)
-    return write_outputs(spec, outcome, results, tracker, progress, started)
+        results.update(resume(graph, spec.storage, tracker))
+        to_run = [k for k in graph.nodes if k not in results]
+        tracker.record_invocation(complete=len(results), to_run=len(to_run))
+        progress = Progress(graph, skipped=set(results))
+        if interrupts is not None:  # a driver that cannot stop in time still leaves no run RUNNING
+            interrupts.on_overdue = lambda: tracker.kill_open_runs(
+                f"interrupted by {signal.Signals(interrupts.signum).name}; the driver did not stop in time")
+        continued = f", continuing its parent run (invocation {tracker.invocation})" if tracker.invocation > 1 else ""
+        print(f"{len(graph.nodes)} nodes: {len(results)} already complete, {len(to_run)} to run "
+              f"(storage {spec.storage}, MLflow {spec.tracking_uri}{continued})")
+        try:
+            outcome = (run_on_ray(spec, graph, to_run, results, prepared, tracker, progress, interrupts) if to_run
+                       else RayOutcome(graph=graph))
+        except ValueError as err:  # a request that no node of the cluster can ever hold
+            print(f"error: {err}", file=sys.stderr)
+            tracker.finish("FAILED")
+            tracker.drain(print)
+            return 2
+        if outcome.interrupted is not None:
+            return write_interrupted(spec, outcome, results, tracker, to_run)
+        return write_outputs(spec, outcome, results, tracker, progress, started)
+    except GridInterrupted as stop:  # outside the experiment: before it, or while the records drain after it
+        return leave_interrupted(spec, stop.signum, tracker, graph, results)
+
+
+def leave_interrupted(spec: GridSpec, signum: int, tracker: Any, graph: StageGraph,
+                      results: Mapping[str, Any]) -> int:
+    """A signal while no node trains (before the experiment, or after it while MLflow records drain): the
+    records still queued are left to the next run, the runs this invocation left open end KILLED now, and
+    the user learns what is done. Exit status: the shell's for the signal."""
+    from grid.interrupts import exit_status
+
+    name = signal.Signals(signum).name
+    left = tracker.recorder.pending()[0]
+    closed = tracker.kill_open_runs(f"interrupted by {name}")
+    sealed = sum(key in results for key in graph.nodes)
+    print(f"\ninterrupted by {name}: {sealed} of the grid's {len(graph.nodes)} nodes are sealed on storage"
+          + (f"; {left} MLflow record(s) not yet written are left to the next run" if left else "")
+          + (f" ({closed} run(s) closed as KILLED)" if closed else "")
+          + ". Rerun the same command to go on (sealed nodes are kept and recorded, nothing is trained twice).",
+          file=sys.stderr)
+    return exit_status(signum)
 
 
 def write_interrupted(spec: GridSpec, outcome: "RayOutcome", results: Mapping[str, Any], tracker: Any,
@@ -513,13 +533,12 @@ def write_interrupted(spec: GridSpec, outcome: "RayOutcome", results: Mapping[st
     from grid.interrupts import exit_status
 
     name = signal.Signals(outcome.interrupted).name
-    for key in tracker.node_runs:
-        if key not in results and key not in outcome.failed:
-            tracker.kill_node(outcome.graph.nodes[key], f"interrupted by {name}")
-    tracker.drain(lambda text: print(text + " (a second Ctrl-C leaves them to the next run)", file=sys.stderr))
+    stopped = sorted(k for k in tracker.started if k not in results and k not in outcome.failed)
+    for key in stopped:
+        tracker.kill_node(outcome.graph.nodes[key], f"interrupted by {name}")
     tracker.finish("KILLED")
+    tracker.drain(lambda text: print(text + " (a second Ctrl-C leaves them to the next run)", file=sys.stderr))
     sealed = [k for k in to_run if k in results]
-    stopped = sorted(k for k in tracker.node_runs if k not in results and k not in outcome.failed)
     print(f"\ninterrupted by {name}: {len(sealed)} of the {len(to_run)} nodes to run were sealed"
           + (f"; stopped: {', '.join(stopped)}" if stopped else "")
           + ". No report written. Rerun the same command to resume (sealed nodes are kept, training nodes "
@@ -622,15 +641,22 @@ def write_outputs(spec: GridSpec, outcome: RayOutcome, results: Mapping[str, dic
         print(summary_line(stats))
     failed, blocked = outcome.failed, outcome.blocked
     upload_errors = tracker.drain(print)
-    tracker.finish("FAILED" if failed or blocked or upload_errors else "FINISHED", artifacts=paths,
-                   figures=[path for _, path in figures], note=parent_note(spec, graph, tracker, paths[0]))
+    tracker.finish("FAILED" if failed or blocked or upload_errors or tracker.unrecorded() else "FINISHED",
+                   artifacts=paths, figures=[path for _, path in figures],
+                   note=parent_note(spec, graph, tracker, paths[0]))
+    upload_errors = tracker.drain()
+    unrecorded = tracker.unrecorded()
     print(progress.summary_line())
     print(f"report: {paths[0]}  (CSV: {paths[1]}; {len(figures)} figures); {time.monotonic() - started:.0f} s")
     print(mlflow_lines(spec.tracking_uri, tracker.link))
     for key, error in upload_errors.items():
         print(f"  MLflow upload of {key} failed ({error}); its outputs are sealed on storage and the next run "
               f"records them again", file=sys.stderr)
-    if upload_errors and not (failed or blocked):
+    if unrecorded:
+        from grid.records import describe_unrecorded
+
+        print(describe_unrecorded(unrecorded, spec.tracking_uri), file=sys.stderr)
+    if (upload_errors or unrecorded) and not (failed or blocked):
         return 1  # every node sealed, but MLflow lacks some of them until the next run
     if failed or blocked:
         print(f"\n{len(failed)} node(s) failed, {len(blocked)} blocked:", file=sys.stderr)

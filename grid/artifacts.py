@@ -4,6 +4,7 @@ Layout under the storage path (a shared filesystem on a multi-node cluster: ever
 parents' files from here):
 
     <storage>/data/<fingerprint>.arrow      prepared data sets (memory-mapped by the workers)
+    <storage>/data/<fingerprint>.arrow.sha256.json  its size and sha256, checked before reuse
     <storage>/nodes/<hash>/train/           best.pt, last.pt (an interrupted node resumes from last.pt)
     <storage>/nodes/<hash>/*.parquet|*.npy  per-sample predictions, embeddings, plots
     <storage>/nodes/<hash>/result.json      written last, atomically: metrics + SHA-256 of every file

@@ -3,8 +3,10 @@
 With no data root, every task uses the built-in synthetic faces (one store holds labels for all
 three tasks). With ``--data-root DIR``, the data sets are read in their authors' formats from DIR
 (``ferplus/``, ``affectnet/``, ``utkface/``; see :func:`occkd_core.data.sources.find_sources`) and
-converted once into stores cached on the storage path by the source files' checksums. Both caches are
-the core's (:mod:`occkd_core.data.sources`); this module only picks the preset's settings.
+converted once into stores cached on the storage path by the source files' checksums. A cached store
+is checked before it is reused, and a damaged one rebuilt under the same name (so the same node hashes).
+Both caches are the core's (:mod:`occkd_core.data.sources`, :mod:`occkd_core.data.cache`); this module
+only picks the preset's settings.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Sequence
 
 from occkd_core.data import open_face_store
 from occkd_core.data.checks import MiningPlan, check_split_sizes
-from occkd_core.data.sources import check_planned_splits, prepare_real_data, prepare_synthetic_data, real_store_path
+from occkd_core.data.sources import cached_real_store, check_planned_splits, prepare_real_data, prepare_synthetic_data
 from occkd_core.data.synthetic import synthetic_split_labels
 from occkd_core.data.utkface import SPLIT_NAMES
 from occkd_core.presets import Preset
@@ -69,13 +71,16 @@ def prepare_data(preset: Preset, tasks: list[str], storage: Path, data_root: Pat
     prepared = {}
     for task in tasks:
         mining = mining_plans(preset, task, archs)
-        path = prepare_real_data(task, root, cache, **options) if write else real_store_path(task, root, cache, **options)
-        if path.is_file():  # converted now or before: its splits are checked for this task too
+        if write:
+            path, ready = prepare_real_data(task, root, cache, **options), True
+        else:  # a damaged store is said and left: as with none, the sources' labels are checked below
+            path, ready = cached_real_store(task, root, cache, **options)
+        if ready:  # converted now or before: its splits are checked for this task too
             store = open_face_store(path)
             check_split_sizes({name: store.split(name).labels(task) for name in SPLIT_NAMES}, task, source=str(path),
                               mining=mining)
             num_train = len(store.split("train"))
-        else:  # a dry run before the conversion: the sources' labels say what it would give
+        else:  # a dry run before the conversion (or a reconversion): the sources' labels say what it would give
             check_planned_splits(task, root, cache, mining=mining, **options)
             num_train = 0
         prepared[task] = PreparedData(path, path.stem, num_train)

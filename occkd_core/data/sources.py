@@ -10,7 +10,9 @@ Expected layout under ``data_root`` (the datasets' original files, unchanged):
 :func:`prepare_real_data` converts once and names the store by a checksum of its inputs: the bytes of
 every CSV/list file, the sorted names and sizes of image files (not their bytes: hashing ~300k images
 would cost minutes on every call), the loader settings and :data:`CONVERTER_VERSION`. A second call
-finds the file and returns at once; a changed source file, or other settings, give a new store.
+finds the file, checks it against the size and sha256 recorded when it was written (see
+:mod:`occkd_core.data.cache`: a damaged store is converted again, under the same name) and returns; a
+changed source file, or other settings, give a new store.
 
 Store of task "fer":
 
@@ -40,10 +42,11 @@ from PIL import Image
 
 from occkd_core.data import affectnet
 from occkd_core.data.affectnet import load_affectnet
+from occkd_core.data.cache import reuse_cached_store, write_cached_store
 from occkd_core.data.checks import MiningPlan, check_split_sizes
 from occkd_core.data.ferplus import LABEL_RULES, LabelRule, ferplus_split_labels, load_ferplus
 from occkd_core.data.synthetic import make_synthetic_faces, synthetic_split_sizes
-from occkd_core.data.store import SCHEMA_VERSION, FaceData, FaceSplit, open_face_store, write_face_store
+from occkd_core.data.store import SCHEMA_VERSION, FaceData, FaceSplit
 from occkd_core.data.utkface import UTKFACE_SIZE, load_utkface, utkface_split_labels
 from occkd_core.files import file_sha256
 from occkd_core.tasks import get_task
@@ -262,13 +265,20 @@ def prepare_real_data(task: str, data_root: Path, cache_dir: Path, *, label_rule
     """
     plan = _plan(task, data_root, cache_dir, label_rule=label_rule, union_size=union_size, seed=seed,
                  affectnet_cap_per_class=affectnet_cap_per_class, max_input_size=max_input_size)
-    if plan.path.is_file():
-        try:
-            open_face_store(plan.path)  # O(1): a damaged or foreign file is converted again below
-            return plan.path
-        except ValueError:
-            pass
+    if reuse_cached_store(plan.path, write=True, sources=_describe(plan)):  # a damaged one is converted again
+        return plan.path
     return _convert_and_write(task, plan)
+
+
+def cached_real_store(task: str, data_root: Path, cache_dir: Path, **options: Any) -> tuple[Path, bool]:
+    """For --dry-run: where :func:`prepare_real_data` keeps the store of ``task``, and whether it is there
+    and sound. Checked as prepare_real_data checks it; a damaged one is said, not touched: nothing is written."""
+    plan = _plan(task, data_root, cache_dir, **options)
+    return plan.path, reuse_cached_store(plan.path, write=False, sources=_describe(plan))
+
+
+def _describe(plan: _StorePlan) -> str:
+    return ", ".join(str(path) for _, path in sorted(plan.found.items()))
 
 
 def _plan(task: str, data_root: Path, cache_dir: Path, *, label_rule: LabelRule = "majority", union_size: int = 48,
@@ -332,7 +342,7 @@ def _convert_and_write(task: str, plan: _StorePlan) -> Path:
             "settings": json.dumps(settings, sort_keys=True),
             "converter_version": CONVERTER_VERSION,
         }
-        return write_face_store(path, FaceData(name=data.name, splits=data.splits, metadata=metadata))
+        return write_cached_store(path, FaceData(name=data.name, splits=data.splits, metadata=metadata))
     finally:
         scratch.unlink(missing_ok=True)
 
@@ -352,13 +362,15 @@ class SyntheticStore:
 def prepare_synthetic_data(num_faces: int, image_size: int, seed: int, cache_dir: Path, *,
                            write: bool = True) -> SyntheticStore:
     """The built-in synthetic faces as a cached store (``synthetic-<fingerprint>.arrow`` in ``cache_dir``),
-    drawn and written now if absent and ``write``; with ``write=False`` nothing is written."""
+    drawn and written now if absent or damaged (:mod:`occkd_core.data.cache`) and ``write``; with
+    ``write=False`` nothing is written."""
     settings = {"version": SYNTHETIC_VERSION, "num_faces": num_faces, "image_size": image_size, "seed": seed}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"synthetic-{fingerprint}.arrow"
-    if write and not path.exists():
-        write_face_store(path, make_synthetic_faces(num_faces, image_size=image_size, seed=seed))
+    generator = f"the synthetic generator ({num_faces} faces, {image_size} px, seed {seed})"
+    if not reuse_cached_store(path, write=write, sources=generator) and write:
+        write_cached_store(path, make_synthetic_faces(num_faces, image_size=image_size, seed=seed))
     return SyntheticStore(path=path, fingerprint=fingerprint, num_train=synthetic_split_sizes(num_faces)[0])
 
-__all__ = ["CONVERTER_VERSION", "REAL_TASK_SOURCES", "SOURCE_LAYOUT", "TaskSources", "find_sources",
-           "prepare_real_data", "prepare_synthetic_data", "real_store_path", "source_checksums"]
+__all__ = ["CONVERTER_VERSION", "REAL_TASK_SOURCES", "SOURCE_LAYOUT", "TaskSources", "cached_real_store",
+           "find_sources", "prepare_real_data", "prepare_synthetic_data", "real_store_path", "source_checksums"]

@@ -182,7 +182,7 @@ class Tracker:
                 if found is None or found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
                     self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         except Exception as err:  # unreachable server, unwritable store: say which URI
-            raise RuntimeError(f"cannot reach the MLflow tracking store {tracking_uri!r}: {err}") from None
+            raise RuntimeError(f"cannot reach the MLflow tracking store {tracking_uri!r}: {one_line(err)}") from None
         self.sha = git_sha(CODE_ROOT)
         self.storage = storage
         self.data = dict(data or {})
@@ -564,10 +564,52 @@ def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
         except (OSError, urllib.error.URLError) as err:
             raise RuntimeError(f"cannot reach the MLflow tracking server {uri!r} ({err}); start it, or check "
                                f"the port-forward, or pass another --tracking-uri") from None
+        _check_mlflow_api(uri, timeout)
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise RuntimeError(f"cannot create the MLflow store {uri!r}: {folder} is not a writable directory")
+        path = Path(uri[len("sqlite:///"):])
+        if path.exists():  # an existing file must be a SQLite database (MLflow would fail after the data store)
+            try:
+                with open(path, "rb") as file:
+                    header = file.read(16)
+            except OSError as err:
+                raise RuntimeError(f"cannot read the MLflow store {uri!r}: {err.strerror}") from None
+            if header != b"SQLite format 3\x00":
+                raise RuntimeError(f"--tracking-uri {uri!r}: {path} is not an SQLite database; name a new file or an "
+                                   f"existing MLflow store")
+        elif not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+            raise RuntimeError(f"cannot create the MLflow store {uri!r}: {path.parent} is not a writable directory")
+
+
+#: An MLflow server answers this with JSON (the experiment, or RESOURCE_DOES_NOT_EXIST); other servers don't.
+API_PROBE = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+
+
+def _check_mlflow_api(uri: str, timeout: float) -> None:
+    """A server that answers /health may still not be MLflow (another web app on that port): ask MLflow's REST
+    API and expect JSON. A server asking for credentials is taken on trust here; MLflow's client sends them."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + API_PROBE, timeout=timeout) as response:
+            status, kind, body = response.status, response.headers.get_content_type(), response.read(65536)
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            return
+        status, kind, body = err.code, err.headers.get_content_type(), err.read(65536)
+    except (OSError, urllib.error.URLError) as err:
+        raise RuntimeError(f"cannot reach the MLflow tracking server {uri!r} ({err})") from None
+    try:
+        json.loads(body)
+    except ValueError:
+        raise RuntimeError(f"{uri} answers, but not as an MLflow tracking server (GET {API_PROBE.split('?')[0]}: "
+                           f"HTTP {status}, {kind}); check the host and port of --tracking-uri") from None
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An error as one line a user reads: its first line, markup stripped, cut to ``limit`` characters (a web
+    server's error page would otherwise fill the terminal)."""
+    text = re.sub(r"<[^>]+>", " ", str(err))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    first = re.sub(r"\s+", " ", first)
+    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 def default_tracking_uri(workdir: Path) -> str:

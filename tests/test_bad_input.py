@@ -47,6 +47,7 @@ CASES = [
     (["--tracking-uri", "foo://bar"], "--tracking-uri 'foo://bar': unknown scheme 'foo'"),
     (["--tracking-uri", "file:///tmp/mlruns"], "MLflow 3 keeps its file store ('mlruns' folders) in maintenance mode"),
     (["--tracking-uri", "./mlruns"], "use a database, e.g. sqlite:///"),
+    (["--tracking-uri", "sqlite:///notes.txt"], "notes.txt is not an SQLite database"),
     (["--tasks", "gender,gender"], "--tasks names gender more than once"),
     (["--archs", "vggf,vggf"], "--archs names vggf more than once"),
     (["--storage", "notes.txt/runs"], "notes.txt is a file, so no folder can be made under it"),
@@ -228,3 +229,38 @@ def test_a_truncated_fer_csv_gz_is_named(tmp_path: Path, monkeypatch, capsys):
     errors = [line for line in err.splitlines() if "error:" in line]
     assert code == 2 and len(errors) == 1, err
     assert "fer2013.csv.gz is not a valid FER2013 CSV" in errors[0]
+
+
+def test_a_web_server_that_is_not_mlflow_is_refused_in_one_line_before_anything_is_written(tmp_path: Path, monkeypatch,
+                                                                                           capsys):
+    """Issue 28 item 13: another web app on the port answers /health with 200 and everything else with an HTML
+    page. The grid used to prepare the data store first, then dump that page in its error."""
+    import http.server
+    import threading
+
+    class AnyPage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            body = b"<!DOCTYPE html><html><head><title>Welcome</title></head><body>" + b"<p>hello</p>\n" * 500
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnyPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        before = set(tmp_path.iterdir())
+        code, err = run_main(tmp_path, monkeypatch, capsys, ["--tasks", "gender", "--archs", "vggf",
+                                                             "--tracking-uri", f"http://127.0.0.1:{server.server_port}"])
+    finally:
+        server.shutdown()
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "answers, but not as an MLflow tracking server" in err and "HTTP 200, text/html" in err
+    assert "<" not in err and "hello" not in err
+    assert set(tmp_path.iterdir()) == before  # no data store, no storage

@@ -74,7 +74,7 @@ from occkd_core.tasks import get_task  # noqa: E402
 from occkd_core.training import StageSpec, _make_optimizer, _run_epoch, train_stage  # noqa: E402
 
 PARTS = ("ddp", "throughput", "chain")
-#: FER+ training faces (majority labels), RESULTS.md section 10: the README's `mid` GPU estimate is for FER+.
+#: FER+ training faces (majority labels), RESULTS.md section 10: docs/results.md's `mid` GPU estimate is for FER+.
 FER_TRAIN_FACES = 25_057
 
 
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["fer_minutes"] = (row["train_seconds"] + ablation) * FER_TRAIN_FACES / row["num_train"] / 60
             report.chain["scaling_note"] = (
                 f"FER+ column: this chain's training time plus the student's once more (the grid's ablation student), "
-                f"scaled by FER+'s {FER_TRAIN_FACES:,} training faces over this run's {num_train:,}: the README's "
+                f"scaled by FER+'s {FER_TRAIN_FACES:,} training faces over this run's {num_train:,}: docs/results.md's "
                 f"`mid` FER+ estimate, from a measurement of the same stages on UTKFace (same epochs; FER+ mines "
                 f"10 % pools instead of 20 %; its fusion is not included)."
                 + ("" if full_chain else " Not given here: epochs or grid points were capped in this run.")

@@ -1,7 +1,7 @@
 """The grid on a local autoscaling Ray cluster, as on a cloud one: Ray's fake multi-node provider with
 cluster.yaml's own worker node type (``gpu_worker``: 48 CPUs, 4 GPUs, here logical, at min_workers 0, at
 most 2) beside a 1-CPU head, and a real ``mlflow server`` over HTTP, both started by
-``grid/local_cluster.py`` (the script the README gives users).
+``grid/local_cluster.py`` (the script docs/clusters.md gives users).
 
 A small grid whose preset asks for a GPU per training node runs with ``--ray-address auto``. It keeps the
 GPU requests (it reads the node types from --cluster-config), so the autoscaler launches GPU workers;

@@ -101,7 +101,7 @@ def test_a_gpu_request_no_node_can_hold_is_refused_naming_the_preset_entry(tmp_p
 
 
 def test_cpus_beyond_every_node_are_capped_and_the_plan_names_the_preset_value(tmp_path: Path, monkeypatch, capsys):
-    """Capped, not refused: paper and mid ask 4-8 CPUs per node and run on a 2-core machine (README)."""
+    """Capped, not refused: paper and mid ask 4-8 CPUs per node and run on a 2-core machine (docs/scheduling.md)."""
     import os
 
     (tmp_path / "cpus.yaml").write_text("extends: smoke\nresources: {vggf: {cpus: 100000}}\n")

@@ -1,7 +1,7 @@
-"""The README's cluster commands on one machine: a Ray head started as cluster.yaml starts it (dashboard
+"""The cluster commands of docs/clusters.md on one machine: a Ray head started as cluster.yaml starts it (dashboard
 on 127.0.0.1), then a small grid submitted with `ray job submit` that joins it with --ray-address auto.
 
-From a new account's empty HOME, in the README's order: `python grid/ray_token.py` makes the cluster's token
+From a new account's empty HOME, in that page's order: `python grid/ray_token.py` makes the cluster's token
 (cluster.yaml copies that file to every node), the head starts in token mode, and the client, holding the
 same token, submits with RAY_AUTH_MODE=token; a client without the token is told in one line what to do.
 The Jobs API needs ray[default], which pyproject installs.

@@ -22,7 +22,9 @@ concurrently collide, a known problem of per-trial MLflow logging in Ray).
   grid's parent run nor supersedes its node runs.
 
 A node already recorded as FINISHED is never recorded again, and runs that a killed invocation left
-RUNNING are closed as FAILED on the next start.
+RUNNING are closed as FAILED on the next start. The store is checked before any of this by
+:mod:`grid.tracking_store`; what a run holds (datasets, metric names, logged model files) is
+:mod:`grid.mlflow_content`.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from occkd_core.tasks import TASKS  # noqa: E402
 from grid.widths import EFFICIENCY_AT_8, WidthPolicy, speedup  # noqa: E402
 
 if TYPE_CHECKING:
-    from grid.scheduler import DependencySearcher
+    from grid.searcher import DependencySearcher
 
 NUM_NODES, GPUS_PER_NODE, CPUS_PER_NODE = 4, 8, 64
 #: Training images per task in the papers (spec §2): FER+ 25,045 + capped AffectNet 88,021 (joint
@@ -106,7 +106,9 @@ def make_searcher(graph: StageGraph, machines: int, widths: bool, policy: WidthP
                   read_nodes=None) -> "DependencySearcher":
     """The grid's searcher over ``graph``, admitting by the grid's capacity model of ``machines`` × 8 GPUs
     (or of the live Ray nodes), choosing widths when ``widths``."""
-    from grid.scheduler import HEAD, ClusterCapacity, DependencySearcher, RunSettings
+    from grid.bundles import HEAD
+    from grid.capacity import ClusterCapacity
+    from grid.searcher import DependencySearcher, RunSettings
 
     if read_nodes is None:
         layout = [{"CPU": float(CPUS_PER_NODE), "GPU": float(GPUS_PER_NODE)} for _ in range(machines)]
@@ -171,7 +173,8 @@ def run_on_ray(graph: StageGraph, seconds: dict[str, float], storage: Path, widt
     import ray
     from ray import tune
 
-    from grid.scheduler import live_nodes, max_concurrency, worker_placement
+    from grid.bundles import worker_placement
+    from grid.capacity import live_nodes, max_concurrency
 
     def sleeping_node(config: dict) -> None:
         # As in the grid: a training node's trial holds only a sliver of the head, and its workers' bundles
@@ -195,8 +198,8 @@ def run_on_ray(graph: StageGraph, seconds: dict[str, float], storage: Path, widt
             ray.util.remove_placement_group(group)
 
     def held(config: dict) -> tune.PlacementGroupFactory:
-        # Defined here, not imported from grid.scheduler: shipping that module would make every trial
-        # process import torch.
+        # Defined here, not the grid's grid.bundles.trial_resources: when this was written, shipping the grid's
+        # module made every trial process import torch.
         if config["node"]["kind"] == "train":
             return tune.PlacementGroupFactory([{"node:__internal_head__": 0.001}])
         return tune.PlacementGroupFactory([{"CPU": float(config["node"]["resources"]["cpus"])}])

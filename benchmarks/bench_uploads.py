@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine_line, markdown_table  # noqa: E402
 from grid.graph import expand_graph  # noqa: E402
 from grid.local_cluster import mlflow_server  # noqa: E402
-from grid.tracking import DataRecord, Tracker  # noqa: E402
+from grid.mlflow_content import DataRecord  # noqa: E402
+from grid.tracking import Tracker  # noqa: E402
 from occkd_core.presets import load_preset  # noqa: E402
 
 

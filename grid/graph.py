@@ -314,7 +314,7 @@ def default_resources(preset: Preset, archs: Iterable[str]) -> dict[str, Resourc
 
 def describe_graph(graph: StageGraph, ray_train: str = "multi") -> str:
     """A readable listing of the graph for ``--dry-run``: per node its hash, the resources it asks for (as
-    given: run_all fits them to the cluster first), whether it trains through Ray Train under the resolved
+    given: grid.cluster_plan fits them to the cluster first), whether it trains through Ray Train under the resolved
     ``ray_train`` mode ("always" or "multi"), and its parents."""
     lines = []
     counts: dict[str, int] = {}

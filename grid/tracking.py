@@ -22,7 +22,9 @@ concurrently collide, a known problem of per-trial MLflow logging in Ray).
   grid's parent run nor supersedes its node runs.
 
 A node already recorded as FINISHED is never recorded again, and runs that a killed invocation left
-RUNNING are closed as FAILED on the next start.
+RUNNING are closed as FAILED on the next start. The store is checked before any of this by
+:mod:`grid.tracking_store`; what a run holds (datasets, metric names, logged model files) is
+:mod:`grid.mlflow_content`.
 """
 
 from __future__ import annotations
@@ -31,32 +33,28 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shlex
-import shutil
-import subprocess
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 # Against a tracking server MLflow prints "View run ... at: URL" for every run it ends: dozens of lines
 # through the grid's progress view. The report and the parent run link the runs instead.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
-from mlflow.data.meta_dataset import MetaDataset
-from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from grid.code import CODE_ROOT, code_fingerprint
+from grid.faults import hold_upload, upload_delay
 from grid.graph import Node
-from grid.records import Job, Recorder, describe_unrecorded  # noqa: F401 - describe_unrecorded: the driver's
+from grid.mlflow_content import (
+    DataRecord, dataset_inputs, dataset_link, flatten, git_sha, metric_name, model_name, node_note, stage_model,
+)
+from grid.records import Job, Recorder
 from grid.storage_lock import driver_alive, driver_identity
+from grid.tracking_store import one_line, schema_lock
 
 PARENT_TAG = "mlflow.parentRunId"
 #: The driver (host, pid, process start) that created a run, and the storage it ran on.
@@ -73,77 +71,6 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 GRID_TAG = "occkd.grid"
 #: The port ``mlflow ui`` serves on unless told otherwise.
 UI_PORT = 5000
-#: Tests hold a node's uploads back with OCCKD_FAULT_UPLOAD_DELAY='{"node": KEY, "seconds": S}'.
-UPLOAD_DELAY_ENV = "OCCKD_FAULT_UPLOAD_DELAY"
-
-
-def git_sha(repo: Path | None = None) -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).parent, capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def flatten(prefix: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for key, inner in value.items():
-            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
-        return out
-    return {prefix: value}
-
-
-@dataclass(frozen=True)
-class DataRecord:
-    """A task's prepared store as MLflow sees it: one dataset per split, named ``<data set>/<split>``, with
-    the store's fingerprint as digest and its path as source."""
-
-    name: str  # e.g. "ferplus", "utkface", "synthetic"
-    fingerprint: str
-    path: str
-    splits: Mapping[str, int]  # split -> rows
-
-    def dataset(self, split: str) -> "StoreSplit":
-        return StoreSplit(self, split)
-
-    def dataset_name(self, split: str) -> str:
-        return f"{self.name}/{split}"
-
-
-class StoreSplit(MetaDataset):
-    """One split of a prepared store: MLflow's metadata-only dataset plus its row count as the profile
-    (MetaDataset has none, and the UI shows the profile beside the digest)."""
-
-    def __init__(self, record: DataRecord, split: str) -> None:
-        super().__init__(LocalArtifactDatasetSource(record.path), name=record.dataset_name(split),
-                         digest=record.fingerprint[:36])
-        self.rows = int(record.splits[split])
-
-    @property
-    def profile(self) -> dict[str, int]:
-        return {"num_rows": self.rows}
-
-    def to_dict(self) -> dict[str, str]:
-        return {**super().to_dict(), "profile": json.dumps(self.profile)}
-
-
-def _upload_delay() -> dict[str, Any]:
-    text = os.environ.get(UPLOAD_DELAY_ENV)
-    return json.loads(text) if text else {}
-
-
-def model_name(node: Node) -> str:
-    """A node key as an MLflow logged-model name, which may not hold / : . % or quotes."""
-    return re.sub(r"[/:.%\"']", "-", node.key)
-
-
-def node_note(node: Node, storage: str) -> str:
-    """A node run's description in the MLflow UI: what it is, what it starts from, where its files are."""
-    parents = ", ".join(f"{edge.role} `{edge.key}`" for edge in node.parents) or "none"
-    faces = f", trained on {node.train_faces} faces" if node.kind == "train" else ""
-    return (f"`{node.key}`: {node.strategy.replace('_', ' ')} ({node.kind} node){faces}. Parents: {parents}. "
-            f"Content hash `{node.hash}`; its sealed outputs are in `{Path(storage or '.') / 'nodes' / node.hash}`.")
 
 
 def ui_link(tracking_uri: str, experiment_id: str, port: int = UI_PORT) -> str:
@@ -175,7 +102,7 @@ class Tracker:
             logging.getLogger(name).setLevel(logging.WARNING)
         self.tracking_uri = tracking_uri
         try:
-            with _schema_lock(tracking_uri):  # two drivers creating one new SQLite store race on its tables
+            with schema_lock(tracking_uri):  # two drivers creating one new SQLite store race on its tables
                 self.client = MlflowClient(tracking_uri=tracking_uri)
                 found = self.client.get_experiment_by_name(experiment)
                 self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
@@ -186,7 +113,7 @@ class Tracker:
         self.sha = git_sha(CODE_ROOT)
         self.storage = storage
         self.data = dict(data or {})
-        self._delay = _upload_delay()
+        self._delay = upload_delay()
         # Which driver a run belongs to, so that another invocation closes only runs whose driver is gone.
         # The code that trains: every trial checks it imports exactly this (grid.code), so the commit recorded
         # beside is the code's, and occkd.code tells uncommitted edits apart.
@@ -302,29 +229,9 @@ class Tracker:
             params["pretrained"] = dict(node.init)
         self._log_params(run.info.run_id, params, client)
         if node.task in self.data:
-            client.log_inputs(run.info.run_id, datasets=self._dataset_inputs(node, self.data[node.task]))
+            client.log_inputs(run.info.run_id, datasets=dataset_inputs(node, self.data[node.task]))
         self.node_runs[node.key] = run.info.run_id
         return run.info.run_id
-
-    @staticmethod
-    def _dataset_inputs(node: Node, record: DataRecord) -> list[DatasetInput]:
-        """The splits a node reads, each with its split as context and the faces it sees: training and
-        validation under the node's training faces, test sets under every visibility it is scored on."""
-        inputs = []
-        for split in record.splits:
-            is_test = split.startswith("test")
-            if node.kind == "significance" and not is_test:
-                continue
-            faces = "full,lower,upper" if is_test and node.kind == "train" else node.train_faces
-            tags = [InputTag("mlflow.data.context", split), InputTag("occkd.faces", faces)]
-            inputs.append(DatasetInput(record.dataset(split)._to_mlflow_entity(), tags=tags))
-        return inputs
-
-    def _dataset_link(self, node: Node, split: str) -> dict[str, str]:
-        record = self.data.get(node.task)
-        if record is None or split not in record.splits:
-            return {}
-        return {"dataset_name": record.dataset_name(split), "dataset_digest": record.fingerprint[:36]}
 
     def log_epoch(self, node: Node, metrics: Mapping[str, Any]) -> None:
         step = int(metrics.get("epoch", 0))
@@ -352,11 +259,11 @@ class Tracker:
         run_id = self._node_run(client, node)
         model_id = self._create_model(client, node, run_id) if checkpoint is not None else None
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0, model_id=model_id, **self._dataset_link(node, "val"))
+        metrics = [Metric(k, float(v), now, 0, model_id=model_id, **dataset_link(self.data.get(node.task), "val"))
                    for k, v in result.get("metrics", {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
         metrics += [Metric(metric_name(row, node.strategy), float(row["value"]), now, 0, model_id=model_id,
-                           **self._dataset_link(node, row["test_set"])) for row in result.get("scores", [])]
+                           **dataset_link(self.data.get(node.task), row["test_set"])) for row in result.get("scores", [])]
         for start in range(0, len(metrics), 500):
             client.log_batch(run_id, metrics=metrics[start : start + 500])
         for comparison in result.get("comparisons", []):
@@ -391,14 +298,13 @@ class Tracker:
         """On the recorder's thread: the node's files, its model's checkpoint, then the run's end. A failure
         while the store answers ends the run FAILED with the reason; during an outage the recorder holds
         the whole record and writes it again once the store answers."""
-        if self._delay.get("node") == node.key:  # tests: an upload that takes this long
-            time.sleep(float(self._delay["seconds"]))
+        hold_upload(self._delay, node.key)  # tests: an upload that takes this long
         try:
             for path, artifact_path in files:
                 client.log_artifact(run_id, str(path), artifact_path=artifact_path)
             if model_id:
                 with tempfile.TemporaryDirectory(prefix="occkd-model-") as folder:
-                    _stage_model(Path(folder), node, checkpoint)
+                    stage_model(Path(folder), node, checkpoint)
                     client.log_model_artifacts(model_id, folder)
                 client.finalize_logged_model(model_id, "READY")
             client.set_terminated(run_id, status="FINISHED")
@@ -501,118 +407,3 @@ class Tracker:
             client.set_terminated(run_id, status=status)
 
         self.recorder.submit(Job("parent", "parent", record, final=True))
-
-
-def _stage_model(folder: Path, node: Node, checkpoint: Path) -> None:
-    """A logged model's files: the checkpoint (linked, not copied) and how to read it without unpickling
-    code (``torch.load(weights_only=True)``; the architecture travels as a dict inside)."""
-    target = folder / "best.pt"
-    try:
-        target.symlink_to(checkpoint.resolve())
-    except OSError:
-        shutil.copyfile(checkpoint, target)
-    (folder / "occkd_model.json").write_text(json.dumps({
-        "node": node.key, "node_hash": node.hash, "task": node.task, "arch": node.arch, "strategy": node.strategy,
-        "train_faces": node.train_faces, "checkpoint": "best.pt",
-        "load": "from occkd_core.checkpoints import load_model; model, info = load_model('best.pt')  "
-                "# torch.load(weights_only=True): a state dict and the model spec, no pickled code; "
-                "info['input_spec'] is the normalisation it expects (checkpoint_input_spec)",
-    }, indent=1))
-
-
-@contextlib.contextmanager
-def _schema_lock(uri: str) -> Iterator[None]:
-    """Hold an OS lock beside a SQLite store while MLflow first opens it: MLflow creates the schema on first
-    use, and two processes doing so at once crash with "table ... already exists" (seen with two grids
-    started together on a new mlflow.db). Other stores serialise this themselves."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    import fcntl
-
-    with open(f"{uri[len('sqlite:///'):]}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def metric_name(row: Mapping[str, Any], node_strategy: str) -> str:
-    """A score row's MLflow name: ``test_lower_accuracy`` for the node's own model,
-    ``standard_kd_svm_test_affectnet_lower_accuracy`` for another model of the node (fusion's variants)."""
-    prefix = "" if row["model"] == node_strategy else f"{row['model']}_"
-    return f"{prefix}{row['test_set']}_{row['visible']}_{row['metric']}"
-
-
-#: Tracking-store schemes MLflow 3 serves runs from (its SQLAlchemy databases, a server, Databricks).
-TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
-
-
-def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
-    """Fail fast, before anything is written, when the tracking store cannot be reached (MLflow's own
-    client retries a dead server for minutes)."""
-    scheme = uri.partition("://")[0].split("+")[0].lower() if "://" in uri else ""
-    if scheme in ("", "file"):
-        raise RuntimeError(f"--tracking-uri {uri!r}: MLflow 3 keeps its file store ('mlruns' folders) in maintenance "
-                           f"mode; use a database, e.g. sqlite:///{Path.cwd() / 'mlflow.db'}, or an MLflow server "
-                           f"(http://HOST:PORT)")
-    if scheme not in TRACKING_SCHEMES:
-        raise RuntimeError(f"--tracking-uri {uri!r}: unknown scheme {scheme!r}; use sqlite:///PATH/mlflow.db, "
-                           f"http(s)://HOST:PORT (an MLflow server) or {', '.join(s for s in TRACKING_SCHEMES if s not in ('sqlite', 'http', 'https'))}")
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-                response.read()
-        except (OSError, urllib.error.URLError) as err:
-            raise RuntimeError(f"cannot reach the MLflow tracking server {uri!r} ({err}); start it, or check "
-                               f"the port-forward, or pass another --tracking-uri") from None
-        _check_mlflow_api(uri, timeout)
-    elif uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if path.exists():  # an existing file must be a SQLite database (MLflow would fail after the data store)
-            try:
-                with open(path, "rb") as file:
-                    header = file.read(16)
-            except OSError as err:
-                raise RuntimeError(f"cannot read the MLflow store {uri!r}: {err.strerror}") from None
-            if header != b"SQLite format 3\x00":
-                raise RuntimeError(f"--tracking-uri {uri!r}: {path} is not an SQLite database; name a new file or an "
-                                   f"existing MLflow store")
-        elif not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-            raise RuntimeError(f"cannot create the MLflow store {uri!r}: {path.parent} is not a writable directory")
-
-
-#: An MLflow server answers this with JSON (the experiment, or RESOURCE_DOES_NOT_EXIST); other servers don't.
-API_PROBE = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
-
-
-def _check_mlflow_api(uri: str, timeout: float) -> None:
-    """A server that answers /health may still not be MLflow (another web app on that port): ask MLflow's REST
-    API and expect JSON. A server asking for credentials is taken on trust here; MLflow's client sends them."""
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + API_PROBE, timeout=timeout) as response:
-            status, kind, body = response.status, response.headers.get_content_type(), response.read(65536)
-    except urllib.error.HTTPError as err:
-        if err.code in (401, 403):
-            return
-        status, kind, body = err.code, err.headers.get_content_type(), err.read(65536)
-    except (OSError, urllib.error.URLError) as err:
-        raise RuntimeError(f"cannot reach the MLflow tracking server {uri!r} ({err})") from None
-    try:
-        json.loads(body)
-    except ValueError:
-        raise RuntimeError(f"{uri} answers, but not as an MLflow tracking server (GET {API_PROBE.split('?')[0]}: "
-                           f"HTTP {status}, {kind}); check the host and port of --tracking-uri") from None
-
-
-def one_line(err: BaseException, limit: int = 300) -> str:
-    """An error as one line a user reads: its first line, markup stripped, cut to ``limit`` characters (a web
-    server's error page would otherwise fill the terminal)."""
-    text = re.sub(r"<[^>]+>", " ", str(err))
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
-    first = re.sub(r"\s+", " ", first)
-    return first if len(first) <= limit else first[: limit - 3] + "..."
-
-
-def default_tracking_uri(workdir: Path) -> str:
-    """A SQLite store in the working directory, so ``mlflow ui`` opens it (MLflow's default store since 3.7)."""
-    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
-

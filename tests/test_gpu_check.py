@@ -64,7 +64,7 @@ assert "occkd_core.gradcam" not in sys.modules
 for name in {ABSENT_ON_GPU_IMAGE!r}:
     assert sys.modules[name] is None, name
 try:
-    import grid.scheduler  # imports Ray: the block works
+    import grid.searcher  # imports Ray: the block works
 except ImportError:
     print("blocked as expected")
 del sys.modules["pytorch_grad_cam"]  # and the core's one module that needs grad-cam needs neither Ray nor MLflow

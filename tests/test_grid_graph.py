@@ -10,10 +10,11 @@ import pytest
 import yaml
 
 from grid.graph import Edge, Node, Resources, expand_graph
-from grid.scheduler import (
-    ClusterCapacity, DependencySearcher, RunSettings, cluster_shape, fit_resources, max_concurrency, node_bundles,
-    read_node_types, resolve_ray_train,
+from grid.bundles import node_bundles
+from grid.capacity import (
+    ClusterCapacity, cluster_shape, fit_resources, max_concurrency, read_node_types, resolve_ray_train,
 )
+from grid.searcher import DependencySearcher, RunSettings
 from occkd_core.presets import load_preset
 from occkd_core.models import ARCHITECTURES
 from occkd_core.tasks import TASKS
@@ -494,7 +495,7 @@ def test_a_dry_run_on_real_data_converts_and_writes_nothing(tmp_path: Path, monk
 
 def test_weights_are_staged_on_the_storage_every_node_mounts_without_changing_the_teachers_identity(tmp_path: Path):
     """--weights paths are read on the driver's machine; teachers open the copy on --storage, made once."""
-    from grid.run_all import stage_weights
+    from grid.weights import stage_weights
     from occkd_core.pretrained import WeightsFile
 
     from published_files import mean_image, vgg_f_layers, write_simplenn

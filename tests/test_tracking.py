@@ -72,7 +72,7 @@ def test_two_drivers_opening_a_new_sqlite_store_at_once_both_get_their_runs(tmp_
 
 
 def _sealed_teacher(tmp_path: Path):
-    from grid.tracking import DataRecord
+    from grid.mlflow_content import DataRecord
 
     graph = expand_graph(load_preset("smoke"), ["gender"], ["vggf"], train_sizes={"gender": 100},
                          data_fingerprints={"gender": "0123456789abcdef"})

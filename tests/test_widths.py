@@ -6,7 +6,9 @@ import pytest
 import yaml
 
 from grid.graph import Resources, default_resources, expand_graph
-from grid.scheduler import HEAD, ClusterCapacity, DependencySearcher, RunSettings, node_bundles, worker_placement
+from grid.searcher import DependencySearcher, RunSettings
+from grid.bundles import HEAD, node_bundles, worker_placement
+from grid.capacity import ClusterCapacity
 from grid.widths import EFFICIENCY_AT_8, WidthPolicy, batch_widths, choose_width, scaling_efficiency, speedup
 from occkd_core.models import ARCHITECTURES
 from occkd_core.presets import PRESET_DIR, load_preset

@@ -1,0 +1,176 @@
+"""Running the stage graph on Ray: one Tune experiment whose searcher releases a node when its parents
+are done, so there is no barrier between stages. Runs on the driver.
+
+:class:`DependencySearcher` suggests the ready node with the longest remaining chain of work below it
+(critical-path priority), returns ``None`` while nothing is ready, and blocks the descendants of a node
+that failed for good. It admits a node only where :class:`grid.capacity.ClusterCapacity` finds room.
+Given a :class:`grid.widths.WidthPolicy`, it also chooses each GPU training node's width (DDP workers) as
+it hands it out: wider for the chains that bound the makespan. The trials it configures run
+:func:`grid.trials.run_node_trial`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ray.tune.search import Searcher
+
+from grid.artifacts import node_dir
+from grid.bundles import node_bundles
+from grid.graph import Node, Resources, StageGraph
+from grid.widths import WidthChoice, WidthPolicy
+
+if TYPE_CHECKING:
+    from grid.capacity import ClusterCapacity
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every trial needs besides its node (travels in the trial config)."""
+
+    storage: str  # absolute path visible from every Ray node
+    data_paths: Mapping[str, str]  # task -> prepared Arrow store
+    ray_train: str = "multi"  # resolved (see resolve_ray_train): "multi" or "always"
+    fault_injection: Mapping[str, int] | None = None  # tests only: node key -> attempts that fail
+    train_max_failures: int = 2  # worker-group restarts Ray Train allows a node (FailureConfig)
+    machine_gpus: float = 0.0  # GPUs of the largest machine: a node's GPU workers up to it share one machine
+    code: str = ""  # the driver's grid.code.code_fingerprint(): a trial importing other code refuses to run
+
+
+class DependencySearcher(Searcher):
+    """Suggests nodes whose parents are all done; a node that errors blocks its descendants."""
+
+    def __init__(self, graph: StageGraph, to_run: list[str], done: set[str], settings: RunSettings,
+                 capacity: "ClusterCapacity | None" = None, widths: WidthPolicy | None = None) -> None:
+        super().__init__(metric=None, mode=None)
+        self.graph, self.settings, self.capacity, self.widths = graph, settings, capacity, widths
+        self._bundle_cache: dict[str, list[dict[str, float]]] = {}
+        self.resources: dict[str, Resources] = {}  # node key -> what it was handed out with (its width)
+        self.width_choices: dict[str, WidthChoice] = {}  # node key -> why it got its width
+        self.pending = list(to_run)
+        self.done = set(done)
+        self.running: dict[str, str] = {}  # trial_id -> node key
+        self.failed: dict[str, str] = {}  # node key -> reason
+        self.blocked: dict[str, str] = {}  # node key -> failed ancestor
+        # Wall-clock times for the timeline (grid.timeline): handed to Tune, and seen finished.
+        self.ready_at: dict[str, float] = {}
+        self.completed_at: dict[str, float] = {}
+        priority = graph.critical_path()
+        self.priority = priority
+        self.pending.sort(key=lambda k: -priority[k])
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        ready = [key for key in self.pending if all(p in self.done for p in self.graph.nodes[key].parent_keys)]
+        if not ready and not self.running:
+            return Searcher.FINISHED  # nothing left, or only descendants of failed nodes
+        # By priority; a smaller ready node fills room the first cannot use. With nothing running, the first
+        # ready node goes even if the packing finds no room: its request fits some node or node type
+        # (fit_resources), so Ray places it or its autoscaler adds a node (the packing is only a model).
+        admitted = None
+        for key in ready:
+            resources = self._admit(key)
+            if resources is not None:
+                admitted = key
+                break
+        if admitted is None and not self.running and ready:
+            admitted, resources = ready[0], self.graph.nodes[ready[0]].resources
+            if self.capacity is not None:
+                self.capacity.place(admitted, self._bundles(admitted))  # where it can, if anywhere
+        if admitted is None:  # running nodes may release more, or the cluster may grow (or get a node back)
+            return None
+        self.pending.remove(admitted)
+        self.running[trial_id] = admitted
+        self.resources[admitted] = resources
+        self._bundle_cache[admitted] = self._node_bundles(admitted, resources)
+        self.ready_at[admitted] = time.time()
+        return self._config(admitted)
+
+    def _admit(self, key: str) -> Resources | None:
+        """The resources ``key`` can start with now (its width chosen if it is a widenable GPU node), or None."""
+        node = self.graph.nodes[key]
+        if self.capacity is None:
+            return node.resources
+        if not self._widenable(node):
+            return node.resources if self.capacity.place(key, self._bundles(key)) else None
+        room = self.capacity.free()
+        res = node.resources
+        # Workers of a widened node (a whole GPU each, see widened) that one machine has room for; width 1 is
+        # the preset's own request, which place() checks below.
+        per_worker = widened(res, res.workers + 1)
+        free_workers = max((min(m.get("GPU", 0.0) // per_worker.gpus, m.get("CPU", 0.0) // max(res.cpus, 1e-9))
+                            for m in room), default=0.0)
+        total_gpus = sum(m.get("GPU", 0.0) for m in self.capacity.room())
+        choice = self.widths.choose(arch=node.arch, workers=res.workers, max_workers=res.max_workers,
+                                    batch_size=int(node.params["train"]["batch_size"]), chain=self.priority[key],
+                                    target=self._gpu_work_left() / max(total_gpus, 1.0),
+                                    free_workers=max(int(free_workers), 1))
+        if choice is None:
+            return None
+        # Should the chosen width not be placeable after all (its CPUs), a narrower one may be.
+        for width in sorted((w for w in choice.allowed if w <= choice.width), reverse=True):
+            resources = widened(res, width)
+            if self.capacity.place(key, self._node_bundles(key, resources)):
+                self.width_choices[key] = dataclasses.replace(choice, width=width)
+                return resources
+        return None
+
+    def _widenable(self, node: Node) -> bool:
+        """Only GPU training nodes get a width (a CPU-only cluster keeps the preset's workers)."""
+        return self.widths is not None and node.kind == "train" and node.resources.gpus > 0
+
+    def _gpu_work_left(self) -> float:
+        """GPU work of the nodes not yet finished, at width 1 (cost × GPUs): what the rest cannot beat."""
+        keys = [*self.pending, *self.running.values()]
+        return sum(self.graph.nodes[k].cost * self.graph.nodes[k].resources.gpus for k in keys)
+
+    def _bundles(self, key: str) -> list[dict[str, float]]:
+        """What a node holds while it runs; Tune asks for suggestions often, so computed once per node."""
+        if key not in self._bundle_cache:
+            self._bundle_cache[key] = self._node_bundles(key, self.graph.nodes[key].resources)
+        return self._bundle_cache[key]
+
+    def _node_bundles(self, key: str, resources: Resources) -> list[dict[str, float]]:
+        return node_bundles({"kind": self.graph.nodes[key].kind, "resources": resources.as_dict()},
+                            self.settings.ray_train, self.settings.machine_gpus)
+
+    def _config(self, key: str) -> dict[str, Any]:
+        node = self.graph.nodes[key].replace(resources=self.resources.get(key, self.graph.nodes[key].resources))
+        storage = Path(self.settings.storage)
+        choice = self.width_choices.get(key)
+        return {
+            "node": node.to_dict(),
+            "width": None if choice is None else {**dataclasses.asdict(choice), "allowed": list(choice.allowed)},
+            "parents": [{"role": edge.role, "key": edge.key, "arch": self.graph.nodes[edge.key].arch,
+                         "directory": str(node_dir(storage, self.graph.nodes[edge.key].hash))}
+                        for edge in node.parents],
+            "settings": self.settings.__dict__,
+        }
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        key = self.running.pop(trial_id, None)
+        if key is None:
+            return
+        if self.capacity is not None:
+            self.capacity.release(key)
+        self.completed_at[key] = time.time()
+        if error:
+            self.failed[key] = "trial errored"
+            for child in self.graph.descendants(key):
+                if child in self.pending:
+                    self.pending.remove(child)
+                    self.blocked[child] = key
+        else:
+            self.done.add(key)
+
+
+def widened(resources: Resources, width: int) -> Resources:
+    """A node's resources at ``width`` workers: the preset's own at its width, else a whole GPU per worker
+    (NCCL cannot run two ranks of one job on the same GPU, so a half-GPU VGG-f node takes whole ones)."""
+    if width == resources.workers:
+        return resources
+    return dataclasses.replace(resources, gpus=float(max(1, math.ceil(resources.gpus))), workers=width)

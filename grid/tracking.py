@@ -126,6 +126,7 @@ class Tracker:
         # waits on MLflow, and a store that stops answering holds the records instead of the grid.
         self.recorder = Recorder(tracking_uri, say=say)
         self.started: list[str] = []  # node keys this invocation opened a run for, in order
+        self.start_times: dict[str, int] = {}  # node key -> when the driver opened its run (ms)
         self.node_runs: dict[str, str] = {}  # node key -> run id of this invocation (set on the recorder's thread)
         self.models: dict[str, str] = {}  # node key -> logged model id of this invocation
 
@@ -212,6 +213,9 @@ class Tracker:
         if node.key in self.started:
             return
         self.started.append(node.key)
+        # The run is created on the recorder's thread, maybe after a teacher's upload or an outage: it
+        # starts when the node did, not when its record was written.
+        self.start_times[node.key] = int(time.time() * 1000)
         self.recorder.submit(Job(f"{node.key}: open", node.key, lambda client: self._node_run(client, node)))
 
     def _node_run(self, client: MlflowClient, node: Node) -> str:
@@ -222,7 +226,8 @@ class Tracker:
                 "occkd.strategy": node.strategy, "occkd.train_faces": node.train_faces, "occkd.node": node.hash,
                 "occkd.seed": str(node.seed), "mlflow.source.git.commit": self.sha, **self.driver_tags,
                 "mlflow.note.content": node_note(node, self.storage)}
-        run = client.create_run(self.experiment_id, run_name=node.run_name, tags=tags)
+        run = client.create_run(self.experiment_id, run_name=node.run_name, tags=tags,
+                                start_time=self.start_times.get(node.key))
         params = {"spec": node.params, "grid_point": node.grid_point, "resources": node.resources.as_dict(),
                   "parents": ",".join(f"{edge.role}={edge.key}" for edge in node.parents)}
         if node.init:  # a teacher: which weights it started from, the file and its sha256
@@ -349,10 +354,12 @@ class Tracker:
                                  lambda client: client.log_batch(self._node_run(client, node), tags=tags)))
 
     def fail_node(self, node: Node, reason: str) -> None:
+        ended = int(time.time() * 1000)  # when it failed, not when the record is written
+
         def record(client: MlflowClient) -> None:
             run_id = self._node_run(client, node)
             client.set_tag(run_id, "occkd.error", reason[:5000])
-            client.set_terminated(run_id, status="FAILED")
+            client.set_terminated(run_id, status="FAILED", end_time=ended)
 
         self.recorder.submit(Job(node.key, node.key, record, final=True))
 
@@ -361,10 +368,12 @@ class Tracker:
         if node.key not in self.started:
             return
 
+        ended = int(time.time() * 1000)
+
         def record(client: MlflowClient) -> None:
             run_id = self._node_run(client, node)
             client.set_tag(run_id, "occkd.closed_reason", reason)
-            client.set_terminated(run_id, status="KILLED")
+            client.set_terminated(run_id, status="KILLED", end_time=ended)
 
         self.recorder.submit(Job(node.key, node.key, record, final=True))
 

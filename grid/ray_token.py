@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -75,10 +76,13 @@ def is_missing_token_error(err: BaseException) -> bool:
 def init_ray(address: str | None, **kwargs: Any) -> None:
     """``ray.init`` for a grid driver: a Ray of its own (``address`` None; "local", never whatever
     ``/tmp/ray/ray_current_cluster`` names) or a running cluster, in token mode. Joining, it never makes a
-    token (a new one could not be the cluster's); a missing or wrong one is a ValueError of one line."""
+    token (a new one could not be the cluster's); a missing or wrong one is a ValueError of one line.
+    A Ray of its own listens on loopback only (``grid/own_ray.py``);
+    a cluster keeps listening on the node's address, for other hosts join it."""
     import ray
 
     from grid.code import prefer_this_code_in_workers
+    from grid.own_ray import loopback_only
 
     if address is None:
         ensure_token()  # a local Ray would make one itself, but with the umask's mode
@@ -86,7 +90,8 @@ def init_ray(address: str | None, **kwargs: Any) -> None:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # a token-mode client also joins a cluster without auth
     try:
-        ray.init(address=address or "local", **kwargs)
+        with loopback_only() if address is None else nullcontext():
+            ray.init(address=address or "local", **kwargs)
     except Exception as err:
         if is_missing_token_error(err):
             raise ValueError(MISSING_TOKEN_HINT) from None

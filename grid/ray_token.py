@@ -77,12 +77,12 @@ def init_ray(address: str | None, **kwargs: Any) -> None:
     """``ray.init`` for a grid driver: a Ray of its own (``address`` None; "local", never whatever
     ``/tmp/ray/ray_current_cluster`` names) or a running cluster, in token mode. Joining, it never makes a
     token (a new one could not be the cluster's); a missing or wrong one is a ValueError of one line.
-    A Ray of its own listens on loopback only (``grid/own_ray.py``);
-    a cluster keeps listening on the node's address, for other hosts join it."""
+    A Ray of its own listens on loopback only and leaves no process behind its driver, however the driver
+    ends (``grid/own_ray.py``); a cluster keeps listening on the node's address, for other hosts join it."""
     import ray
 
     from grid.code import prefer_this_code_in_workers
-    from grid.own_ray import loopback_only
+    from grid.own_ray import loopback_only, start_reaper
 
     if address is None:
         ensure_token()  # a local Ray would make one itself, but with the umask's mode
@@ -99,6 +99,8 @@ def init_ray(address: str | None, **kwargs: Any) -> None:
             raise ValueError(f"cannot join the Ray cluster at {address}: check that it runs and that this machine "
                              f"holds its token ({token_path()} or RAY_AUTH_TOKEN_PATH)") from None
         raise
+    if address is None:
+        start_reaper()
 
 
 def main() -> int:

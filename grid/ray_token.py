@@ -3,7 +3,7 @@
 Ray 2.60's token authentication (``RAY_AUTH_MODE=token``) needs one shared secret on every node and every
 client. Only a local ``ray.init()`` makes one by itself; ``ray start`` does not: with no token it either
 refuses (token mode) or starts a cluster anyone on the network can run code on. So every cluster path of
-occkd (``grid/local_cluster.py``, ``slurm/occkd.sbatch``, cluster.yaml's README steps) calls
+occkd (``grid/local_cluster.py``, ``slurm/occkd.sbatch``, cluster.yaml's steps in docs/clusters.md) calls
 :func:`ensure_token` first, and sets ``RAY_AUTH_MODE=token`` wherever it starts Ray or talks to it.
 
 Where Ray looks, in its order: ``$RAY_AUTH_TOKEN`` (the token itself), ``$RAY_AUTH_TOKEN_PATH``, then
@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
 #: The one line a user who lacks the token sees, instead of Ray's paragraph.
 MISSING_TOKEN_HINT = ("this Ray cluster uses token authentication and this machine has no token for it: put the "
                       "cluster's token in ~/.ray/auth_token (mode 600) or RAY_AUTH_TOKEN_PATH, set RAY_AUTH_MODE=token, "
-                      "and run again (README, 'On a cluster')")
+                      "and run again (docs/clusters.md, 'The Ray token')")
 
 
 def token_path() -> Path:
@@ -75,10 +76,13 @@ def is_missing_token_error(err: BaseException) -> bool:
 def init_ray(address: str | None, **kwargs: Any) -> None:
     """``ray.init`` for a grid driver: a Ray of its own (``address`` None; "local", never whatever
     ``/tmp/ray/ray_current_cluster`` names) or a running cluster, in token mode. Joining, it never makes a
-    token (a new one could not be the cluster's); a missing or wrong one is a ValueError of one line."""
+    token (a new one could not be the cluster's); a missing or wrong one is a ValueError of one line.
+    A Ray of its own listens on loopback only and leaves no process behind its driver, however the driver
+    ends (``grid/own_ray.py``); a cluster keeps listening on the node's address, for other hosts join it."""
     import ray
 
     from grid.code import prefer_this_code_in_workers
+    from grid.own_ray import loopback_only, start_reaper
 
     if address is None:
         ensure_token()  # a local Ray would make one itself, but with the umask's mode
@@ -86,7 +90,8 @@ def init_ray(address: str | None, **kwargs: Any) -> None:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # a token-mode client also joins a cluster without auth
     try:
-        ray.init(address=address or "local", **kwargs)
+        with loopback_only() if address is None else nullcontext():
+            ray.init(address=address or "local", **kwargs)
     except Exception as err:
         if is_missing_token_error(err):
             raise ValueError(MISSING_TOKEN_HINT) from None
@@ -94,6 +99,8 @@ def init_ray(address: str | None, **kwargs: Any) -> None:
             raise ValueError(f"cannot join the Ray cluster at {address}: check that it runs and that this machine "
                              f"holds its token ({token_path()} or RAY_AUTH_TOKEN_PATH)") from None
         raise
+    if address is None:
+        start_reaper()
 
 
 def main() -> int:

@@ -31,7 +31,8 @@ from occkd_core.data import FaceData
 from occkd_core.evaluation import Predictions, predict, task_metrics
 from occkd_core.fusion import CONTROL_FUSION, fit_fusion_variants, fusion_variants
 from occkd_core.preprocess import input_spec_for
-from occkd_core.presets import GRID_FIELDS, Preset, TrainSpec
+from occkd_core.presets import GRID_FIELDS, Preset
+from occkd_core.specs import TrainSpec
 from occkd_core.stages import (
     CONTROL_SUFFIX, STAGES, StageInfo, control_stages, distilled_stages, get_stage, stage_starting_from,
 )

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from occkd_core.models import get_architecture
-from occkd_core.presets import Preset, TrainSpec
+from occkd_core.presets import Preset
 from occkd_core.pretrained import FROM_SCRATCH, WeightsFile
+from occkd_core.specs import TrainSpec
 from occkd_core.stages import CONTROL_SUFFIX, STAGES, control_stages, distilled_stages, get_stage, stage_starting_from
 from occkd_core.tasks import get_task
 from occkd_core.training import StageSpec

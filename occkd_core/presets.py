@@ -1,7 +1,7 @@
 """Presets: every hyperparameter of a run, as validated data (YAML files beside this module).
 
 A preset names its data, each architecture's input size and width, the fusion C grid, and one
-:class:`TrainSpec` per task × architecture × strategy. A list value in a stage entry is a grid
+:class:`~occkd_core.specs.TrainSpec` per task × architecture × strategy. A list value in a stage entry is a grid
 (e.g. ``margin: [0.0, 0.1, ...]``); :meth:`Preset.grid` expands it. ``paper`` is spec §10 row by row;
 ``smoke`` runs every stage in minutes on 2 CPU cores. Users add their own by passing a YAML path.
 A preset may start from another (``extends: paper``) and give only what it changes: its mappings are
@@ -10,23 +10,20 @@ merged into the base's, key by key, and anything else (a value, a list) replaces
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import numbers
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import yaml
 
-from occkd_core.data.ferplus import LABEL_RULES
-from occkd_core.data.synthetic import MIN_IMAGE_SIZE
+from occkd_core.models import ARCHITECTURES, get_architecture
 from occkd_core.pretrained import FROM_SCRATCH, get_pretrained
-from occkd_core.stages import STAGES, get_stage
-from occkd_core.strategies import LOSS_SETTINGS
-from occkd_core.models import ARCHITECTURES, MIN_INPUT_SIZE, get_architecture
+from occkd_core.specs import ArchSettings, DataSettings, SettingError, TrainSpec, check_number
+from occkd_core.stages import STAGES, get_stage, require_settings
 from occkd_core.tasks import TASKS, get_task
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -37,170 +34,6 @@ PRESET_DIR = Path(__file__).parent / "presets"
 GRID_FIELDS = ("lr", "lam", "temperature", "margin", "triplet_normalize", "tau_squared")
 #: Kernels of the age fusion's ε-SVR (spec §15 #28: RBF by default, "also try a linear kernel").
 SVR_KERNELS = ("rbf", "linear")
-
-
-#: Stage settings that count something (images, epochs): whole numbers, so ``epochs: 1.5`` is refused when the
-#: preset loads rather than as a TypeError inside the training loop.
-WHOLE_SETTINGS = ("batch_size", "epochs", "plateau_patience", "early_stop_patience")
-#: Stage settings that are real numbers: finite ones (NaN passes every ``<`` check, so it is refused by name).
-NUMBER_SETTINGS = ("lr", "weight_decay", "momentum", "plateau_factor", "lam", "temperature", "margin", "pool_fraction")
-#: The largest learning rate a preset may give (see TrainSpec's check): three orders of magnitude above
-#: the papers' largest (1e-3, spec §10).
-MAX_LR = 1.0
-
-
-class SettingError(ValueError):
-    """A setting's value is wrong; ``key`` names the setting, so the preset loader can say where it was given."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-
-
-def _check_whole(name: str, value: Any, minimum: int) -> None:
-    # numbers.Integral: int and numpy's integers; bool is an int to Python, never a count to a user.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SettingError(name, f"{name} must be a whole number, got {value!r}")
-    if value < minimum:
-        raise SettingError(name, f"{name} must be >= {minimum}, got {value!r}")
-
-
-def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SettingError(name, f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise SettingError(name, f"{name} must be a finite number, got {value!r}")
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """Hyperparameters of one training stage (spec §10; defaults from spec §15)."""
-
-    optimizer: Literal["sgd", "adam"]
-    batch_size: int
-    epochs: int
-    lr: float
-    schedule: Literal["plateau", "constant"] = "constant"
-    weight_decay: float | None = None  # None -> 5e-4 for SGD, 0 for Adam (spec §15 #3)
-    momentum: float = 0.9
-    plateau_patience: int = 10  # ÷10 after this many epochs without a better validation score
-    plateau_factor: float = 0.1
-    # Stop once validation has not improved for this many epochs (``epochs`` is then the ceiling); None:
-    # always run ``epochs`` (the papers' schedules).
-    early_stop_patience: int | None = None
-    dsd: bool = False  # Dense-Sparse-Dense (spec §9)
-    lam: float | None = None  # KD weight λ on the distillation term (spec §6)
-    temperature: float | None = None  # Hinton KD τ
-    tau_squared: bool = False  # multiply the soft term by τ² (spec §15 #2)
-    margin: float | None = None  # triplet margin α
-    pool_fraction: float | None = None  # mining pool ρ (spec §7)
-    triplet_squared: bool = True  # J: squared Euclidean; False = C's plain Euclidean
-    triplet_normalize: bool = True  # L2-normalise embeddings before distances (spec §15 #20)
-    icpr_form: bool = False  # C Eq. 4: CE + λ·triplet instead of (1−λ)·L + λ·triplet
-
-    def __post_init__(self) -> None:
-        optional = {f.name for f in fields(self) if f.default is None}  # None: unset (a default or not used)
-        for name in WHOLE_SETTINGS:
-            if getattr(self, name) is not None or name not in optional:
-                _check_whole(name, getattr(self, name), minimum=1)
-        for name in NUMBER_SETTINGS:
-            if getattr(self, name) is not None or name not in optional:
-                _check_number(name, getattr(self, name))
-        for name in ("dsd", "tau_squared", "triplet_squared", "triplet_normalize", "icpr_form"):
-            if not isinstance(getattr(self, name), bool):
-                raise SettingError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise SettingError("optimizer", f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.schedule not in ("plateau", "constant"):
-            raise SettingError("schedule", f"schedule must be 'plateau' or 'constant', got {self.schedule!r}")
-        if not self.lr > 0:
-            raise SettingError("lr", f"lr must be a positive number, got {self.lr!r}")
-        if self.lr > MAX_LR:
-            raise SettingError("lr", f"lr must be at most {MAX_LR:g}: a step moves each weight by about lr (Adam) "
-                                     f"or lr × its gradient (SGD), so above {MAX_LR:g} the first step outweighs the "
-                                     f"weights themselves (spec §10 uses 1e-6 to 1e-3), got {self.lr!r}")
-        if self.weight_decay is None:
-            object.__setattr__(self, "weight_decay", 5e-4 if self.optimizer == "sgd" else 0.0)
-        if self.weight_decay < 0:
-            raise SettingError("weight_decay", f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise SettingError("momentum", f"momentum must lie in [0, 1) (the share of the last step kept in the "
-                                           f"next), got {self.momentum!r}")
-        if not 0.0 < self.plateau_factor < 1.0:
-            raise SettingError("plateau_factor", f"plateau_factor must lie in (0, 1) (what a plateau multiplies the "
-                                                 f"learning rate by), got {self.plateau_factor!r}")
-        if self.lam is not None and not 0.0 <= self.lam <= 1.0:
-            raise SettingError("lam", f"lam (λ) must lie in [0, 1], got {self.lam!r}")
-        if self.temperature is not None and self.temperature <= 0:
-            raise SettingError("temperature", f"temperature must be > 0, got {self.temperature!r}")
-        if self.margin is not None and self.margin < 0:
-            raise SettingError("margin", f"margin must be >= 0, got {self.margin!r}")
-        if self.pool_fraction is not None and not 0.0 < self.pool_fraction <= 1.0:
-            raise SettingError("pool_fraction", f"pool_fraction must lie in (0, 1], got {self.pool_fraction!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown stage setting(s) {unknown}; valid: {sorted(known)}")
-        return cls(**values)
-
-    def require(self, strategy: str) -> "TrainSpec":
-        """Check that the settings ``strategy`` needs (its stage's ``required`` fields) are present."""
-        missing = [n for n in get_stage(strategy).required if getattr(self, n) is None]
-        if missing:
-            raise ValueError(f"strategy {strategy!r} needs {missing} in its preset entry")
-        return self
-
-    def keeping_loss_settings(self, read: tuple[str, ...] | None) -> "TrainSpec":
-        """This spec with every loss setting a loss does not ``read`` (:data:`LOSS_SETTINGS`) at its default,
-        so specs that differ only there are equal (and one node); ``read`` None keeps them all."""
-        if read is None:
-            return self
-        defaults = {f.name: f.default for f in fields(self) if f.name in LOSS_SETTINGS and f.name not in read}
-        return dataclasses.replace(self, **defaults)
-
-
-@dataclass(frozen=True)
-class ArchSettings:
-    input_size: int
-    width_mult: float = 1.0
-    # The papers' dropout (VGG-face 0.30-0.55 after each conv of blocks 4-5) is sized for 512 channels;
-    # a network cut to 1/8 width trained from scratch does not learn with it, so small presets switch it off.
-    dropout: bool = True
-
-    def __post_init__(self) -> None:
-        _check_whole("input_size", self.input_size, minimum=MIN_INPUT_SIZE)
-        _check_number("width_mult", self.width_mult)
-        if not 0 < self.width_mult <= 4:
-            raise SettingError("width_mult", f"width_mult must lie in (0, 4], got {self.width_mult}")
-        if not isinstance(self.dropout, bool):
-            raise SettingError("dropout", f"dropout must be true or false, got {self.dropout!r}")
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    source: Literal["synthetic", "real"]
-    num_faces: int = 0  # synthetic only
-    image_size: int = 64  # synthetic only: side of the generated faces
-    seed: int = 0
-    label_rule: str = "majority"  # real FER+ only: how the 10 crowd votes become one label (spec §15 #16)
-
-    def __post_init__(self) -> None:
-        if self.source not in ("synthetic", "real"):
-            raise SettingError("source", f"source must be 'synthetic' or 'real', got {self.source!r}")
-        if self.label_rule not in LABEL_RULES:
-            raise SettingError("label_rule", f"label_rule must be one of {', '.join(LABEL_RULES)}, "
-                                             f"got {self.label_rule!r}")
-        _check_whole("seed", self.seed, minimum=0)  # numpy's generators take no negative seed
-        _check_whole("image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
-        _check_whole("num_faces", self.num_faces, minimum=0)
-        if self.source == "synthetic" and self.num_faces < 10:
-            raise SettingError("num_faces", f"synthetic data needs num_faces >= 10, got {self.num_faces}")
 
 
 @dataclass(frozen=True)
@@ -237,8 +70,8 @@ class Preset:
         axes = [(k, v) for k, v in entry.items() if isinstance(v, list)]
         combos = itertools.product(*(v for _, v in axes)) if axes else [()]
         read = stage.strategy.loss_settings(info)
-        specs = [TrainSpec.from_dict({**entry, **dict(zip((k for k, _ in axes), values))}).require(
-            stage.control_of or strategy).keeping_loss_settings(read) for values in combos]
+        specs = [require_settings(TrainSpec.from_dict({**entry, **dict(zip((k for k, _ in axes), values))}),
+                                  stage.control_of or strategy).keeping_loss_settings(read) for values in combos]
         return list(dict.fromkeys(specs))  # distinct, first-seen order
 
     def train_spec(self, task: str, arch: str, strategy: str) -> TrainSpec:
@@ -471,7 +304,7 @@ def _parse_resources(raw: Mapping[str, Any]) -> dict[str, dict[str, float]]:
         values = values or {}
         for key, value in values.items():
             try:
-                _check_number(key, value)
+                check_number(key, value)
             except SettingError as err:
                 raise ValueError(f"resources.{owner}.{key}: {err}") from None
             if value < 0:

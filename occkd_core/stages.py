@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from occkd_core.specs import TrainSpec
 from occkd_core.strategies import StandardKDStrategy, SupervisedStrategy, TripletKDStrategy
 from occkd_core.tasks import lookup
 
@@ -89,6 +90,15 @@ def get_stage(name: str) -> StageInfo:
     return lookup("strategy", name, STAGES)
 
 
+def require_settings(train: TrainSpec, stage: str) -> TrainSpec:
+    """``train``, once it is checked to set every field stage ``stage`` cannot do without (its ``required``);
+    a ValueError naming the missing ones otherwise."""
+    missing = [n for n in get_stage(stage).required if getattr(train, n) is None]
+    if missing:
+        raise ValueError(f"strategy {stage!r} needs {missing} in its preset entry")
+    return train
+
+
 def stage_names() -> tuple[str, ...]:
     """The registry's stages (those a preset configures); controls are derived from the distilled ones."""
     return tuple(STAGES)
@@ -113,4 +123,4 @@ def stage_starting_from(origin: StartsFrom) -> str:
 
 
 __all__ = ["CONTROL_SUFFIX", "STAGES", "StageInfo", "control_stage", "control_stages", "distilled_stages", "get_stage",
-           "stage_names", "stage_starting_from"]
+           "require_settings", "stage_names", "stage_starting_from"]

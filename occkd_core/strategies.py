@@ -5,7 +5,7 @@ into named loss terms (``loss_terms``); the training loop sums and logs the term
 differs between stages, so there is one loop (:mod:`occkd_core.training`). The loop builds a stage's
 strategy with ``build(ctx, inputs)``; :mod:`occkd_core.stages` says which class serves which stage.
 
-A strategy also says which of the loss settings (:data:`LOSS_SETTINGS`) it reads for a task
+A strategy also says which of the loss settings (:data:`occkd_core.specs.LOSS_SETTINGS`) it reads for a task
 (``loss_settings``): a node's identity and the grid's axes hold only those, so grid points that differ
 in a setting the loss never reads are one node. A distilled strategy names its teacher-free control
 (``control_strategy``): the same objective with the teacher's terms removed and the same epoch order.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,10 +26,8 @@ from occkd_core.losses import hint_kd_loss, hinton_kd_loss, supervised_loss, tea
 from occkd_core.mining import MinedTriplets, draw_pool, mine_hard_triplets
 from occkd_core.models import FaceNet
 from occkd_core.preprocess import InputSpec, prepare_batch, prepare_views
+from occkd_core.specs import TrainSpec
 from occkd_core.tasks import TaskInfo, Visibility
-
-if TYPE_CHECKING:  # presets read the stage registry, which imports this module
-    from occkd_core.presets import TrainSpec
 
 
 @dataclass
@@ -52,11 +50,6 @@ class BatchContext:
 
 
 LossTerms = dict[str, Tensor]
-
-#: The TrainSpec fields that only some losses read. Every other field (optimiser, schedule, epochs, batch)
-#: is read by every stage.
-LOSS_SETTINGS = ("lam", "temperature", "tau_squared", "margin", "pool_fraction", "triplet_squared",
-                 "triplet_normalize", "icpr_form")
 
 
 @dataclass(frozen=True)
@@ -92,8 +85,8 @@ class SupervisedStrategy:
 
     @classmethod
     def loss_settings(cls, task: TaskInfo) -> tuple[str, ...] | None:
-        """The :data:`LOSS_SETTINGS` this strategy's loss reads for ``task``; None: it does not say, so every
-        one counts (a new strategy is never merged with a neighbour by mistake)."""
+        """The loss settings (:data:`~occkd_core.specs.LOSS_SETTINGS`) this strategy's loss reads for ``task``;
+        None: it does not say, so every one counts (a new strategy is never merged with a neighbour by mistake)."""
         return () if cls is SupervisedStrategy else None
 
     @classmethod

@@ -30,9 +30,9 @@ from occkd_core.dsd import DSDPruner, DSDSchedule
 from occkd_core.evaluation import Predictions, predict, task_metrics, validation_score
 from occkd_core.models import FaceNet, ModelSpec, build_model, get_architecture, load_pretrained
 from occkd_core.preprocess import InputSpec, input_spec_for, random_flips
-from occkd_core.presets import TrainSpec
 from occkd_core.pretrained import weights_input_mean
-from occkd_core.stages import get_stage
+from occkd_core.specs import TrainSpec
+from occkd_core.stages import get_stage, require_settings
 from occkd_core.strategies import BatchContext, StageInputs, SupervisedStrategy
 from occkd_core.tasks import TaskInfo, Visibility, check_name, get_task
 
@@ -63,7 +63,7 @@ class StageSpec:
         if (self.strategy == "teacher") != (self.train_visible == "full"):
             raise ValueError(f"a {self.strategy} trains on {'full' if self.strategy == 'teacher' else 'half'}"
                              f" faces, got train_visible={self.train_visible!r}")
-        self.train.require(self.strategy)
+        require_settings(self.train, self.strategy)
 
     @property
     def task_info(self) -> TaskInfo:

@@ -16,10 +16,11 @@ import torch
 
 from grid.graph import expand_graph
 from occkd_core.losses import hint_kd_loss, hinton_kd_loss, teacher_free_loss
-from occkd_core.presets import TrainSpec, builtin_presets, load_preset
+from occkd_core.presets import builtin_presets, load_preset
 from occkd_core.preprocess import input_spec_for
+from occkd_core.specs import LOSS_SETTINGS, TrainSpec
 from occkd_core.stages import CONTROL_SUFFIX, control_stage, distilled_stages, get_stage
-from occkd_core.strategies import LOSS_SETTINGS, BatchContext, TripletKDControl, TripletKDStrategy
+from occkd_core.strategies import BatchContext, TripletKDControl, TripletKDStrategy
 from occkd_core.tasks import get_task
 from occkd_core.training import StageSpec, train_stage
 

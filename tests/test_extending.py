@@ -80,6 +80,7 @@ def extended(monkeypatch, tmp_path: Path):
     return load_preset(path)
 
 
+@pytest.mark.slow
 def test_a_new_stage_and_architecture_run_through_graph_training_fusion_and_report(extended, tmp_path: Path):
     data = make_synthetic_faces(240, image_size=32, seed=1)
     data_path = write_face_store(tmp_path / "faces.arrow", data)

@@ -53,6 +53,7 @@ def write_utkface_folder(root: Path, num_faces: int) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_core_and_the_check_import_without_ray_mlflow_or_grad_cam():
     probe = _blocker(ABSENT_ON_GPU_IMAGE) + f"""
 import importlib, pkgutil, occkd_core
@@ -148,6 +149,7 @@ runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
     assert "Not given here: epochs or grid points were capped" in markdown
 
 
+@pytest.mark.slow
 def test_the_teacher_free_controls_run_in_the_chain_and_are_compared(tmp_path: Path, monkeypatch):
     """Each distilled stage's control (from the core's registry) trains after the student from the student's
     checkpoint with no teacher, and is tested against the student; each distilled model against its control

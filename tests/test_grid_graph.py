@@ -265,6 +265,7 @@ def test_a_cpu_only_train_node_fits_a_one_cpu_head_beside_its_driver():
     assert with_workers.admits([train] * 48, train) and not with_workers.admits([train] * 49, train)
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_graph_and_starts_nothing(tmp_path: Path):
     out = subprocess.run([sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "fer,gender,age",
                           "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -344,6 +345,7 @@ def test_cluster_yaml_starts_every_ray_in_token_mode_with_one_token_on_every_nod
     assert not any("auth_token" in pattern for pattern in config.get("rsync_exclude", []))
 
 
+@pytest.mark.slow
 def test_a_dry_run_against_cluster_yaml_keeps_the_papers_gpu_requests_and_trains_through_ray_train(tmp_path: Path):
     """The paper preset's requests on cluster.yaml's node types (a CPU head, autoscaled 4-GPU workers): every
     request fits a worker, the GPU requests stay though no worker runs, and every training node goes through

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from occkd_core.presets import TrainSpec, builtin_presets, load_preset
+from occkd_core.presets import builtin_presets, load_preset
+from occkd_core.specs import TrainSpec
 from occkd_core.stages import STAGES
 from occkd_core.models import ARCHITECTURES
 from occkd_core.tasks import TASKS

@@ -199,6 +199,7 @@ def cnn_scores(faces: FaceData) -> dict[Visibility, Scores]:
 # Thresholds: seeds 0-9 of the generator (same training seed) were measured; each comment gives the
 # range seen, and each threshold sits about half the smallest margin seen below it.
 
+@pytest.mark.slow
 def test_teacher_loses_accuracy_when_a_half_is_hidden(cnn_scores: dict[Visibility, Scores]) -> None:
     teacher = cnn_scores["full"]
     # Expression: full 51-69 %; full minus lower-visible 12-38 points.
@@ -209,12 +210,14 @@ def test_teacher_loses_accuracy_when_a_half_is_hidden(cnn_scores: dict[Visibilit
     assert teacher.gender["full"] - teacher.gender["lower"] > 10
 
 
+@pytest.mark.slow
 def test_student_recovers_part_of_what_the_teacher_loses(cnn_scores: dict[Visibility, Scores]) -> None:
     teacher, student = cnn_scores["full"], cnn_scores["lower"]
     # The lower-half student beats the teacher on lower-visible faces by 10-36 points.
     assert student.expression["lower"] - teacher.expression["lower"] > 4
 
 
+@pytest.mark.slow
 def test_expression_lives_in_the_lower_half_gender_in_the_upper(cnn_scores: dict[Visibility, Scores]) -> None:
     lower, upper = cnn_scores["lower"], cnn_scores["upper"]
     # Expression: lower-half student 54-67 %, upper-half student 21-30 % (chance 12.5): 25-43 apart.

@@ -4,6 +4,7 @@ real SQLite tracking store."""
 import dataclasses
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from grid.graph import expand_graph
@@ -12,6 +13,7 @@ from occkd_core.presets import load_preset
 from occkd_core.pretrained import WeightsFile
 
 
+@pytest.mark.slow
 def test_teacher_runs_record_weights_name_file_and_checksum(tmp_path: Path):
     weights_path = tmp_path / "vggf-imagenet.pt"
     weights_path.write_bytes(b"abc")
@@ -50,6 +52,7 @@ def test_teacher_runs_record_weights_name_file_and_checksum(tmp_path: Path):
     assert run.tags["verdict_uncorrected.vggf.fusion.test"] == "better"  # the papers' rule
 
 
+@pytest.mark.slow
 def test_two_drivers_opening_a_new_sqlite_store_at_once_both_get_their_runs(tmp_path: Path):
     """MLflow creates a SQLite store's tables on first use; two grids doing so together crashed with
     "table ... already exists" before the store was opened under a lock. Real processes, released together."""
@@ -88,6 +91,7 @@ def _sealed_teacher(tmp_path: Path):
     return graph, folder, {"gender": record}, result
 
 
+@pytest.mark.slow
 def test_a_failed_upload_ends_the_run_failed_and_the_next_invocation_records_the_node_again(tmp_path: Path,
                                                                                            monkeypatch):
     """The upload thread finds a file gone: the node's run ends FAILED with the reason, its model FAILED, the
@@ -111,6 +115,7 @@ def test_a_failed_upload_ends_the_run_failed_and_the_next_invocation_records_the
     assert teacher.hash not in Tracker(uri, "occkd-test", run_name="grid", params={}).finished_hashes()
 
 
+@pytest.mark.slow
 def test_one_parent_per_grid_unless_its_driver_is_alive(tmp_path: Path):
     """A second invocation of the same graph continues the parent; the same graph while that parent's driver
     still runs (another storage) gets its own parent naming the other; another graph gets its own."""
@@ -130,6 +135,7 @@ def test_one_parent_per_grid_unless_its_driver_is_alive(tmp_path: Path):
     assert other.parent.info.run_id not in (first.parent.info.run_id, alongside.parent.info.run_id)
 
 
+@pytest.mark.slow
 def test_kill_open_runs_ends_every_running_run_of_the_invocation(tmp_path: Path):
     """What a driver that cannot stop in time does before it exits (grid.interrupts): every run it left
     RUNNING, the parent's too, ends KILLED with the reason; finished ones keep their status."""
@@ -161,6 +167,7 @@ def test_the_printed_mlflow_ui_command_pastes_into_a_shell_with_spaces_in_the_pa
     assert ui_command("http://127.0.0.1:5000") is None  # a server serves its own UI
 
 
+@pytest.mark.slow
 def test_two_storages_sharing_one_store_keep_their_own_records(tmp_path: Path):
     """Issue 28: two grids of the same graph on different --storage, one MLflow store. The second's sealed
     nodes used to end the first's runs as KILLED (superseded), and its rerun continued the first's parent

@@ -12,7 +12,7 @@ import torch
 from occkd_core.checkpoints import load_model, read_checkpoint
 from occkd_core.evaluation import Predictions, evaluate_conditions, task_metrics
 from occkd_core.preprocess import input_spec_for
-from occkd_core.presets import TrainSpec
+from occkd_core.specs import TrainSpec
 from occkd_core.tasks import get_task
 from occkd_core.training import NonFiniteLossError, StageSpec, train_stage
 

@@ -85,6 +85,10 @@ class TrainSpec:
     triplet_squared: bool = True  # J: squared Euclidean; False = C's plain Euclidean
     triplet_normalize: bool = True  # L2-normalise embeddings before distances (spec §15 #20)
     icpr_form: bool = False  # C Eq. 4: CE + λ·triplet instead of (1−λ)·L + λ·triplet
+    # The stage's own hyperparameters, for a stage that declares a settings type (StageInfo.settings, e.g. a
+    # plugin's new loss): sorted (name, value) pairs, read typed through :meth:`settings`. Empty for the
+    # built-in stages, and then absent from :meth:`to_dict`, so their node identities are unchanged.
+    extra: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         optional = {f.name for f in fields(self) if f.default is None}  # None: unset (a default or not used)
@@ -127,15 +131,25 @@ class TrainSpec:
             raise SettingError("pool_fraction", f"pool_fraction must lie in (0, 1], got {self.pool_fraction!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        del values["extra"]
+        if self.extra:
+            values["extra"] = dict(self.extra)
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainSpec":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown stage setting(s) {unknown}; valid: {sorted(known)}")
+            raise ValueError(f"unknown stage setting(s) {unknown}; valid: {sorted(known - {'extra'})}")
+        values = dict(values)
+        values["extra"] = tuple(sorted(dict(values.get("extra") or {}).items()))
         return cls(**values)
+
+    def settings(self, cls: type) -> Any:
+        """The stage's own hyperparameters as its settings type (a dataclass; its defaults fill the rest)."""
+        return cls(**dict(self.extra))
 
     def keeping_loss_settings(self, read: tuple[str, ...] | None) -> "TrainSpec":
         """This spec with every loss setting a loss does not ``read`` (:data:`LOSS_SETTINGS`) at its default,
@@ -143,7 +157,9 @@ class TrainSpec:
         if read is None:
             return self
         defaults = {f.name: f.default for f in fields(self) if f.name in LOSS_SETTINGS and f.name not in read}
-        return dataclasses.replace(self, **defaults)
+        # A stage's own settings are its loss's: kept only where read (a control reads none of its twin's).
+        extra = tuple((name, value) for name, value in self.extra if name in read)
+        return dataclasses.replace(self, **defaults, extra=extra)
 
 
 @dataclass(frozen=True)

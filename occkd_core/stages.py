@@ -41,6 +41,10 @@ class StageInfo:
     cost: float = 1.0  # work per training image relative to plain supervised training (scheduling)
     paper_name: str = ""  # the strategy's name in the papers' results (grid/paper_results.json)
     control_of: str = ""  # a control: the distilled stage whose teacher-free twin it is (see control_stage)
+    # The stage's own hyperparameters beyond TrainSpec's (a new loss's, say): a frozen dataclass whose fields a
+    # preset may set (lists make grids, like TrainSpec's grid fields) and that validates them in
+    # __post_init__; the strategy reads them with ``ctx.train.settings(<that type>)``. None: TrainSpec's only.
+    settings: type | None = None
 
     def __post_init__(self) -> None:
         if self.distilled and (self.starts_from != "student" or not self.needs_teacher):
@@ -78,7 +82,8 @@ def control_stage(distilled: str) -> StageInfo:
         raise ValueError(f"stage {distilled!r} is not distilled, so it has no teacher-free control")
     # Its settings come from the distilled stage's preset entry, checked against that stage's `required`.
     return replace(stage, name=distilled + CONTROL_SUFFIX, strategy=stage.strategy.control_strategy(),
-                   needs_teacher=False, distilled=False, required=(), cost=1.0, paper_name="", control_of=distilled)
+                   needs_teacher=False, distilled=False, required=(), cost=1.0, paper_name="", control_of=distilled,
+                   settings=stage.settings)
 
 
 def get_stage(name: str) -> StageInfo:

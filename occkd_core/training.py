@@ -75,7 +75,7 @@ class StageSpec:
                          dropout=self.dropout)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "train": self.train.to_dict()}  # TrainSpec's own form (its ``extra`` as a mapping)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "StageSpec":

@@ -34,7 +34,7 @@ def mining_plans(preset: Preset, task: str, archs: Sequence[str]) -> list[Mining
     """What the triplet-KD stages of ``task`` × ``archs`` will draw from the training rows (their distinct
     pool fractions and epochs), for the data check."""
     plans = {}
-    for arch in archs:
+    for arch in (a for a in archs if preset.has_stage(task, a, "triplet_kd")):
         for spec in preset.grid(task, arch, "triplet_kd"):
             plans.setdefault((spec.pool_fraction, spec.epochs), MiningPlan(
                 pool_fraction=spec.pool_fraction, epochs=spec.epochs, stage=f"{task}/{arch}/triplet_kd"))

@@ -186,7 +186,8 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
     machine_gpus = max((n.get("GPU", 0.0) for n in plan.shape.nodes), default=0.0)
     settings = RunSettings(storage=str(spec.storage), data_paths={t: str(p.path) for t, p in prepared.items()},
                            ray_train=plan.ray_train, fault_injection=fault_injection(),
-                           train_max_failures=spec.max_failures, machine_gpus=machine_gpus, code=code_fingerprint())
+                           train_max_failures=spec.max_failures, machine_gpus=machine_gpus, code=code_fingerprint(),
+                           plugins=spec.preset.plugins)
     outcome = RayOutcome(graph=graph, started_at=time.time())
     widths = WidthPolicy(machine_gpus=int(machine_gpus)) if spec.widths == "auto" and machine_gpus >= 1 else None
     searcher = DependencySearcher(graph, to_run, set(results), settings, capacity=ClusterCapacity(plan.node_types),

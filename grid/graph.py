@@ -161,7 +161,7 @@ def _grid_suffix(point: Mapping[str, Any]) -> str:
 
 def _grid_points(specs: list[TrainSpec]) -> list[dict[str, Any]]:
     """The fields that vary across a stage's grid, per point (empty dicts when there is no grid)."""
-    dicts = [s.to_dict() for s in specs]
+    dicts = [{**{k: v for k, v in s.to_dict().items() if k != "extra"}, **dict(s.extra)} for s in specs]
     varying = [k for k in dicts[0] if len({json.dumps(d[k]) for d in dicts}) > 1]
     return [{k: d[k] for k in varying} for d in dicts]
 
@@ -248,13 +248,13 @@ class _GraphBuilder:
         train_node(second + ABLATION_SUFFIX, second, info.ablation_visible, info.ablation_visible, from_teacher,
                    student_spec, {})
         distilled: list[Edge] = []
-        for strategy in distilled_stages():
+        for strategy in (s for s in distilled_stages() if preset.has_stage(task, arch, s)):
             specs = preset.grid(task, arch, strategy)
             for spec, point in zip(specs, _grid_points(specs)):
                 node = train_node(strategy, strategy, info.main_visible, f"full+{info.main_visible}",
                                   (*from_teacher, Edge("student", main.key)), spec, point)
                 distilled.append(Edge(strategy, node.key))
-        for strategy in control_stages() if preset.controls else ():
+        for strategy in (s for s in control_stages() if preset.controls and preset.has_stage(task, arch, s)):
             specs = preset.grid(task, arch, strategy)  # the distilled stage's points, teacher settings dropped
             for spec, point in zip(specs, _grid_points(specs)):
                 node = train_node(strategy, strategy, info.main_visible, info.main_visible,

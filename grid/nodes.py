@@ -193,9 +193,10 @@ def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequenc
             raise RuntimeError(f"parent {parent.key} has no result in {parent.directory}")
         if parent.role not in chosen or result["val_score"] > chosen[parent.role][1]["val_score"]:
             chosen[parent.role] = (parent, result)
-    missing = [stage for stage in distilled_stages() if stage not in chosen]
-    if missing:
-        raise RuntimeError(f"fusion {node.key} is missing parents of kind {missing}")
+    # The distilled stages this graph ran (a preset may leave a registered one out); the papers fuse two.
+    distilled = [stage for stage in distilled_stages() if stage in chosen]
+    if not distilled:
+        raise RuntimeError(f"fusion {node.key} has no distilled parent")
     controls = [stage for stage in control_stages() if stage in chosen]
     splits = ["train", "val", *test_sets(data)]
     student, student_dir = stage_starting_from("teacher"), _one(parents, "student")
@@ -204,7 +205,7 @@ def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequenc
     embeddings[student] = {s: np.load(student_dir / f"embeddings_{s}.npy") for s in splits}
     labels = {s: data.split(s).labels(task.name) for s in splits}
     visible = node.params["visible"]
-    variants = fusion_variants(distilled_stages(), node.params.get("svr_kernels", [None]), controls=controls,
+    variants = fusion_variants(distilled, node.params.get("svr_kernels", [None]), controls=controls,
                                student=student)
     fused = fit_fusion_variants(embeddings, labels, variants, kind=task.kind, num_outputs=task.num_outputs,
                                 Cs=tuple(node.params["Cs"]), predict_splits=test_sets(data))
@@ -268,7 +269,7 @@ def run_significance_node(node: Node, storage: Path, data_path: Path, parents: S
         fused = fusion_dir / "predictions.parquet"
         selected = {stage: (node_dir(storage, info["hash"]) / "predictions.parquet", stage)
                     for stage, info in fusion["selected"].items()}
-        candidates = {stage: selected[stage] for stage in distilled_stages()}
+        candidates = {stage: selected[stage] for stage in distilled_stages() if stage in selected}
         candidates.update({name: (fused, name)  # "fusion" and its kernel variants
                            for name in fusion["fitted"] if name.startswith("fusion")})
         # Each distilled student against its control, the fusion against the control fusion.

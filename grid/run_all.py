@@ -24,7 +24,7 @@ quiet_ray_environment()  # before Ray is imported
 from grid.driver import run_grid  # noqa: E402
 from grid.spec import GridSpec  # noqa: E402
 from occkd_core.models import ARCHITECTURES, get_architecture  # noqa: E402
-from occkd_core.presets import builtin_presets, load_preset, name_problem  # noqa: E402
+from occkd_core.presets import Preset, builtin_presets, load_preset, name_problem  # noqa: E402
 from occkd_core.pretrained import PRETRAINED, get_pretrained  # noqa: E402
 from occkd_core.tasks import TASKS, get_task  # noqa: E402
 
@@ -41,8 +41,9 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
     parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tasks", required=True,
                         help=f"comma-separated tasks: {','.join(TASKS)}")
-    parser.add_argument("--archs", default=",".join(ARCHITECTURES),
-                        help="comma-separated architectures")
+    parser.add_argument("--archs", default=None,
+                        help="comma-separated architectures (default: every one the preset configures: "
+                             f"{','.join(ARCHITECTURES)} in the built-in presets)")
     parser.add_argument("--preset", default="smoke",
                         help=f"built-in preset ({', '.join(builtin_presets())}) or a preset YAML path. "
                              "smoke runs on the built-in synthetic faces in minutes on a laptop; paper holds every "
@@ -96,11 +97,18 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
     args = parser.parse_args(argv)
     try:
         tasks = tuple(get_task(t.strip()).name for t in args.tasks.split(",") if t.strip())
-        archs = tuple(get_architecture(a.strip()).name for a in args.archs.split(",") if a.strip())
-        preset = load_preset(args.preset)
+        preset = load_preset(args.preset)  # first: its plugins may register architectures and stages
+        archs = (tuple(get_architecture(a.strip()).name for a in args.archs.split(",") if a.strip())
+                 if args.archs is not None else tuple(a for a in ARCHITECTURES if a in preset.models))
         weights = dict(_parse_weight(w) for w in args.weights)
     except ValueError as err:
         parser.error(str(err))
+    left_out = [a for a in archs if a not in preset.models]
+    if left_out:
+        parser.error(f"--archs {','.join(left_out)}: preset {preset.name!r} has no models entry for "
+                     f"{' or '.join(left_out)} (it configures {', '.join(preset.models)})")
+    for line in skipped_lines(preset, tasks, archs if args.archs is not None else tuple(ARCHITECTURES)):
+        print(line)
     if not tasks or not archs:
         parser.error("--tasks and --archs need at least one name each")
     for option, names in (("--tasks", tasks), ("--archs", archs)):
@@ -129,6 +137,20 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
                     seeds=args.seeds, weights=weights, from_scratch=args.from_scratch,
                     max_failures=args.max_failures, ray_train=args.ray_train, widths=args.widths,
                     dry_run=args.dry_run, wait=args.wait)
+
+
+def skipped_lines(preset: Preset, tasks: Sequence[str], archs: Sequence[str]) -> list[str]:
+    """One line per registered architecture or distilled stage the preset leaves out (a plugin's, say): the
+    grid skips it. A preset marked ``complete: true`` has refused such gaps when it loaded."""
+    from occkd_core.stages import distilled_stages
+
+    lines = [f"preset {preset.name!r} configures no {arch!r} (no models entry): skipped"
+             for arch in archs if arch not in preset.models]
+    runs = [a for a in archs if a in preset.models]
+    lines += [f"preset {preset.name!r} configures no {stage!r} stage for {', '.join(tasks)}: skipped"
+              for stage in distilled_stages()
+              if not any(preset.has_stage(task, arch, stage) for task in tasks for arch in runs)]
+    return lines
 
 
 def storage_problem(storage: Path) -> str | None:

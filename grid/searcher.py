@@ -40,6 +40,9 @@ class RunSettings:
     train_max_failures: int = 2  # worker-group restarts Ray Train allows a node (FailureConfig)
     machine_gpus: float = 0.0  # GPUs of the largest machine: a node's GPU workers up to it share one machine
     code: str = ""  # the driver's grid.code.code_fingerprint(): a trial importing other code refuses to run
+    # The preset's plugins (occkd_core.plugins), resolved: every trial and Train worker registers them before
+    # it runs a node, as workers import occkd_core afresh.
+    plugins: tuple[str, ...] = ()
 
 
 class DependencySearcher(Searcher):

@@ -22,6 +22,7 @@ from ray import tune
 from grid.artifacts import node_dir
 from grid.bundles import uses_train, worker_placement
 from grid.code import CODE_ROOT, check_same_code
+from occkd_core.plugins import load_plugins
 from grid.ddp_backend import DeviceTorchConfig
 from grid.faults import maybe_inject_fault
 from grid.graph import Node
@@ -40,6 +41,7 @@ def run_node_trial(config: dict[str, Any]) -> None:
 
     node, settings = Node.from_dict(config["node"]), config["settings"]
     check_same_code(settings.get("code", ""), f"the trial of {node.key}")
+    load_plugins(settings.get("plugins", ()))
     storage = Path(settings["storage"])
     parents = _parent_outputs(config)
     data_path = Path(settings["data_paths"][node.task])
@@ -72,6 +74,7 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
 
     node, settings = Node.from_dict(config["node"]), config["settings"]
     check_same_code(settings.get("code", ""), f"a Ray Train worker of {node.key}")
+    load_plugins(settings.get("plugins", ()))
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.set_num_threads(max(1, int(node.resources.cpus)))

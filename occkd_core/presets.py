@@ -10,6 +10,7 @@ merged into the base's, key by key, and anything else (a value, a list) replaces
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import numbers
@@ -23,7 +24,8 @@ import yaml
 from occkd_core.models import ARCHITECTURES, get_architecture
 from occkd_core.pretrained import FROM_SCRATCH, get_pretrained
 from occkd_core.specs import ArchSettings, DataSettings, SettingError, TrainSpec, check_number
-from occkd_core.stages import STAGES, get_stage, require_settings
+from occkd_core.plugins import env_plugins, load_plugins, resolve_plugin
+from occkd_core.stages import STAGES, StageInfo, get_stage, require_settings
 from occkd_core.tasks import TASKS, get_task
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -55,9 +57,14 @@ class Preset:
     # Train every distilled stage's teacher-free control and the control fusion beside it (occkd's own);
     # False leaves them out and the report says its comparisons are uncontrolled.
     controls: bool = True
+    # Out-of-tree modules that register stages or architectures (occkd_core.plugins), resolved: the preset's
+    # ``plugins:`` and OCCKD_PLUGINS. The grid imports them again in every worker.
+    plugins: tuple[str, ...] = ()
 
     def arch(self, arch: str) -> ArchSettings:
         get_architecture(arch)
+        if arch not in self.models:
+            raise ValueError(f"preset {self.name!r} has no models entry for {arch!r} (it runs {', '.join(self.models)})")
         return self.models[arch]
 
     def grid(self, task: str, arch: str, strategy: str) -> list[TrainSpec]:
@@ -70,9 +77,14 @@ class Preset:
         axes = [(k, v) for k, v in entry.items() if isinstance(v, list)]
         combos = itertools.product(*(v for _, v in axes)) if axes else [()]
         read = stage.strategy.loss_settings(info)
-        specs = [require_settings(TrainSpec.from_dict({**entry, **dict(zip((k for k, _ in axes), values))}),
+        specs = [require_settings(_train_spec({**entry, **dict(zip((k for k, _ in axes), values))}, stage),
                                   stage.control_of or strategy).keeping_loss_settings(read) for values in combos]
         return list(dict.fromkeys(specs))  # distinct, first-seen order
+
+    def has_stage(self, task: str, arch: str, strategy: str) -> bool:
+        """Whether the preset configures this stage (a control: its distilled stage) for ``task`` × ``arch``."""
+        stage = get_stage(strategy)
+        return arch in self.models and (task, arch, stage.control_of or strategy) in self.stages
 
     def train_spec(self, task: str, arch: str, strategy: str) -> TrainSpec:
         """The single TrainSpec of a stage; an error if the stage is a grid."""
@@ -98,7 +110,7 @@ class Preset:
 
 
 TOP_LEVEL_KEYS = ("name", "description", "extends", "data", "models", "pretrained", "fusion", "stage_defaults",
-                  "stages", "resources", "controls")
+                  "stages", "resources", "controls", "complete", "plugins")
 FUSION_KEYS = ("Cs", "svr_kernels")
 
 
@@ -118,8 +130,15 @@ def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
         if not isinstance(description, str):
             raise ValueError(f"description must be text, got a {type(description).__name__}")
         _check_keys("models", raw["models"], ARCHITECTURES)
+        complete = raw.get("complete", False)
+        if not isinstance(complete, bool):
+            raise ValueError(f"complete must be true or false, got {complete!r}")
+        if complete:  # a preset that must configure every architecture and stage (the papers' own)
+            missing = [arch for arch in ARCHITECTURES if arch not in raw["models"]]
+            if missing:
+                raise ValueError(f"models: no entry for {missing} (complete: true needs every architecture)")
         models = {arch: _build_setting(ArchSettings, f"models.{arch}", _mapping(f"models.{arch}", raw["models"][arch]))
-                  for arch in ARCHITECTURES}
+                  for arch in ARCHITECTURES if arch in raw["models"]}
         data = _build_setting(DataSettings, "data", raw["data"])
         stages, given_in = _stage_entries(raw)
         preset = Preset(
@@ -133,6 +152,7 @@ def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
             pretrained=_parse_pretrained(raw.get("pretrained", FROM_SCRATCH)),
             svr_kernels=_parse_svr_kernels(raw["fusion"]),
             controls=_parse_controls(raw.get("controls", True)),
+            plugins=tuple(raw.get("plugins") or ()),
         )
         for task, arch, strategy in stages:  # validate every grid point now, not mid-run
             try:
@@ -185,6 +205,21 @@ def _build_setting(cls: type, where: str, values: Mapping[str, Any]) -> Any:
         raise ValueError(f"{where}: {err}") from None
 
 
+def _train_spec(entry: Mapping[str, Any], stage: StageInfo) -> TrainSpec:
+    """One grid point's TrainSpec: TrainSpec's fields, and the stage's own settings (``stage.settings``, checked
+    by building that type) in ``extra``."""
+    own = {f.name for f in dataclasses.fields(stage.settings)} if stage.settings else set()
+    extra = {k: v for k, v in entry.items() if k in own}
+    if stage.settings is not None:
+        stage.settings(**extra)  # its own checks, now
+    return TrainSpec.from_dict({**{k: v for k, v in entry.items() if k not in own}, "extra": extra})
+
+
+def _stage_settings(strategy: str) -> tuple[str, ...]:
+    stage = STAGES.get(strategy)
+    return tuple(f.name for f in dataclasses.fields(stage.settings)) if stage and stage.settings else ()
+
+
 def _stage_entries(raw: Mapping[str, Any]) -> tuple[dict[tuple[str, str, str], Mapping[str, Any]],
                                                        dict[tuple[str, str, str], dict[str, str]]]:
     """Every (task, arch, stage) entry, stage_defaults merged under its own settings, and for each entry
@@ -202,19 +237,23 @@ def _stage_entries(raw: Mapping[str, Any]) -> tuple[dict[tuple[str, str, str], M
                 _mapping(f"stages.{task}.{arch}.{strategy}", entry or {})
     stages: dict[tuple[str, str, str], Mapping[str, Any]] = {}
     given_in: dict[tuple[str, str, str], dict[str, str]] = {}
+    complete = raw.get("complete", False)
     for task in TASKS:
-        for arch in ARCHITECTURES:
+        for arch in (a for a in ARCHITECTURES if complete or a in raw["models"]):
             given = (raw["stages"].get(task) or {}).get(arch) or {}
             for strategy in tuple(STAGES):
                 own = given.get(strategy) or {}
                 entry = {**(defaults.get(strategy) or {}), **own}
-                if not entry:
+                if not entry and (complete or not STAGES[strategy].distilled):
                     raise ValueError(f"no settings for stage {task}/{arch}/{strategy}")
+                if not entry:  # a distilled stage this preset does not run (e.g. a plugin's): the grid skips it
+                    continue
                 where = {key: f"stages.{task}.{arch}.{strategy}" if key in own else f"stage_defaults.{strategy}"
                          for key in entry}
+                grid_fields = (*GRID_FIELDS, *_stage_settings(strategy))
                 for key, value in entry.items():
-                    if isinstance(value, list) and key not in GRID_FIELDS:
-                        raise ValueError(f"{where[key]}: {key} cannot be a grid (only {GRID_FIELDS})")
+                    if isinstance(value, list) and key not in grid_fields:
+                        raise ValueError(f"{where[key]}: {key} cannot be a grid (only {grid_fields})")
                     if isinstance(value, list) and not value:
                         raise ValueError(f"{where[key]}: grid {key} is empty")
                 stages[(task, arch, strategy)] = entry
@@ -326,8 +365,13 @@ def builtin_presets() -> list[str]:
 
 
 def load_preset(name_or_path: str | Path) -> Preset:
-    """A built-in preset by name (``paper``, ``smoke``, ...) or a preset YAML file by path."""
-    return _parse_preset(preset_mapping(name_or_path), str(_preset_path(name_or_path)))
+    """A built-in preset by name (``paper``, ``smoke``, ...) or a preset YAML file by path. Its plugins (and
+    OCCKD_PLUGINS') are imported and registered first: the stages and architectures they add are checked
+    like the built-in ones."""
+    raw = preset_mapping(name_or_path)
+    plugins = tuple(dict.fromkeys([*(resolve_plugin(p) for p in env_plugins()), *raw.get("plugins", ())]))
+    load_plugins(plugins)
+    return _parse_preset({**raw, "plugins": list(plugins)}, str(_preset_path(name_or_path)))
 
 
 def preset_mapping(name_or_path: str | Path) -> dict[str, Any]:
@@ -354,6 +398,11 @@ def _preset_path(name_or_path: str | Path, folder: Path | None = None) -> Path:
 def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> Mapping[str, Any]:
     """A preset file's mapping with its ``extends:`` base (and the base's base ...) merged underneath."""
     raw = _read_preset_file(path)
+    if "plugins" in raw:  # paths are the file's own, relative to its folder
+        plugins = raw["plugins"]
+        if not isinstance(plugins, list) or not all(isinstance(p, str) and p for p in plugins):
+            raise ValueError(f"preset {str(path)!r}: plugins must be a list of module names or .py paths, got {plugins!r}")
+        raw = {**raw, "plugins": [resolve_plugin(p, path.parent) for p in plugins]}
     if "extends" not in raw:
         return raw
     base_name = raw["extends"]

@@ -214,7 +214,7 @@ def gpu_preset(preset: str, gpus: float, workdir: Path) -> Path:
     raw = preset_mapping(preset)  # with its `extends:` base merged in: the copy stands alone in workdir
     raw["name"] = f"{raw['name']}-local-gpu"
     raw["resources"] = {**(raw.get("resources") or {}),
-                        **{arch: {"cpus": 1, "gpus": gpus} for arch in ("vggf", "vggface", "resnet50")}}
+                        **{arch: {"cpus": 1, "gpus": gpus} for arch in raw.get("models", {})}}
     target = workdir / f"{raw['name']}.yaml"
     target.write_text(yaml.safe_dump(raw))
     return target

@@ -36,7 +36,15 @@ from dataclasses import dataclass
 #: still. The values are therefore set below the published ones; ``benchmarks/bench_scheduling.py``
 #: also reports the schedule with them halved at 8 GPUs. Measure them on your GPUs and pass your own
 #: (``WidthPolicy(efficiency_at_8=...)``) when they differ.
-EFFICIENCY_AT_8 = {"vggf": 0.6, "vggface": 0.65, "resnet50": 0.8}
+#: The values live on each architecture's registry entry (``ArchInfo.ddp_efficiency_at_8``), so that a new network
+#: brings its own; this reads them.
+def efficiency_table() -> dict[str, float]:
+    from occkd_core.models import ARCHITECTURES
+
+    return {name: arch.ddp_efficiency_at_8 for name, arch in ARCHITECTURES.items()}
+
+
+EFFICIENCY_AT_8 = efficiency_table()  # the built-in networks' (at import: before any plugin registers)
 #: Fewest images a worker's batch may hold: below it a GPU step is mostly all-reduce and launch overhead,
 #: and BatchNorm statistics (synchronised, but computed per worker first) come from very few images.
 MIN_BATCH_PER_WORKER = 4
@@ -99,10 +107,11 @@ class WidthPolicy:
     GPUs of the largest machine (widths never exceed it unless a preset fixes ``workers`` above it)."""
 
     machine_gpus: int = 8
-    efficiency_at_8: tuple[tuple[str, float], ...] = tuple(EFFICIENCY_AT_8.items())
+    efficiency_at_8: tuple[tuple[str, float], ...] = ()  # () = each architecture's registry entry
 
     def efficiency(self, arch: str) -> float:
-        return dict(self.efficiency_at_8).get(arch, min(EFFICIENCY_AT_8.values()))
+        table = dict(self.efficiency_at_8) or efficiency_table()
+        return table.get(arch, min(table.values()))
 
     def bounds(self, workers: int, max_workers: int) -> tuple[int, int]:
         """(min, max) width from a node's resources: ``max_workers`` 0 = up to one machine's GPUs."""

@@ -326,6 +326,9 @@ class ArchInfo:
     std: tuple[float, float, float]
     cost: float  # relative cost of one training image at 224 px and full width (scheduling; bare-loop throughput)
     paper_name: str  # as the papers' tables name it (grid/paper_results.json)
+    # DDP scaling efficiency at 8 GPUs, for the grid's width rule (grid/widths.py says where the built-in
+    # values come from); a new network without a measurement gets the most cautious of the built-in ones.
+    ddp_efficiency_at_8: float = 0.6
 
 
 #: Architecture name -> what it is. Read through :func:`get_architecture`; iterating gives the names in order.
@@ -333,13 +336,14 @@ ARCHITECTURES: dict[str, ArchInfo] = {
     # VGG-f: the ImageNet RGB mean (as MatConvNet ships with its VGG-VD imports), no std scaling. A VGG-f
     # started from imagenet-vgg-f.mat subtracts that file's own averageImage instead (its descendants too,
     # through their checkpoints); this mean serves a VGG-f trained from scratch, which has no file to ask.
-    "vggf": ArchInfo("vggf", VGGF, (123.68, 116.78, 103.94), (1.0, 1.0, 1.0), cost=1.0, paper_name="VGG-f"),
+    "vggf": ArchInfo("vggf", VGGF, (123.68, 116.78, 103.94), (1.0, 1.0, 1.0), cost=1.0, paper_name="VGG-f",
+                     ddp_efficiency_at_8=0.6),
     # VGG-face (Parkhi et al.): the face-identification data's RGB mean, no std scaling.
     "vggface": ArchInfo("vggface", VGGFace, (129.19, 104.76, 93.59), (1.0, 1.0, 1.0), cost=35.0,
-                        paper_name="VGG-face"),
+                        paper_name="VGG-face", ddp_efficiency_at_8=0.65),
     # torchvision ResNet-50: ImageNet mean/std (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225) × 255.
     "resnet50": ArchInfo("resnet50", ResNet50, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), cost=18.0,
-                         paper_name="ResNet-50"),
+                         paper_name="ResNet-50", ddp_efficiency_at_8=0.8),
 }
 
 

@@ -8,6 +8,12 @@ parents' files from here):
     <storage>/nodes/<hash>/train/           best.pt, last.pt (an interrupted node resumes from last.pt)
     <storage>/nodes/<hash>/*.parquet|*.npy  per-sample predictions, embeddings, plots
     <storage>/nodes/<hash>/result.json      written last, atomically: metrics + SHA-256 of every file
+    <storage>/cache/                        the teachers' embeddings, cached for triplet mining
+    <storage>/pretrained/<sha256>/<file>    --weights files, staged where every node reads them
+    <storage>/reports/<experiment>/         the report, its CSV, figures, timeline
+    <storage>/ray_results/                  Tune's experiment state
+
+:class:`StorageLayout` spells each of these paths; nothing else does.
 
 A node is complete when its result.json exists and every file it lists still has its checksum; a
 partial or corrupted file makes the node incomplete, so the next invocation runs it again.
@@ -16,6 +22,7 @@ partial or corrupted file makes the node incomplete, so the next invocation runs
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +39,48 @@ ARTIFACTS = {"train": ["train/best.pt", "predictions.parquet", "test_plot.png", 
              "fusion": ["predictions.parquet", "test_plot.png"], "significance": ["comparisons.json"]}
 
 
+@dataclass(frozen=True)
+class StorageLayout:
+    """Every path under a grid's storage, spelled once (the module docstring draws the tree)."""
+
+    root: Path
+
+    def node(self, node_hash: str) -> Path:
+        return Path(self.root) / "nodes" / node_hash
+
+    def checkpoint(self, node_hash: str, which: str = "best") -> Path:
+        """A training node's ``best.pt`` (its best validation epoch) or ``last.pt`` (what a resume needs)."""
+        if which not in ("best", "last"):
+            raise ValueError(f"checkpoint {which!r}: 'best' or 'last'")
+        return self.node(node_hash) / "train" / f"{which}.pt"
+
+    @property
+    def data(self) -> Path:  # prepared data stores
+        return Path(self.root) / "data"
+
+    @property
+    def cache(self) -> Path:  # the teachers' cached embeddings
+        return Path(self.root) / "cache"
+
+    def report(self, experiment: str) -> Path:
+        return Path(self.root) / "reports" / experiment
+
+    def pretrained(self, sha256: str, name: str) -> Path:
+        """A staged copy of a pre-trained weights file, under its sha256."""
+        return Path(self.root) / "pretrained" / sha256 / name
+
+    @property
+    def ray_results(self) -> Path:  # Tune's experiment state
+        return Path(self.root) / "ray_results"
+
+
 def node_dir(storage: Path, node_hash: str) -> Path:
-    return Path(storage) / "nodes" / node_hash
+    return StorageLayout(Path(storage)).node(node_hash)
+
+
+def checkpoint_in(directory: Path, which: str = "best") -> Path:
+    """The checkpoint inside a node's folder (when the folder, not the storage, is at hand)."""
+    return Path(directory) / "train" / f"{which}.pt"
 
 
 def write_result(directory: Path, result: dict[str, Any], files: list[str]) -> Path:

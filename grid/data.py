@@ -17,6 +17,7 @@ from typing import Sequence
 
 from occkd_core.data import open_face_store
 from occkd_core.data.checks import MiningPlan, check_split_sizes
+from grid.artifacts import StorageLayout
 from occkd_core.data.sources import cached_real_store, check_planned_splits, prepare_real_data, prepare_synthetic_data
 from occkd_core.data.synthetic import synthetic_split_labels
 from occkd_core.data.utkface import SPLIT_NAMES
@@ -47,7 +48,7 @@ def prepare_data(preset: Preset, tasks: list[str], storage: Path, data_root: Pat
     is converted or written, for --dry-run), its fingerprint and training-set size. Each task's splits are
     checked for what every stage needs (occkd_core.data.checks), the triplet-KD stages of ``archs`` (default:
     every architecture of the preset) included."""
-    cache = Path(storage) / "data"
+    cache = StorageLayout(Path(storage)).data
     archs = list(preset.models) if archs is None else list(archs)
     if data_root is None:
         if preset.data.source != "synthetic":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from grid import storage_lock
-from grid.artifacts import ARTIFACTS, node_dir, read_result
+from grid.artifacts import ARTIFACTS, StorageLayout, node_dir, read_result
 from grid.cluster_plan import cluster_now, fit_preset_resources, plan_cluster
 from grid.code import code_fingerprint
 from grid.data import PreparedData, prepare_data
@@ -199,7 +199,7 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
         # next node with the same resource request instead of a new process starting from scratch.
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(to_run),
                                     max_concurrent_trials=concurrency, reuse_actors=True),
-        run_config=tune.RunConfig(name=f"grid-{int(time.time())}", storage_path=str(spec.storage / "ray_results"),
+        run_config=tune.RunConfig(name=f"grid-{int(time.time())}", storage_path=str(StorageLayout(spec.storage).ray_results),
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                   callbacks=[callback], verbose=0, stop=interrupts),
     )

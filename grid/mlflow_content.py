@@ -16,6 +16,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag
 
+from grid.artifacts import StorageLayout
 from grid.graph import Node
 
 
@@ -103,7 +104,7 @@ def node_note(node: Node, storage: str) -> str:
     parents = ", ".join(f"{edge.role} `{edge.key}`" for edge in node.parents) or "none"
     faces = f", trained on {node.train_faces} faces" if node.kind == "train" else ""
     return (f"`{node.key}`: {node.strategy.replace('_', ' ')} ({node.kind} node){faces}. Parents: {parents}. "
-            f"Content hash `{node.hash}`; its sealed outputs are in `{Path(storage or '.') / 'nodes' / node.hash}`.")
+            f"Content hash `{node.hash}`; its sealed outputs are in `{StorageLayout(Path(storage or '.')).node(node.hash)}`.")
 
 
 def metric_name(row: Mapping[str, Any], node_strategy: str) -> str:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from grid.artifacts import (
-    RESULT_FILE, atomic_write_bytes, node_dir, read_predictions, read_result, save_numpy, write_predictions, write_result,
+    RESULT_FILE, StorageLayout, atomic_write_bytes, checkpoint_in, node_dir, read_predictions, read_result, save_numpy,
+    write_predictions, write_result,
 )
 from grid.graph import Node
 from occkd_core.checkpoints import checkpoint_input_spec, load_model
@@ -101,8 +102,8 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
     out = fresh_node_dir(storage, node.hash) if is_writer else node_dir(storage, node.hash)
     if is_writer and placement:  # where the node runs now (rewritten on every restart), before it seals
         atomic_write_bytes(out / PLACEMENT_FILE, json.dumps({"node": node.key, **placement}).encode())
-    init = _one(parents, stage.starts_from) / "train" / "best.pt" if stage.starts_from != "weights" else None
-    teacher = _one(parents, "teacher") / "train" / "best.pt" if stage.needs_teacher else None
+    init = checkpoint_in(_one(parents, stage.starts_from)) if stage.starts_from != "weights" else None
+    teacher = checkpoint_in(_one(parents, "teacher")) if stage.needs_teacher else None
 
     def on_epoch(record: EpochRecord) -> None:
         metrics = {"epoch": record.epoch, "lr": record.lr, "train_loss": record.train_loss,
@@ -115,7 +116,7 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
 
     result = train_stage(spec, data, out / "train", init_checkpoint=init, teacher_checkpoint=teacher,
                          pretrained_weights=pretrained, device=device, on_epoch=on_epoch,
-                         cache_dir=Path(storage) / "cache")
+                         cache_dir=StorageLayout(Path(storage)).cache)
     if not is_writer:
         return {}
     model, checkpoint = load_model(result.best_checkpoint, device)

@@ -15,6 +15,7 @@ from grid.figures import write_figures
 from grid.graph import StageGraph
 from grid.progress import Progress
 from grid.report import collect_rows, write_report
+from grid.artifacts import StorageLayout
 from grid.spec import GridSpec
 from grid.timeline import node_timeline, overheads, summary_line, write_timeline
 from grid.weights import describe_init
@@ -80,7 +81,7 @@ def write_outputs(spec: GridSpec, outcome: RayOutcome, results: Mapping[str, dic
                   progress: Progress, started: float) -> int:
     """The report, the timeline of this invocation, the parent run's status and the exit summary."""
     graph = outcome.graph
-    report_dir = spec.storage / "reports" / spec.experiment
+    report_dir = StorageLayout(spec.storage).report(spec.experiment)
     setting = (f"Preset `{spec.preset.name}`: {spec.preset.description} Data: "
                f"{spec.data_root or 'built-in synthetic faces'}. Seeds: {spec.seeds}. "
                + describe_init(graph, spec.preset, spec.from_scratch))

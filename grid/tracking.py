@@ -49,6 +49,7 @@ from mlflow.tracking import MlflowClient
 from grid.code import CODE_ROOT, code_fingerprint
 from grid.faults import hold_upload, upload_delay
 from grid.graph import Node
+from grid.artifacts import checkpoint_in
 from grid.mlflow_content import (
     DataRecord, dataset_inputs, dataset_link, flatten, git_sha, metric_name, model_name, node_note, stage_model,
 )
@@ -250,7 +251,7 @@ class Tracker:
     def finish_node(self, node: Node, result: Mapping[str, Any], directory: Path, artifacts: Iterable[str]) -> None:
         """Record a sealed node, on the recorder's thread: its metrics, tags, logged model and dataset links,
         then its files, after which the run ends FINISHED (and supersedes an older run of the node)."""
-        checkpoint = directory / "train" / "best.pt"
+        checkpoint = checkpoint_in(directory)
         has_model = node.kind == "train" and checkpoint.exists()
         files = [(directory / name, str(Path(name).parent) if "/" in name else None) for name in artifacts
                  if (directory / name).exists() and not (has_model and directory / name == checkpoint)]

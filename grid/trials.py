@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ray import tune
 
-from grid.artifacts import node_dir
+from grid.artifacts import StorageLayout
 from grid.bundles import uses_train, worker_placement
 from grid.code import CODE_ROOT, check_same_code
 from occkd_core.plugins import load_plugins
@@ -96,7 +96,7 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "progress.json").write_text(json.dumps(
                 {"node": node.key, "epoch": metrics.get("epoch"),
-                 "last_checkpoint": str(node_dir(storage, node.hash) / "train" / "last.pt")}))
+                 "last_checkpoint": str(StorageLayout(storage).checkpoint(node.hash, "last"))}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     # Train hands out cuda:N for every GPU Ray assigned, even where CUDA is absent (logical GPUs).

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Mapping
 
+from grid.artifacts import StorageLayout
 from grid.graph import StageGraph
 from occkd_core.presets import Preset
 from occkd_core.pretrained import FROM_SCRATCH, WeightsFile, get_pretrained
@@ -55,7 +56,7 @@ def stage_weights(found: Mapping[str, WeightsFile], storage: Path) -> dict[str, 
     all mount the storage. A copy is made once (an interrupted one never takes the final name)."""
     staged = {}
     for name, weights in found.items():
-        target = storage / "pretrained" / weights.sha256 / Path(weights.path).name
+        target = StorageLayout(storage).pretrained(weights.sha256, Path(weights.path).name)
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f"{target.name}.partial")

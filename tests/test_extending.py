@@ -17,11 +17,12 @@ from grid.nodes import ParentOutput, run_fusion_node, run_significance_node, run
 from grid.report import collect_rows, render_markdown
 from occkd_core.data import make_synthetic_faces, write_face_store
 from occkd_core.losses import supervised_loss
-from occkd_core.models import ARCHITECTURES, ArchInfo, FaceNet, ModelSpec
+from occkd_core.models import ARCHITECTURES, ArchInfo
 from occkd_core.preprocess import prepare_views
 from occkd_core.presets import load_preset
 from occkd_core.stages import STAGES, StageInfo
 from occkd_core.strategies import SupervisedStrategy
+from test_plugins import PluginNet
 
 
 class LogitMatchingStrategy(SupervisedStrategy):
@@ -38,22 +39,8 @@ class LogitMatchingStrategy(SupervisedStrategy):
                 "logit_mse": lam * F.mse_loss(outputs, teacher_logits)}, outputs
 
 
-class TinyNet(FaceNet):
-    """One conv and a global average pool: a 16-d embedding."""
-
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec)
-        self.conv, self.embedding_dim = nn.Conv2d(3, 16, 5, stride=2), 16
-        self.head = nn.Linear(16, spec.num_outputs)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return torch.relu(self.conv(x))
-
-    def forward_embedding(self, features: Tensor) -> Tensor:
-        return features.mean(dim=(2, 3))
-
-    def gradcam_layer(self) -> nn.Module:
-        return self.conv
+# The same one-conv network as the out-of-tree plugin's (tests/test_plugins.py), registered here in-process.
+TinyNet = PluginNet
 
 
 @pytest.fixture

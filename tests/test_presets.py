@@ -357,7 +357,7 @@ def test_a_self_referring_alias_and_a_deep_nest_are_refused(tmp_path: Path):
 def test_anchors_and_aliases_of_plain_entries_still_load_as_safe_load_reads_them(tmp_path: Path):
     import yaml
 
-    from occkd_core.presets import PRESET_DIR, _read_preset_file
+    from occkd_core.preset_files import PRESET_DIR, _read_preset_file
 
     for file in sorted(PRESET_DIR.glob("*.yaml")):  # the built-in presets share entries through anchors
         assert _read_preset_file(file) == yaml.safe_load(file.read_text())

@@ -20,7 +20,8 @@ def resolve_weights(preset: Preset, tasks: list[str], archs: list[str], given: M
     """The weights files the selected teachers start from, checksummed and test-loaded into their
     architecture now, so a missing or wrong file fails before any data is prepared (ValueError /
     FileNotFoundError with one actionable line, or the layers that do not fit)."""
-    from occkd_core.models import ModelSpec, build_model, load_pretrained
+    from occkd_core.loading import load_pretrained
+    from occkd_core.models import ModelSpec, build_model
 
     needed = preset.required_weights(tasks, archs)
     if from_scratch and given:

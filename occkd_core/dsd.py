@@ -2,7 +2,7 @@
 
 The pruner keeps its own boolean masks instead of using ``torch.nn.utils.prune``: that module
 reparametrises each weight as ``weight_orig * weight_mask`` through a forward pre-hook, which renames
-the state-dict keys (so checkpoints and :func:`~occkd_core.models.load_pretrained` no longer match the
+the state-dict keys (so checkpoints and :func:`~occkd_core.loading.load_pretrained` no longer match the
 model) and needs ``prune.remove`` before the optimizer sees plain weights again. Here the weights stay
 ordinary parameters: pruning zeroes them in place and :meth:`DSDPruner.apply_masks` re-zeroes them
 after each optimiser step.

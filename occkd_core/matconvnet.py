@@ -67,7 +67,7 @@ def is_matlab_file(path: Path) -> bool:
 def read_matconvnet(path: str | Path) -> MatConvNetFile:
     """The conv weights, every layer's settings and the input mean of a MatConvNet model file.
 
-    fc6-fc8 are conv layers in MatConvNet and come out too; :func:`occkd_core.models.load_pretrained`
+    fc6-fc8 are conv layers in MatConvNet and come out too; :func:`occkd_core.loading.load_pretrained`
     drops them (spec §4.1-4.2). Raises ValueError, naming the file, for anything that is not a network.
     """
     path = Path(path)

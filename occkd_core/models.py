@@ -1,4 +1,5 @@
-"""The three networks of spec §4 (VGG-f, VGG-face, ResNet-50) with a task head, and loading pre-trained weights.
+"""The three networks of spec §4 (VGG-f, VGG-face, ResNet-50) with a task head (pre-trained weights are loaded
+by :mod:`occkd_core.loading`).
 
 Every network is a :class:`FaceNet`: conv features -> global pool -> embedding ``[B, D]`` -> head ``[B, K]``.
 The embedding is whatever enters the final layer (spec §4.1, J's "penultimate layer"), so the KD
@@ -12,7 +13,6 @@ from __future__ import annotations
 import abc
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -20,8 +20,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet50
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from occkd_core.matconvnet import MatConvNetFile, MatConvNetLayer, compare_layers, matconvnet_layers
-from occkd_core.pretrained import PRETRAINED, read_weights_file
+from occkd_core.matconvnet import MatConvNetLayer, matconvnet_layers
 from occkd_core.tasks import lookup
 
 #: Smallest input side every architecture handles: VGG-f's conv1 (11x11/4) and two 3x3/2 pools need 31 px
@@ -113,8 +112,16 @@ class FaceNet(nn.Module, abc.ABC):
 
     def matconvnet_layers(self) -> tuple[MatConvNetLayer, ...]:
         """The layers a MatConvNet weights file must hold, with these settings, to be this network
-        (:func:`load_pretrained` refuses one that differs); empty: such files are not checked."""
+        (:func:`occkd_core.loading.load_pretrained` refuses one that differs); empty: such files are not checked."""
         return ()
+
+    #: Prefixes of a published file's layers that this network deletes (skipped when loading weights).
+    deleted_file_layers: tuple[str, ...] = ()
+
+    def file_key_candidates(self, key: str) -> list[str]:
+        """The model keys a published weights file's ``key`` may stand for, in order (loading weights):
+        the key itself, or the same under ``features.`` (the VGGs' layer stack)."""
+        return [key, f"features.{key}"]
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != 3:
@@ -141,6 +148,7 @@ class _VGGBase(FaceNet):
     """A flat ``features`` stack named after the paper's layers, then a global spatial max-pool (spec §15 #8)."""
 
     features: nn.Sequential
+    deleted_file_layers = ("fc6.", "fc7.", "fc8.")  # spec §4.1/§4.2 delete the original VGGs' fc6-fc8
 
     def forward_features(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -295,6 +303,11 @@ class ResNet50(FaceNet):
     saturating the softmax. No dropout (spec §4.3), so ``spec.dropout`` has no effect.
     """
 
+
+    def file_key_candidates(self, key: str) -> list[str]:
+        """torchvision's ``fc.*`` is this network's ``head.*``."""
+        return [*super().file_key_candidates(key), *(["head." + key.removeprefix("fc.")] if key.startswith("fc.") else [])]
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
         trunk = resnet50(weights=None) if spec.width_mult == 1.0 else _ScaledResNet50(spec.width_mult)
@@ -355,132 +368,3 @@ def get_architecture(name: str) -> ArchInfo:
 def build_model(spec: ModelSpec) -> FaceNet:
     """A freshly initialised network for ``spec`` (load pre-trained weights with :func:`load_pretrained`)."""
     return get_architecture(spec.arch).model(spec)
-
-
-# -- pre-trained weights ---------------------------------------------------------------------------------
-
-#: Layers of the original VGG networks that spec §4.1/§4.2 delete; skipped when found in a file.
-_VGG_DELETED_LAYERS = ("fc6.", "fc7.", "fc8.")
-_MAX_LISTED = 10
-
-
-def load_pretrained(model: FaceNet, path: str | Path, *, skip_head: bool = True) -> list[str]:
-    """Load a state dict from ``path`` into ``model``; returns the model keys that were loaded. Never downloads.
-
-    Accepts a plain state dict, or one under ``"state_dict"`` / ``"model"`` (our checkpoints), with or
-    without a DDP ``module.`` prefix, and MatConvNet ``.mat`` files (:mod:`occkd_core.pretrained`).
-    Keys are matched as: our own keys; MatConvNet's layer names and the "dag" ports of
-    VGG-face / VGG-f (``conv1_1.weight`` -> ``features.conv1_1.weight``; their fc6-fc8 are skipped, the
-    spec deletes them); torchvision's ResNet (``fc.*`` -> ``head.*``). With ``skip_head`` the head is
-    not loaded (a new task head). Any missing, unexpected or wrongly shaped entry raises a ValueError
-    that lists them and names the architecture the file seems to hold.
-    """
-    path = Path(path)
-    content = read_weights_file(path)  # torch (weights_only) or MatConvNet .mat; errors name the file
-    network = content if isinstance(content, MatConvNetFile) else None
-    file_state = _unwrap_state_dict(network.state if network is not None else content, path)
-    model_state = model.state_dict()
-    is_vgg = isinstance(model, _VGGBase)
-
-    mapped: dict[str, Tensor] = {}
-    unexpected: list[str] = []
-    for key, value in file_state.items():
-        if is_vgg and key.startswith(_VGG_DELETED_LAYERS):
-            continue
-        name = _model_key(key, model_state, is_resnet=isinstance(model, ResNet50))
-        if name is None:
-            unexpected.append(key)
-        elif not (skip_head and name.startswith("head.")):
-            mapped[name] = value
-    # BatchNorm fills a missing counter itself (older torchvision files lack it).
-    missing = [name for name in model_state if name not in mapped and not name.endswith("num_batches_tracked")
-               and not (skip_head and name.startswith("head."))]
-    mismatched = [f"{name}: file {tuple(value.shape)} vs model {tuple(model_state[name].shape)}"
-                  for name, value in mapped.items() if value.shape != model_state[name].shape]
-    if missing or unexpected or mismatched:
-        width = model.spec.width_mult
-        problems = [f"cannot load {str(path)!r} into {model.arch} (width_mult {width:g}, "
-                    f"{model.num_outputs} outputs)"]
-        guess = _guess_architecture(file_state)
-        if guess is not None:
-            problems.append(f"the file looks like {guess}")
-        if missing:
-            problems.append(f"missing from the file ({len(missing)}): {_listed(missing)}")
-        if unexpected:
-            problems.append(f"in the file but not in the model ({len(unexpected)}): {_listed(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatch ({len(mismatched)}): " + "; ".join(mismatched))
-        raise ValueError("\n  ".join(problems))
-    if network is not None:
-        _check_matconvnet_layers(model, network, path)
-    model.load_state_dict(mapped, strict=False)
-    return [name for name in model_state if name in mapped]
-
-
-def _check_matconvnet_layers(model: FaceNet, network: MatConvNetFile, path: Path) -> None:
-    """Refuse a MatConvNet file whose layers (LRN, pooling, conv stride and padding) are not the network's:
-    its weights were trained to be read by those layers, and another LRN or pooling changes every later
-    activation."""
-    differences = compare_layers(network.layers, model.matconvnet_layers())
-    if differences:
-        raise ValueError("\n  ".join([
-            f"cannot load {str(path)!r} into {model.arch}: the file's network differs from the one occkd builds "
-            f"(MatConvNet settings: stride [Y X], pad [top bottom left right], LRN param [N kappa alpha beta])",
-            *differences,
-            f"use the published file ({', '.join(_published_files(model.arch))}), or a torch state dict of this "
-            f"network"]))
-
-
-def _published_files(arch: str) -> list[str]:
-    return [name for weights in PRETRAINED.values() if weights.arch == arch for name in weights.files]
-
-
-def _unwrap_state_dict(raw: object, path: Path) -> dict[str, Tensor]:
-    if isinstance(raw, Mapping):
-        for wrapper in ("state_dict", "model"):
-            if isinstance(raw.get(wrapper), Mapping):
-                raw = raw[wrapper]
-                break
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{str(path)!r} holds a {type(raw).__name__}, not a state dict")
-    not_tensors = [str(key) for key, value in raw.items() if not isinstance(value, Tensor)]
-    if not_tensors:
-        raise ValueError(f"{str(path)!r} is not a state dict: entries {_listed(not_tensors)} are not tensors")
-    return {str(key).removeprefix("module."): value for key, value in raw.items()}
-
-
-def _model_key(key: str, model_state: Mapping[str, Tensor], *, is_resnet: bool) -> str | None:
-    """The model key a file key belongs to, or None."""
-    candidates = [key, f"features.{key}"]
-    if is_resnet and key.startswith("fc."):
-        candidates.append("head." + key.removeprefix("fc."))
-    return next((name for name in candidates if name in model_state), None)
-
-
-def _guess_architecture(state: Mapping[str, Tensor]) -> str | None:
-    """A human description of which network a state dict is for, when recognisable."""
-
-    def first(*names: str) -> Tensor | None:
-        return next((state[n] for name in names for n in (name, f"features.{name}") if n in state), None)
-
-    if first("conv5_3.weight") is not None:
-        arch, stem = "vggface", first("conv1_1.weight")
-    elif first("conv5.weight") is not None and first("conv1.weight") is not None:
-        arch, stem = "vggf", first("conv1.weight")
-    elif "layer4.2.conv3.weight" in state and "layer3.5.conv3.weight" in state \
-            and "layer3.6.conv3.weight" not in state:
-        arch, stem = "resnet50", state.get("conv1.weight")
-    elif any(key.startswith("layer1.") for key in state):
-        return "a torchvision ResNet other than ResNet-50"
-    elif "features.0.weight" in state:
-        return "a torchvision VGG/AlexNet (numbered features.N layers), which none of our models use"
-    else:
-        return None
-    if stem is None or stem.dim() != 4:
-        return arch
-    return f"{arch} (width_mult ≈ {stem.shape[0] / 64:g})"
-
-
-def _listed(names: list[str]) -> str:
-    shown = ", ".join(names[:_MAX_LISTED])
-    return shown if len(names) <= _MAX_LISTED else f"{shown}, ... ({len(names) - _MAX_LISTED} more)"

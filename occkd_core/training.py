@@ -28,7 +28,8 @@ from occkd_core.checkpoints import (atomic_torch_save, checkpoint_input_spec, lo
 from occkd_core.data import FaceData, FaceSplit
 from occkd_core.dsd import DSDPruner, DSDSchedule
 from occkd_core.evaluation import Predictions, predict, task_metrics, validation_score
-from occkd_core.models import FaceNet, ModelSpec, build_model, get_architecture, load_pretrained
+from occkd_core.loading import load_pretrained
+from occkd_core.models import FaceNet, ModelSpec, build_model, get_architecture
 from occkd_core.preprocess import InputSpec, input_spec_for, random_flips
 from occkd_core.pretrained import weights_input_mean
 from occkd_core.specs import TrainSpec

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet50
 
-from occkd_core.models import ARCHITECTURES, FaceNet, ModelSpec, build_model, load_pretrained
+from occkd_core.loading import load_pretrained
+from occkd_core.models import ARCHITECTURES, FaceNet, ModelSpec, build_model
 
 #: Embedding width at width_mult 0.125: VGG-f 256·0.125, VGG-face 512·0.125, ResNet-50 4·round(512·0.125).
 SMALL_DIMS = {"vggf": 32, "vggface": 64, "resnet50": 256}

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torchvision.models import resnet50
 
 from occkd_core.files import file_sha256
-from occkd_core.models import ModelSpec, build_model, load_pretrained
+from occkd_core.loading import load_pretrained
+from occkd_core.models import ModelSpec, build_model
 from occkd_core.pretrained import PRETRAINED, WeightsFile, get_pretrained, read_matconvnet, weights_input_mean
 from published_files import cell, mean_image, vgg_f_layers, write_dagnn, write_simplenn
 

@@ -38,7 +38,8 @@ from occkd_core.preprocess import input_spec_for  # noqa: E402
 from occkd_core.presets import load_preset  # noqa: E402
 from occkd_core.strategies import BatchContext, TripletKDStrategy  # noqa: E402
 from occkd_core.tasks import get_task  # noqa: E402
-from occkd_core.training import StageSpec, _embed, _make_optimizer, _run_epoch  # noqa: E402
+from occkd_core.embeddings import embed  # noqa: E402
+from occkd_core.training import StageSpec, _make_optimizer, _run_epoch  # noqa: E402
 
 
 def mini_data(data_root: Path, cache: Path) -> tuple[dict[str, FaceData], str]:
@@ -108,7 +109,7 @@ def epoch_rows(data: dict[str, FaceData], tasks: list[str]) -> list[list]:
         torch.manual_seed(0)
         student, teacher = build_model(spec.model_spec), build_model(spec.model_spec).eval()
         input_spec = input_spec_for("vggf", settings.input_size)
-        teacher_embeddings = _embed(teacher, split, task, "full", input_spec, device)
+        teacher_embeddings = embed(teacher, split, task, "full", input_spec, device)
         ctx = BatchContext(task=task, train=train, split=split, targets=torch.as_tensor(split.labels(task_name)),
                            visible=task.main_visible, input_spec=input_spec, device=device, channels_last=False,
                            teacher=teacher)
@@ -116,7 +117,7 @@ def epoch_rows(data: dict[str, FaceData], tasks: list[str]) -> list[list]:
 
         def embed_student(model):
             start = time.perf_counter()
-            out = _embed(model, split, task, task.main_visible, input_spec, device)
+            out = embed(model, split, task, task.main_visible, input_spec, device)
             timings["embed"] = time.perf_counter() - start
             return out
 

@@ -10,7 +10,6 @@ from its last checkpoint. Runs single-process or under an initialised ``torch.di
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -23,10 +22,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from occkd_core.checkpoints import (atomic_torch_save, checkpoint_input_spec, load_model, read_checkpoint,
+from occkd_core.checkpoints import (checkpoint_input_spec, load_model, read_checkpoint,
                                     save_model_checkpoint, unwrap)
-from occkd_core.data import FaceData, FaceSplit
+from occkd_core.data import FaceData
+from occkd_core.ddp import dropout_seed, sum_over_ranks, with_sync_batchnorm
 from occkd_core.dsd import DSDPruner, DSDSchedule
+from occkd_core import embeddings
 from occkd_core.evaluation import Predictions, predict, task_metrics, validation_score
 from occkd_core.loading import load_pretrained
 from occkd_core.models import FaceNet, ModelSpec, build_model, get_architecture
@@ -168,11 +169,11 @@ def train_stage(
         if teacher is None or teacher_checkpoint is None:
             raise ValueError(f"stage {spec.strategy!r} asks for the teacher's embeddings, but its registry entry "
                              f"(occkd_core.stages) does not say needs_teacher=True")
-        return _teacher_embeddings(teacher, teacher_checkpoint, train_split, task, input_spec, device, cache_dir)
+        return embeddings.teacher_embeddings(teacher, teacher_checkpoint, train_split, task, input_spec, device, cache_dir)
 
     inputs = StageInputs(
         teacher_embeddings=teacher_embeddings,
-        embed_student=lambda m: _embed(unwrap(m), train_split, task, spec.train_visible, input_spec, device))
+        embed_student=lambda m: embeddings.embed(unwrap(m), train_split, task, spec.train_visible, input_spec, device))
     strategy = stage.strategy.build(ctx, inputs)
 
     # -- epochs -----------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def train_stage(
                                                      flip_generator, epoch, dsd if phase == "sparse" else None,
                                                      on_gpu, step_clock, rank=rank, world=world)
         num_batches = max(1, math.ceil(len(order) / train.batch_size))
-        loss_terms = {name: value / num_batches for name, value in _sum_over_ranks(sums, world).items()}
+        loss_terms = {name: value / num_batches for name, value in sum_over_ranks(sums, world).items()}
         train_preds = _as_predictions(train_outputs, train_split.labels(task.name)[train_rows], spec.train_visible)
         val_preds = predict(unwrap(model), val_split, task, spec.train_visible, input_spec, device=device)
         val_metrics = task_metrics(task, val_preds)
@@ -352,12 +353,6 @@ def _make_optimizer(model: FaceNet, train: TrainSpec) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
 
 
-def dropout_seed(seed: int, rank: int, epoch: int) -> int:
-    """The seed of torch's global generator (dropout masks) for one rank's epoch of a stage seeded ``seed``."""
-    # SeedSequence mixes its inputs, so (seed, rank 1) and (seed + 1, rank 0) do not share masks.
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
-
-
 def _run_epoch(
     model: torch.nn.Module,
     strategy: SupervisedStrategy,
@@ -429,25 +424,6 @@ def _run_epoch(
     return totals, all_outputs, np.concatenate(seen_rows) if seen_rows else np.zeros(0, dtype=np.int64)
 
 
-def with_sync_batchnorm(model: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
-    """BatchNorm layers as SyncBatchNorm when a node trains on several GPUs, so their statistics come from
-    the global batch, as at width 1. PyTorch's SyncBatchNorm works with GPU modules only: on CPU workers
-    (gloo; tests, logical-GPU clusters) BatchNorm keeps per-worker statistics."""
-    if world > 1 and torch.device(device).type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
-
-
-def _sum_over_ranks(sums: dict[str, float], world: int) -> dict[str, float]:
-    """Each loss term's per-rank sum (already weighted by the ranks' shares of each batch) summed over the ranks."""
-    if world == 1 or not sums:
-        return sums
-    names = sorted(sums)
-    values = torch.tensor([sums[name] for name in names], dtype=torch.float64)
-    dist.all_reduce(values)
-    return {name: float(v) for name, v in zip(names, values)}
-
-
 def _check_finite(window: list[tuple[int, dict[str, torch.Tensor]]], epoch: int) -> None:
     stacked = torch.stack([torch.stack(list(terms.values())) for _, terms in window])
     if bool(torch.isfinite(stacked).all()):
@@ -463,30 +439,3 @@ def _check_finite(window: list[tuple[int, dict[str, torch.Tensor]]], epoch: int)
 
 def _as_predictions(outputs: torch.Tensor, targets: np.ndarray, visible: Visibility) -> Predictions:
     return Predictions(visible=visible, outputs=outputs.numpy(), targets=targets)
-
-
-def _embed(model: FaceNet, split: FaceSplit, task: TaskInfo, visible: Visibility, input_spec: InputSpec,
-           device: torch.device) -> torch.Tensor:
-    """Embeddings [N, D] of a split's faces, model in eval mode (restored after), on the device."""
-    preds = predict(model, split, task, visible, input_spec, device=device, with_embeddings=True)
-    return torch.from_numpy(preds.embeddings).to(device)
-
-
-def _teacher_embeddings(teacher: FaceNet, teacher_checkpoint: Path, split: FaceSplit, task: TaskInfo,
-                        input_spec: InputSpec, device: torch.device, cache_dir: Path | None) -> torch.Tensor:
-    """Teacher embeddings of the FULL training faces, computed once per node and cached on disk."""
-    if cache_dir is None:
-        return _embed(teacher, split, task, "full", input_spec, device)
-    key = hashlib.sha256()
-    key.update(Path(teacher_checkpoint).read_bytes())
-    key.update(f"{len(split)}:{split.images.shape}:{input_spec}".encode())
-    key.update(np.ascontiguousarray(split.images[:: max(1, len(split) // 64)]).tobytes())
-    path = Path(cache_dir) / f"teacher-embeddings-{key.hexdigest()[:20]}.pt"
-    if path.exists():
-        try:
-            return torch.load(path, map_location=device, weights_only=True)
-        except Exception:  # partial or corrupt cache file: recompute below
-            path.unlink(missing_ok=True)
-    embeddings = _embed(teacher, split, task, "full", input_spec, device)
-    atomic_torch_save(embeddings.cpu(), path)
-    return embeddings

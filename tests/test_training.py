@@ -236,7 +236,7 @@ def test_two_process_ddp_trains_and_rank_zero_writes_with_per_rank_dropout(tmp_p
 
 
 def test_dropout_seeds_differ_by_rank_and_epoch():
-    from occkd_core.training import dropout_seed
+    from occkd_core.ddp import dropout_seed
 
     seeds = {dropout_seed(seed, rank, epoch) for seed in (0, 1) for rank in (0, 1, 2) for epoch in (1, 2)}
     assert len(seeds) == 12
@@ -324,7 +324,7 @@ def test_a_node_trains_the_same_at_width_one_and_two(tmp_path: Path):
 
 def test_resnet50_batchnorm_is_synchronised_across_gpu_workers():
     from occkd_core.models import ModelSpec, build_model
-    from occkd_core.training import with_sync_batchnorm
+    from occkd_core.ddp import with_sync_batchnorm
 
     count = lambda m: sum(isinstance(x, torch.nn.SyncBatchNorm) for x in m.modules())  # noqa: E731
     model = lambda: build_model(ModelSpec(arch="resnet50", num_outputs=2, width_mult=0.125))  # noqa: E731

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Mapping
 
 from occkd_core.data.ferplus import LABEL_RULES
-from occkd_core.data.synthetic import MIN_IMAGE_SIZE
+from occkd_core.data.drawing import MIN_IMAGE_SIZE
 from occkd_core.models import MIN_INPUT_SIZE
 
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from grid.local_cluster import marked_ray
+from grid.local_cluster import free_port, marked_ray
 from test_grid_e2e import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,10 @@ def _head_start_command() -> tuple[dict[str, str], list[str]]:
     assignments = dict(w.split("=", 1) for w in words[:words.index("ray")])
     keep = [w for w in words[words.index("ray") + 1:]
             if not w.startswith(("--port", "--autoscaling-config", "--object-manager-port"))]
-    return assignments, [RAY, *keep, f"--port={GCS_PORT}", f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=2"]
+    # The dashboard agent's own port too: its default (52365) may be held by another Ray on this machine (a grid
+    # running beside the tests), and an agent that cannot bind it leaves `ray job submit` with "No available agent".
+    return assignments, [RAY, *keep, f"--port={GCS_PORT}", f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=2",
+                         f"--dashboard-agent-listen-port={free_port()}"]
 
 
 @pytest.fixture

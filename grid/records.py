@@ -143,7 +143,9 @@ class Recorder:
 
     def _wait_idle(self) -> None:
         with self._cond:
-            while self._busy:
+            # A writer thread that died (a bug, or its ``say`` failing) will never finish the jobs: the driver
+            # must not wait for it forever; what it left is counted unrecorded.
+            while self._busy and self._thread.is_alive():
                 self._cond.wait(timeout=0.5)
 
     # The thread's side.

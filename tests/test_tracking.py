@@ -201,3 +201,25 @@ def test_two_storages_sharing_one_store_keep_their_own_records(tmp_path: Path):
     # What each storage counts as recorded is its own: a third storage has nothing recorded yet.
     assert teacher.hash in again.finished_hashes()
     assert teacher.hash not in Tracker(uri, "occkd-test", run_name="grid", params={}, storage="/runs/c").finished_hashes()
+
+
+def test_a_dead_writer_thread_never_holds_the_driver(tmp_path: Path):
+    """If the recorder's thread dies (here its line-printer fails as the store goes away), drain returns and
+    the record it never wrote is counted unrecorded, instead of the driver waiting for ever."""
+    from grid.records import Job, Recorder
+
+    def broken_say(text: str) -> None:
+        raise OSError("stderr closed")
+
+    def unreachable(client) -> None:
+        raise ConnectionError("[Errno 111] Connection refused")
+
+    recorder = Recorder("http://127.0.0.1:1", say=broken_say)  # nothing listens on port 1: the probe fails
+    recorder.submit(Job("gender/vggf/teacher", "gender/vggf/teacher", unreachable, final=True))
+    import threading
+
+    drained = threading.Thread(target=recorder.drain, daemon=True)  # a hang fails the test, not the suite
+    drained.start()
+    drained.join(timeout=60)
+    assert not drained.is_alive(), "drain waited on a dead writer thread"
+    assert recorder.unrecorded() == ["gender/vggf/teacher"]

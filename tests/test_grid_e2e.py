@@ -63,6 +63,24 @@ def grid_run(tmp_path_factory):
     return workdir, first
 
 
+@pytest.fixture
+def own_grid(grid_run, tmp_path) -> Path:
+    """This test's own copy of the sealed grid (storage, MLflow store and artifacts, preset), for a test that
+    damages or reruns it: the others read ``grid_run`` as it was sealed, in any order. The copy's records
+    are re-tagged with the copy's storage path, as a user's would be after moving a storage with its store
+    (records are per storage). MLflow fixes an experiment's artifact root when it is made, so artifacts the
+    copy's reruns log land beside the original's, under new run ids that only the copy's store lists."""
+    source, _ = grid_run
+    workdir = tmp_path / "grid"
+    shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("installed"))
+    client, _, runs = finished_runs(workdir)
+    old, new = str(source / "occkd_runs"), str(workdir / "occkd_runs")
+    for run in runs:
+        if run.data.tags.get("occkd.storage") == old:
+            client.set_tag(run.info.run_id, "occkd.storage", new)
+    return workdir
+
+
 def finished_runs(workdir: Path):
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("occkd-tiny")
@@ -188,8 +206,8 @@ def test_outputs_on_storage_and_the_report(grid_run):
         assert None not in times and times == sorted(times), row
 
 
-def test_second_invocation_trains_nothing(grid_run):
-    workdir, _ = grid_run
+def test_second_invocation_trains_nothing(own_grid):
+    workdir = own_grid
     _, before, _ = finished_runs(workdir)
     again = run_grid(workdir)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -202,9 +220,9 @@ def test_second_invocation_trains_nothing(grid_run):
     assert "0 to run" in parents[0].data.tags["occkd.invocation.2"]
 
 
-def test_a_node_with_a_corrupted_file_reruns_in_a_ray_train_worker_group(grid_run):
+def test_a_node_with_a_corrupted_file_reruns_in_a_ray_train_worker_group(own_grid):
     """A damaged checkpoint fails its checksum: the node (only it) runs again, here through TorchTrainer."""
-    workdir, _ = grid_run
+    workdir = own_grid
     storage = workdir / "occkd_runs"
     teacher_dir = next(d for d in storage.glob("nodes/*") if json.loads((d / "result.json").read_text())
                        .get("strategy") == "teacher")
@@ -223,10 +241,10 @@ def test_a_node_with_a_corrupted_file_reruns_in_a_ray_train_worker_group(grid_ru
     assert old.data.tags["occkd.superseded_by"] == next(r for r in teachers if r.info.status == "FINISHED").info.run_id
 
 
-def test_a_damaged_nodes_old_record_stands_until_its_rerun_succeeds(grid_run):
+def test_a_damaged_nodes_old_record_stands_until_its_rerun_succeeds(own_grid):
     """The rerun of a damaged node fails (an injected fault, every attempt): the node keeps its FINISHED run;
     the failed attempt is a FAILED run beside it, and nothing is marked superseded."""
-    workdir, _ = grid_run
+    workdir = own_grid
     storage = workdir / "occkd_runs"
     teacher_dir = next(d for d in storage.glob("nodes/*") if json.loads((d / "result.json").read_text())
                        .get("strategy") == "teacher")
@@ -259,7 +277,7 @@ def test_the_printed_link_opens_the_mlflow_ui_on_the_runs_table(grid_run, tmp_pa
     workdir, _ = grid_run
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     _, _, runs = finished_runs(workdir)
-    parent = next(r for r in runs if r.data.tags.get("occkd.kind") == "grid")  # FAILED by the last rerun
+    parent = next(r for r in runs if r.data.tags.get("occkd.kind") == "grid")
     with mlflow_server(tmp_path, store_uri=uri) as server:
         urls = pages(server, uri, "occkd-tiny")
         table = rendered_text(browser, urls["runs_table"])

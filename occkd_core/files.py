@@ -4,12 +4,19 @@ Every output a run leaves (checkpoints, stores, predictions, embeddings, plots, 
 through :func:`atomic_write`: to a temporary name beside the target, flushed to disk, then renamed over
 it. A crash leaves the old file or none, never half of one, which is what lets a rerun trust (after its
 checksum) whatever it finds.
+
+A process killed mid-write (``kill -9``, a lost node) leaves its temporary behind, and at paper scale one
+is a 19 GB data store. The temporary's name says which process on which host wrote it, so that
+:func:`remove_orphaned_temporaries` can delete those whose writer is gone, and only those: on a storage
+shared by a cluster, another host's writer cannot be checked from here, so its temporaries are left alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +29,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     writers choose the format by it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.tmp-{_HOST}-{os.getpid()}{path.suffix}")
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -32,6 +39,38 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         raise type(err)(err.errno, err.strerror or str(err), str(path.resolve())) from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: This host, short: the temporaries' names say where their writer ran.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMPORARY = re.compile(r"^\..+\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)(\.[^.]*)?$")
+
+
+def remove_orphaned_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries in ``folder`` (not below it) of writers on this host that are no longer
+    running; return them. A temporary of a live process, or of another host, is kept. (A pid reused by a
+    new process keeps its orphan until that process ends too: a file kept too long, never one cut short.)"""
+    removed = []
+    for entry in Path(folder).glob(".*.tmp-*"):
+        match = _TEMPORARY.match(entry.name)
+        if match is None or match["host"] != _HOST or not entry.is_file() or _running(int(match["pid"])):
+            continue
+        try:
+            entry.unlink()
+        except FileNotFoundError:  # another process cleaning the same folder
+            continue
+        removed.append(entry)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
@@ -50,4 +89,4 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "file_sha256"]
+__all__ = ["atomic_write", "atomic_write_bytes", "file_sha256", "remove_orphaned_temporaries"]

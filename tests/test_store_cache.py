@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -197,3 +199,40 @@ def test_stores_from_before_records_are_kept_if_readable_and_rebuilt_if_not(tmp_
     assert path.read_bytes() == expected
     (line,) = damage_lines(capsys.readouterr().err)
     assert f"is damaged (its record {record_path(path).name} is unreadable: " in line
+
+
+WRITER = """
+import sys, time
+from occkd_core.files import atomic_write
+with atomic_write(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"x" * 1_000_000)
+    print(tmp, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_conversions_temporary_is_removed_and_a_live_writers_is_kept(tmp_path: Path, capsys):
+    """A writer SIGKILLed mid-write leaves its temporary (at paper scale a 19 GB store); the next run that
+    prepares data there deletes it, says so in one line, and keeps what a live writer or another host wrote."""
+    cache = tmp_path / "data"
+    cache.mkdir()
+    killed = subprocess.Popen([sys.executable, "-c", WRITER, str(cache / "fer-0123.arrow")], stdout=subprocess.PIPE, text=True)
+    live = subprocess.Popen([sys.executable, "-c", WRITER, str(cache / "age-4567.arrow")], stdout=subprocess.PIPE, text=True)
+    try:
+        orphan, running = Path(killed.stdout.readline().strip()), Path(live.stdout.readline().strip())
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+        assert orphan.exists() and running.exists()
+        elsewhere = cache / ".gender-89ab.tmp-00000000-1.arrow"  # another host's writer: not checkable here
+        elsewhere.write_bytes(b"y")
+        capsys.readouterr()
+        prepare_synthetic_data(240, 32, 0, cache)
+        assert not orphan.exists() and running.exists() and elsewhere.exists()
+        err = capsys.readouterr().err
+        assert f"removed 1 unfinished file(s) in {cache} left by writers that were killed (1.0 MB)" in err
+        prepare_synthetic_data(240, 32, 0, cache, write=False)  # --dry-run: removes nothing, says nothing
+        assert running.exists() and "removed" not in capsys.readouterr().err
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+        killed.kill()

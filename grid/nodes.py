@@ -26,6 +26,7 @@ from grid.artifacts import (
     write_predictions, write_result,
 )
 from grid.graph import Node
+from grid.node_specs import FusionSpec, SignificanceSpec
 from occkd_core.checkpoints import checkpoint_input_spec, load_model
 from occkd_core.data import FaceData, open_face_store
 from occkd_core.evaluation import Predictions, evaluate_conditions, predict, task_metrics
@@ -182,6 +183,7 @@ def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequenc
     :func:`occkd_core.fusion.fusion_variants`) and predict every test set."""
     started = time.perf_counter()
     started_at = started_at or time.time()
+    spec = FusionSpec.from_dict(node.params)
     task = get_task(node.task)
     data = open_face_store(data_path)
     out = fresh_node_dir(storage, node.hash)
@@ -205,11 +207,10 @@ def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequenc
                   for stage, (parent, _) in chosen.items()}
     embeddings[student] = {s: np.load(student_dir / f"embeddings_{s}.npy") for s in splits}
     labels = {s: data.split(s).labels(task.name) for s in splits}
-    visible = node.params["visible"]
-    variants = fusion_variants(distilled, node.params.get("svr_kernels", [None]), controls=controls,
-                               student=student)
+    visible = spec.visible
+    variants = fusion_variants(distilled, spec.kernels, controls=controls, student=student)
     fused = fit_fusion_variants(embeddings, labels, variants, kind=task.kind, num_outputs=task.num_outputs,
-                                Cs=tuple(node.params["Cs"]), predict_splits=test_sets(data))
+                                Cs=spec.Cs, predict_splits=test_sets(data))
     rows, scores, fitted = [], [], {}
     for model in fused:
         name = model.variant.name
@@ -248,8 +249,8 @@ def run_significance_node(node: Node, storage: Path, data_path: Path, parents: S
     started_at = started_at or time.time()
     task = get_task(node.task)
     data = open_face_store(data_path)
-    visible = node.params["visible"]
-    alpha = float(node.params["alpha"])
+    spec = SignificanceSpec.from_dict(node.params)
+    visible, alpha = spec.visible, spec.alpha
     out = fresh_node_dir(storage, node.hash)
     students = {p.arch: p.directory for p in parents if p.role == "student"}
     fusions = {p.arch: p.directory for p in parents if p.role == "fusion"}

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from grid.artifacts import (
-    RESULT_FILE, StorageLayout, atomic_write_bytes, checkpoint_in, node_dir, read_predictions, read_result, save_numpy,
-    write_predictions, write_result,
+    COMPARISONS_FILE, GRADCAM_FILE, PLACEMENT_FILE, PREDICTIONS_FILE, RESULT_FILE, TEST_PLOT_FILE, TRAIN_DIR,
+    StorageLayout, atomic_write_bytes, checkpoint_file, checkpoint_in, embeddings_file, node_dir, read_predictions,
+    read_result, save_numpy, write_predictions, write_result,
 )
 from grid.graph import Node
 from grid.node_specs import FusionSpec, SignificanceSpec
@@ -82,9 +83,6 @@ def _one(parents: Sequence[ParentOutput], role: str) -> Path:
 
 # -- training nodes ----------------------------------------------------------------------------------------
 
-#: Where a training node runs while it runs: its Ray node, GPUs, workers (the sealed result keeps the last).
-PLACEMENT_FILE = "placement.json"
-
 
 def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence[ParentOutput],
                    *, device: torch.device, report: Report, pretrained: Path | None = None,
@@ -115,29 +113,29 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
                    **{k: v for k, v in record.extra.items()}}
         report({"event": "epoch", **metrics})
 
-    result = train_stage(spec, data, out / "train", init_checkpoint=init, teacher_checkpoint=teacher,
+    result = train_stage(spec, data, out / TRAIN_DIR, init_checkpoint=init, teacher_checkpoint=teacher,
                          pretrained_weights=pretrained, device=device, on_epoch=on_epoch,
                          cache_dir=StorageLayout(Path(storage)).cache)
     if not is_writer:
         return {}
     model, checkpoint = load_model(result.best_checkpoint, device)
     input_spec = checkpoint_input_spec(checkpoint, spec.input_size)  # e.g. the mean imagenet-vgg-f.mat names
-    files = ["train/best.pt", "predictions.parquet", "test_plot.png"]
+    files = [checkpoint_file(), PREDICTIONS_FILE, TEST_PLOT_FILE]
     # Fusion (spec §8) reads the embeddings of the faces they see: the distilled students', their controls'
     # (the control fusion) and the main student's (an SVM on the student's own embedding).
     with_embeddings = stage.fused or node.strategy == stage_starting_from("teacher")
     rows, scores, embeddings = _evaluate(model, spec, input_spec, node.strategy, data, device,
                                          with_embeddings=with_embeddings)
-    write_predictions(out / "predictions.parquet", rows)
+    write_predictions(out / PREDICTIONS_FILE, rows)
     for split_name, array in embeddings.items():
-        save_numpy(out / f"embeddings_{split_name}.npy", array)
-        files.append(f"embeddings_{split_name}.npy")
+        save_numpy(out / embeddings_file(split_name), array)
+        files.append(embeddings_file(split_name))
     if stage.distilled:  # where the distilled student looks on its half of the face (spec §13)
-        save_split_gradcam(out / "gradcam.png", model, data.split("test").images[:6], spec.train_visible,
+        save_split_gradcam(out / GRADCAM_FILE, model, data.split("test").images[:6], spec.train_visible,
                            input_spec)
-        files.append("gradcam.png")
+        files.append(GRADCAM_FILE)
     main_preds = next(p for (ts, _, p) in rows if ts == "test" and p.visible == spec.train_visible)
-    save_test_plot(out / "test_plot.png", main_preds, spec.task_info.class_names, title=node.key)
+    save_test_plot(out / TEST_PLOT_FILE, main_preds, spec.task_info.class_names, title=node.key)
     summary = {"key": node.key, "hash": node.hash, "kind": "train", "strategy": node.strategy,
                "metrics": {"best_epoch": result.best_epoch, "val_score": result.best_val_score},
                "scores": scores, "val_score": result.best_val_score, "best_epoch": result.best_epoch,
@@ -203,9 +201,9 @@ def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequenc
     controls = [stage for stage in control_stages() if stage in chosen]
     splits = ["train", "val", *test_sets(data)]
     student, student_dir = stage_starting_from("teacher"), _one(parents, "student")
-    embeddings = {stage: {s: np.load(parent.directory / f"embeddings_{s}.npy") for s in splits}
+    embeddings = {stage: {s: np.load(parent.directory / embeddings_file(s)) for s in splits}
                   for stage, (parent, _) in chosen.items()}
-    embeddings[student] = {s: np.load(student_dir / f"embeddings_{s}.npy") for s in splits}
+    embeddings[student] = {s: np.load(student_dir / embeddings_file(s)) for s in splits}
     labels = {s: data.split(s).labels(task.name) for s in splits}
     visible = spec.visible
     variants = fusion_variants(distilled, spec.kernels, controls=controls, student=student)
@@ -222,8 +220,8 @@ def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequenc
             preds = Predictions(visible=visible, outputs=outputs, targets=labels[test_set])
             rows.append((test_set, name, preds))
             scores += score_rows(name, test_set, visible, task_metrics(task, preds))
-    write_predictions(out / "predictions.parquet", rows)
-    save_test_plot(out / "test_plot.png", next(p for ts, n, p in rows if ts == "test" and n == "fusion"),
+    write_predictions(out / PREDICTIONS_FILE, rows)
+    save_test_plot(out / TEST_PLOT_FILE, next(p for ts, n, p in rows if ts == "test" and n == "fusion"),
                    task.class_names, title=node.key)
     metrics = {"C": fitted["fusion"]["C"], "val_score": fitted["fusion"]["val_score"]}
     summary = {"key": node.key, "hash": node.hash, "kind": "fusion", "strategy": "fusion",
@@ -232,7 +230,7 @@ def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequenc
                             for stage, (parent, result) in chosen.items()},
                "seconds": time.perf_counter() - started,
                "timing": {"started_at": started_at, "finished_at": time.time()}}
-    write_result(out, summary, ["predictions.parquet", "test_plot.png"])
+    write_result(out, summary, [PREDICTIONS_FILE, TEST_PLOT_FILE])
     return summary
 
 
@@ -268,8 +266,8 @@ def run_significance_node(node: Node, storage: Path, data_path: Path, parents: S
 
     for arch, fusion_dir in sorted(fusions.items()):
         fusion = read_result(fusion_dir, verify=False)
-        fused = fusion_dir / "predictions.parquet"
-        selected = {stage: (node_dir(storage, info["hash"]) / "predictions.parquet", stage)
+        fused = fusion_dir / PREDICTIONS_FILE
+        selected = {stage: (node_dir(storage, info["hash"]) / PREDICTIONS_FILE, stage)
                     for stage, info in fusion["selected"].items()}
         candidates = {stage: selected[stage] for stage in distilled_stages() if stage in selected}
         candidates.update({name: (fused, name)  # "fusion" and its kernel variants
@@ -281,7 +279,7 @@ def run_significance_node(node: Node, storage: Path, data_path: Path, parents: S
             against_control["fusion"] = (fused, CONTROL_FUSION)
         for test_set in test_sets(data):
             for name, model in candidates.items():
-                compare("student", arch, test_set, name, model, "student", (students[arch] / "predictions.parquet", None))
+                compare("student", arch, test_set, name, model, "student", (students[arch] / PREDICTIONS_FILE, None))
             for name, control in against_control.items():
                 compare("control", arch, test_set, name, candidates[name], control[1], control)
     comparisons = []
@@ -293,9 +291,9 @@ def run_significance_node(node: Node, storage: Path, data_path: Path, parents: S
                            verdict_paper=verdict.verdict, pvalue_holm=verdict.pvalue_holm,
                            significant=verdict.significant_holm, verdict=verdict.verdict_holm)
         comparisons += rows
-    atomic_write_bytes(out / "comparisons.json", json.dumps(comparisons, indent=1, default=float).encode())
+    atomic_write_bytes(out / COMPARISONS_FILE, json.dumps(comparisons, indent=1, default=float).encode())
     summary = {"key": node.key, "hash": node.hash, "kind": "significance", "strategy": "significance",
                "comparisons": comparisons, "metrics": {}, "scores": [],
                "timing": {"started_at": started_at, "finished_at": time.time()}}
-    write_result(out, summary, ["comparisons.json"])
+    write_result(out, summary, [COMPARISONS_FILE])
     return summary

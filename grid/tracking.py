@@ -49,7 +49,7 @@ from mlflow.tracking import MlflowClient
 from grid.code import CODE_ROOT, code_fingerprint
 from grid.faults import hold_upload, upload_delay
 from grid.graph import Node
-from grid.artifacts import checkpoint_in
+from grid.artifacts import RESULT_FILE, checkpoint_in
 from grid.mlflow_content import (
     DataRecord, dataset_inputs, dataset_link, flatten, git_sha, metric_name, model_name, node_note, stage_model,
 )
@@ -255,7 +255,7 @@ class Tracker:
         has_model = node.kind == "train" and checkpoint.exists()
         files = [(directory / name, str(Path(name).parent) if "/" in name else None) for name in artifacts
                  if (directory / name).exists() and not (has_model and directory / name == checkpoint)]
-        files.append((directory / "result.json", None))
+        files.append((directory / RESULT_FILE, None))
         size = sum(path.stat().st_size for path, _ in files) + (checkpoint.stat().st_size if has_model else 0)
         self.recorder.submit(Job(node.key, node.key, final=True, size=size, fn=lambda client: self._record_sealed(
             client, node, result, files, checkpoint if has_model else None)))

@@ -26,20 +26,22 @@ partial or corrupted file makes the node incomplete, so the next invocation runs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from grid.results import NodeResult, result_from_dict
 from occkd_core.files import atomic_write, atomic_write_bytes, file_sha256
 from occkd_core.evaluation import Predictions
 
 # -- inside a node's folder --------------------------------------------------------------------------------
-RESULT_FILE = "result.json"
+RESULT_FILE = "result.json"  # grid.results: what it holds
 #: A training node's checkpoints folder (occkd_core.training.train_stage names best.pt and last.pt in it).
 TRAIN_DIR = "train"
 PREDICTIONS_FILE = "predictions.parquet"
@@ -118,21 +120,28 @@ def checkpoint_in(directory: Path, which: str = "best") -> Path:
     return Path(directory) / checkpoint_file(which)
 
 
-def write_result(directory: Path, result: dict[str, Any], files: list[str]) -> Path:
-    """Seal a node: record the checksums of ``files`` (relative paths) with its result, atomically."""
-    payload = {**result, "files": {name: file_sha256(directory / name) for name in files}}
-    return atomic_write_bytes(directory / RESULT_FILE, json.dumps(payload, indent=1, default=float).encode())
+R = TypeVar("R", bound=NodeResult)
 
 
-def read_result(directory: Path, verify: bool = True) -> dict[str, Any] | None:
-    """The node's result if it is complete (and, with ``verify``, every file matches), else None."""
+def write_result(directory: Path, result: R, files: list[str]) -> R:
+    """Seal a node: its result with the checksums of ``files`` (relative paths), written atomically. The sealed
+    result (``files`` filled in)."""
+    sealed = dataclasses.replace(result, files={name: file_sha256(directory / name) for name in files})
+    atomic_write_bytes(directory / RESULT_FILE, json.dumps(sealed.to_dict(), indent=1, default=float).encode())
+    return sealed
+
+
+def read_result(directory: Path, verify: bool = True) -> NodeResult | None:
+    """The node's result if it is complete (and, with ``verify``, every file matches), else None. A file that
+    parses but is no node result (a key missing) raises :class:`grid.results.ResultFormatError` naming it."""
     path = Path(directory) / RESULT_FILE
     try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or cut short: the node runs again
         return None
+    result = result_from_dict(raw, source=path)
     if verify:
-        for name, digest in result.get("files", {}).items():
+        for name, digest in result.files.items():
             file = Path(directory) / name
             if not file.exists() or file_sha256(file) != digest:
                 return None

@@ -18,12 +18,14 @@ from occkd_core.tasks import VISIBILITIES
 
 
 def _check_keys(what: str, raw: Mapping[str, Any], required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """One error for params with a key missing or unknown, listing the valid ones."""
     missing = [key for key in required if key not in raw]
     unknown = sorted(set(raw) - set(required) - set(optional))
-    if missing or unknown:
-        raise ValueError(f"{what} params {dict(raw)!r}: " + "; ".join(
-            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"] if unknown else []))
-            + f" (valid: {', '.join((*required, *optional))})")
+    problems = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"]
+                                                                         if unknown else [])
+    if problems:
+        raise ValueError(f"{what} params {dict(raw)!r}: {'; '.join(problems)} "
+                         f"(valid: {', '.join((*required, *optional))})")
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,9 @@ class FusionSpec:
         if (self.svr_kernels is not None) != (self.kind == "regression"):
             raise ValueError(f"fusion svr_kernels {self.svr_kernels!r}: a regression task's fusion names its ε-SVR "
                              "kernels, a classification task's none")
-        if self.svr_kernels is not None and (not self.svr_kernels or any(k not in SVR_KERNELS for k in self.svr_kernels)):
-            raise ValueError(f"fusion svr_kernels {list(self.svr_kernels)!r}: expected a non-empty list from "
+        kernels = self.svr_kernels
+        if kernels is not None and (not kernels or any(k not in SVR_KERNELS for k in kernels)):
+            raise ValueError(f"fusion svr_kernels {list(kernels)!r}: expected a non-empty list from "
                              f"{', '.join(SVR_KERNELS)}")
 
     @property

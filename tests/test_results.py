@@ -100,7 +100,8 @@ def test_the_typed_fields_hold_what_the_consumers_read():
     fusion = result_from_dict(FUSION)
     assert fusion.selected["triplet_kd"].hash == "2222" and fusion.fitted["fusion_linear"].kernel == "linear"
     assert fusion.fitted["fusion"].members == ("standard_kd", "triplet_kd")
-    assert fusion.fitted["standard_kd_svm"].converged is None and fusion.fitted["fusion_linear"].converged["10.0"] is False
+    assert fusion.fitted["standard_kd_svm"].converged is None
+    assert fusion.fitted["fusion_linear"].converged["10.0"] is False
     assert fusion.timing.steps == (None, None) and fusion.placement is None
     significance = result_from_dict(SIGNIFICANCE)
     assert [c["family"] for c in significance.comparisons] == ["student", "control"]

@@ -39,7 +39,8 @@ RESULTS = {
     "student": _train("student", 1022.0, 1024.0, 1030.0, 1031.0),
     "ablation": _train("ablation", 1025.0, 1026.5, 1034.0, 1034.5),
     "fusion": FusionNodeResult(key="fusion", hash="fusion", strategy="fusion", metrics={}, scores=(), val_score=0.0,
-                               fitted={}, selected={}, seconds=6.5, timing=Timing(started_at=1033.0, finished_at=1039.5)),
+                               fitted={}, selected={}, seconds=6.5,
+                               timing=Timing(started_at=1033.0, finished_at=1039.5)),
 }
 
 

@@ -30,6 +30,7 @@ from benchmarks.common import machine_line, markdown_table  # noqa: E402
 from grid.graph import expand_graph  # noqa: E402
 from grid.local_cluster import mlflow_server  # noqa: E402
 from grid.mlflow_content import DataRecord  # noqa: E402
+from grid.results import ScoreRow, TrainNodeResult, TrainTiming  # noqa: E402
 from grid.tracking import Tracker  # noqa: E402
 from occkd_core.presets import load_preset  # noqa: E402
 
@@ -64,8 +65,11 @@ def record_chain(uri: str, graph, nodes, *, inline: bool) -> dict[str, float]:
     held = []
     started = time.perf_counter()
     for node, directory, _ in nodes:
-        result = {"metrics": {"val_score": 70.0}, "scores": [{"model": node.strategy, "test_set": "test",
-                                                               "visible": "full", "metric": "accuracy", "value": 70.0}]}
+        result = TrainNodeResult(
+            key=node.key, hash=node.hash, strategy=node.strategy, metrics={"best_epoch": 1, "val_score": 70.0},
+            scores=(ScoreRow(model=node.strategy, test_set="test", visible="full", metric="accuracy", value=70.0),),
+            val_score=70.0, best_epoch=1, epochs_run=1, max_epochs=1, seconds=1.0, history=(), placement={},
+            timing=TrainTiming(started_at=0.0, first_step_at=0.1, last_step_at=0.9, finished_at=1.0))
         tracker.start_node(node)
         begin = time.perf_counter()
         tracker.finish_node(node, result, directory, ["train/best.pt", "predictions.parquet"])

@@ -11,12 +11,13 @@ from ray import tune
 from grid.artifacts import ARTIFACTS, node_dir, read_result
 from grid.graph import Node, StageGraph
 from grid.progress import Progress
+from grid.results import NodeResult, ResultFormatError
 from grid.tracking import Tracker
 
 
 class GridCallback(tune.Callback):
     def __init__(self, graph: StageGraph, tracker: Tracker, progress: Progress, storage: Path,
-                 results: dict[str, dict[str, Any]], failed: dict[str, str], interrupts: Any = None) -> None:
+                 results: dict[str, NodeResult], failed: dict[str, str], interrupts: Any = None) -> None:
         self.graph, self.tracker, self.progress = graph, tracker, progress
         self.storage, self.results, self.failed = storage, results, failed
         self.interrupts = interrupts  # grid.interrupts.Interrupts: set once the driver got SIGINT / SIGTERM
@@ -40,7 +41,13 @@ class GridCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         node = self._node(trial)
         directory = node_dir(self.storage, node.hash)
-        result = read_result(directory)
+        try:
+            result = read_result(directory)
+        except ResultFormatError as err:  # sealed by this code, so a bug: the node fails and says why
+            self.failed[node.key] = str(err)
+            self.tracker.fail_node(node, self.failed[node.key])
+            self.progress.set_state(node.key, "failed")
+            return
         if result is None and self.interrupts is not None and self.interrupts.signum is not None:
             self.interrupted.append(node.key)  # stopped by Ctrl-C / SIGTERM: KILLED, resumed by the rerun
             self.tracker.kill_node(node, f"interrupted by {signal.Signals(self.interrupts.signum).name}")

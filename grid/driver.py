@@ -22,6 +22,7 @@ from grid.faults import fault_injection
 from grid.graph import StageGraph, describe_graph, expand_graph
 from grid.outcome import RayOutcome, leave_interrupted, write_interrupted, write_outputs
 from grid.progress import Progress
+from grid.results import NodeResult, ResultFormatError
 from grid.ray_token import init_ray
 from grid.spec import GridSpec
 from grid.weights import resolve_weights, stage_weights
@@ -118,9 +119,15 @@ def run_graph(spec: GridSpec, graph: StageGraph, prepared: Mapping[str, Prepared
         return 2
     if tracker.closed_stale:
         print(f"closed {tracker.closed_stale} MLflow run(s) left RUNNING by an interrupted invocation as FAILED")
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, NodeResult] = {}
     try:
-        results.update(resume(graph, spec.storage, tracker))
+        try:
+            results.update(resume(graph, spec.storage, tracker))
+        except ResultFormatError as err:  # a sealed result this code cannot read: rerunning would hide it
+            print(f"error: {err}", file=sys.stderr)
+            tracker.finish("FAILED")
+            tracker.drain(print)
+            return 2
         to_run = [k for k in graph.nodes if k not in results]
         tracker.record_invocation(complete=len(results), to_run=len(to_run))
         progress = Progress(graph, skipped=set(results))
@@ -145,10 +152,10 @@ def run_graph(spec: GridSpec, graph: StageGraph, prepared: Mapping[str, Prepared
         return leave_interrupted(spec, stop.signum, tracker, graph, results)
 
 
-def resume(graph: StageGraph, storage: Path, tracker: Any) -> dict[str, dict[str, Any]]:
+def resume(graph: StageGraph, storage: Path, tracker: Any) -> dict[str, NodeResult]:
     """The sealed results already on storage (checksums verified); any the MLflow store lacks (the driver
     was killed after a node sealed) are recorded now."""
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, NodeResult] = {}
     recorded = tracker.finished_hashes()
     for key, node in graph.nodes.items():
         result = read_result(node_dir(storage, node.hash))
@@ -159,7 +166,7 @@ def resume(graph: StageGraph, storage: Path, tracker: Any) -> dict[str, dict[str
     return results
 
 
-def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: dict[str, dict[str, Any]],
+def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: dict[str, NodeResult],
                prepared: Mapping[str, PreparedData], tracker: Any, progress: Progress,
                interrupts: Any = None) -> RayOutcome:
     """One Tune experiment over the nodes still to run; ``results`` gains each node as it seals."""

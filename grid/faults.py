@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from grid.artifacts import StorageLayout
 from grid.graph import Node
 
 FAULT_INJECTION_ENV = "OCCKD_FAULT_INJECTION"
@@ -40,7 +41,7 @@ def maybe_inject_fault(node: Node, settings: Mapping[str, Any], storage: Path) -
     times = (settings.get("fault_injection") or {}).get(node.key)
     if times is None:
         return
-    counter = storage / "fault_injection" / f"{node.hash}.json"
+    counter = StorageLayout(storage).fault_injection / f"{node.hash}.json"
     counter.parent.mkdir(parents=True, exist_ok=True)
     attempts = json.loads(counter.read_text())["attempts"] if counter.exists() else 0
     counter.write_text(json.dumps({"attempts": attempts + 1}))

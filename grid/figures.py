@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from grid.graph import StageGraph
 from grid.report import selected_keys
+from grid.results import NodeResult, TrainNodeResult
 from occkd_core.files import atomic_write
 from occkd_core.fusion import CONTROL_FUSION
 from occkd_core.stages import control_stages, distilled_stages, stage_starting_from
@@ -116,37 +117,39 @@ def comparison_figure(rows: Sequence[Mapping[str, Any]], task: str, test_set: st
     return _save(fig, out)
 
 
-def chain_keys(graph: StageGraph, results: Mapping[str, Mapping[str, Any]], task: str, arch: str,
+def chain_keys(graph: StageGraph, results: Mapping[str, NodeResult], task: str, arch: str,
                seed: int) -> dict[str, str]:
     """Stage -> the node of the chain the report uses: the grid point fusion chose, else the best by validation."""
     selected = selected_keys(graph, results, task, arch, seed)
     chosen: dict[str, str] = {}
+    best: dict[str, float] = {}  # stage -> the validation score of the node chosen so far
     for key, node in graph.nodes.items():
-        if (node.task, node.arch, node.seed) != (task, arch, seed) or node.kind != "train" or key not in results:
+        result = results.get(key)
+        if (node.task, node.arch, node.seed) != (task, arch, seed) or not isinstance(result, TrainNodeResult):
             continue
         if node.strategy in (*distilled_stages(), *control_stages()) and selected:
             if key in selected:
                 chosen[node.strategy] = key
-        elif node.strategy not in chosen or results[key]["val_score"] > results[chosen[node.strategy]]["val_score"]:
-            chosen[node.strategy] = key
+        elif node.strategy not in chosen or result.val_score > best[node.strategy]:
+            chosen[node.strategy], best[node.strategy] = key, result.val_score
     return chosen
 
 
-def curves_figure(graph: StageGraph, results: Mapping[str, Mapping[str, Any]], task: str, out: Path) -> Path | None:
+def curves_figure(graph: StageGraph, results: Mapping[str, NodeResult], task: str, out: Path) -> Path | None:
     """One panel per architecture: the validation metric per epoch of each stage of its chain (first seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = f"val_{_metric(task)}"
+    metric = _metric(task)
     seeds = sorted({n.seed for n in graph.nodes.values() if n.task == task})
     archs = sorted({n.arch for n in graph.nodes.values() if n.task == task and n.arch})
     panels = []
     for arch in archs:
         chain = chain_keys(graph, results, task, arch, seeds[0]) if seeds else {}
-        lines = [(graph.nodes[k], results[k].get("history", [])) for k in chain.values()]
-        lines = [(node, history) for node, history in lines if any(metric in h for h in history)]
+        lines = [(graph.nodes[k], results[k].history) for k in chain.values()]
+        lines = [(node, history) for node, history in lines if any(metric in p.val_metrics for p in history)]
         if lines:
             panels.append((arch, lines))
     if not panels:
@@ -155,19 +158,19 @@ def curves_figure(graph: StageGraph, results: Mapping[str, Mapping[str, Any]], t
     order = {s: i for i, s in enumerate(figure_models())}
     for ax, (arch, lines) in zip(axes[0], panels):
         for node, history in sorted(lines, key=lambda line: order.get(line[0].strategy, 99)):
-            points = [(h["epoch"], h[metric]) for h in history if metric in h]
+            points = [(p.epoch, p.val_metrics[metric]) for p in history if metric in p.val_metrics]
             ax.plot(*zip(*points), marker="o", markersize=3,
                     label=f"{node.strategy.replace('_', ' ')} ({node.train_faces})")
         ax.set_title(arch)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel(metric.replace("_", " ") + (" (%)" if "accuracy" in metric else " (years)"))
+    axes[0][0].set_ylabel(f"val {metric}" + (" (%)" if "accuracy" in metric else " (years)"))
     fig.suptitle(f"{task}: validation curve of each stage (faces it trains on; seed {seeds[0]})", fontsize=9)
     return _save(fig, out)
 
 
-def write_figures(rows: Sequence[Mapping[str, Any]], graph: StageGraph, results: Mapping[str, Mapping[str, Any]],
+def write_figures(rows: Sequence[Mapping[str, Any]], graph: StageGraph, results: Mapping[str, NodeResult],
                   report_dir: Path) -> list[tuple[str, Path]]:
     """Every figure of the report as (caption, path), in the report's order."""
     figures: list[tuple[str, Path]] = []

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from grid.node_specs import FusionSpec, SignificanceSpec
 from occkd_core.models import get_architecture
 from occkd_core.presets import Preset
 from occkd_core.pretrained import FROM_SCRATCH, WeightsFile
@@ -80,7 +81,9 @@ class Node:
     strategy: str  # a stage of occkd_core.stages (or a control), student_ablation, fusion, significance (node_order())
     train_faces: str  # full | lower | upper | full+lower | full+upper (spec §0 codes)
     seed: int
-    params: Mapping[str, Any]  # the resolved spec: a StageSpec dict for training nodes
+    # The resolved spec as plain data (hashed): StageSpec.to_dict() for training nodes, FusionSpec /
+    # SignificanceSpec.to_dict() (grid.node_specs) for the others.
+    params: Mapping[str, Any]
     parents: tuple[Edge, ...]
     resources: Resources
     cost: float  # estimated relative work, for scheduling priority and the benchmark's cost model
@@ -260,11 +263,11 @@ class _GraphBuilder:
                 node = train_node(strategy, strategy, info.main_visible, info.main_visible,
                                   (Edge("student", main.key),), spec, point)
                 distilled.append(Edge(strategy, node.key))
-        kernels = {"svr_kernels": list(preset.svr_kernels)} if info.kind == "regression" else {}
+        fusion_spec = FusionSpec(Cs=preset.fusion_Cs, visible=info.main_visible, kind=info.kind,
+                                 svr_kernels=preset.svr_kernels if info.kind == "regression" else None)
         fusion = self.add(Node(key=f"{task}/{arch}/fusion{suffix}", kind="fusion", task=task, arch=arch,
                                strategy="fusion", train_faces=f"full+{info.main_visible}", seed=seed,
-                               params={"Cs": list(preset.fusion_Cs), "visible": info.main_visible, "kind": info.kind,
-                                       **kernels},
+                               params=fusion_spec.to_dict(),
                                parents=(Edge("student", main.key), *distilled), resources=self.resources["fusion"],
                                cost=self.train_sizes[task] * 1e-3))
         return Edge("student", main.key), Edge("fusion", fusion.key)
@@ -274,7 +277,7 @@ class _GraphBuilder:
         students, fusions = [student for student, _ in chains], [fusion for _, fusion in chains]
         self.add(Node(key=f"{task}/significance{suffix}", kind="significance", task=task, arch=None,
                       strategy="significance", train_faces="-", seed=seed,
-                      params={"alpha": 0.05, "visible": get_task(task).main_visible},
+                      params=SignificanceSpec(visible=get_task(task).main_visible).to_dict(),
                       parents=(*students, *fusions), resources=self.resources["significance"], cost=1.0))
 
 

@@ -1,6 +1,7 @@
 """What the grid's MLflow runs hold besides the Tracker's bookkeeping: the commit, params flattened, a node's
 data as MLflow datasets (one per split of the prepared store), its description, the names of its metrics,
-and its best checkpoint's files as a logged model. Driver only (imports MLflow)."""
+the metrics and tags a sealed result gives its run, and its best checkpoint's files as a logged model. Driver
+only (imports MLflow)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from typing import Any, Mapping
 
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
-from mlflow.entities import DatasetInput, InputTag
+from mlflow.entities import DatasetInput, InputTag, Metric, RunTag
 
 from grid.artifacts import StorageLayout
 from grid.graph import Node
+from grid.results import NodeResult, ScoreRow
 
 
 def git_sha(repo: Path | None = None) -> str:
@@ -107,11 +109,49 @@ def node_note(node: Node, storage: str) -> str:
             f"Content hash `{node.hash}`; its sealed outputs are in `{StorageLayout(Path(storage or '.')).node(node.hash)}`.")
 
 
-def metric_name(row: Mapping[str, Any], node_strategy: str) -> str:
+def metric_name(row: ScoreRow, node_strategy: str) -> str:
     """A score row's MLflow name: ``test_lower_accuracy`` for the node's own model,
     ``standard_kd_svm_test_affectnet_lower_accuracy`` for another model of the node (fusion's variants)."""
-    prefix = "" if row["model"] == node_strategy else f"{row['model']}_"
-    return f"{prefix}{row['test_set']}_{row['visible']}_{row['metric']}"
+    prefix = "" if row.model == node_strategy else f"{row.model}_"
+    return f"{prefix}{row.test_set}_{row.visible}_{row.metric}"
+
+
+def result_metrics(result: NodeResult, node_strategy: str, record: DataRecord | None, *, timestamp: int,
+                   model_id: str | None = None) -> list[Metric]:
+    """A sealed node's numbers as MLflow metrics: its own figures (best epoch, validation score, chosen C)
+    linked to the validation split, each test score to its test set; all linked to its logged model, if any."""
+    metrics = [Metric(name, float(value), timestamp, 0, model_id=model_id, **dataset_link(record, "val"))
+               for name, value in result.metrics.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return metrics + [Metric(metric_name(row, node_strategy), float(row.value), timestamp, 0, model_id=model_id,
+                             **dataset_link(record, row.test_set)) for row in result.scores]
+
+
+def placement_tags(placement: Mapping[str, Any] | None) -> list[RunTag]:
+    """Where a training node ran, as run tags: which Ray node, GPUs and workers, through Ray Train or not, and
+    the epoch Ray Train resumed it from after restarting its workers (none for the other kinds)."""
+    if not placement:
+        return []
+    tags = [RunTag(f"occkd.{key}", str(placement.get(key)))
+            for key in ("ray_node", "device", "workers", "ray_train", "width") if key in placement]
+    tags.append(RunTag("occkd.gpu_ids", ",".join(placement.get("gpu_ids", [])) or "-"))
+    if placement.get("resumed_from_epoch") is not None:
+        tags.append(RunTag("occkd.resumed_from_epoch", str(placement["resumed_from_epoch"])))
+    return tags
+
+
+def comparison_record(row: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """One significance comparison as the metrics and tags of the significance node's run, named
+    ``<arch>.<model>.<test set>`` (``<model>_vs_control`` for occkd's family against the teacher-free control:
+    the same model is tested in both)."""
+    against = "" if row.get("family", "student") == "student" else "_vs_control"
+    name = f"{row['arch']}.{row['model']}{against}.{row['test_set']}"
+    metrics = {f"pvalue.{name}": float(row["pvalue"]), f"pvalue_holm.{name}": float(row["pvalue_holm"])}
+    tags = {f"verdict.{name}": row["verdict"]}  # Holm-corrected
+    if "verdict_paper" in row:  # the papers' rule: uncorrected p < α (a dagger where the model is better)
+        metrics[f"dagger.{name}"] = float(bool(row["dagger"]))
+        tags[f"verdict_uncorrected.{name}"] = row["verdict_paper"]
+    return metrics, tags
 
 
 def stage_model(folder: Path, node: Node, checkpoint: Path) -> None:

@@ -15,6 +15,7 @@ from grid.figures import write_figures
 from grid.graph import StageGraph
 from grid.progress import Progress
 from grid.report import collect_rows, write_report
+from grid.results import NodeResult
 from grid.artifacts import StorageLayout
 from grid.spec import GridSpec
 from grid.timeline import node_timeline, overheads, summary_line, write_timeline
@@ -36,7 +37,7 @@ class RayOutcome:
 
 
 def leave_interrupted(spec: GridSpec, signum: int, tracker: Any, graph: StageGraph,
-                      results: Mapping[str, Any]) -> int:
+                      results: Mapping[str, NodeResult]) -> int:
     """A signal while no node trains (before the experiment, or after it while MLflow records drain): the
     records still queued are left to the next run, the runs this invocation left open end KILLED now, and
     the user learns what is done. Exit status: the shell's for the signal."""
@@ -54,7 +55,7 @@ def leave_interrupted(spec: GridSpec, signum: int, tracker: Any, graph: StageGra
     return exit_status(signum)
 
 
-def write_interrupted(spec: GridSpec, outcome: "RayOutcome", results: Mapping[str, Any], tracker: Any,
+def write_interrupted(spec: GridSpec, outcome: "RayOutcome", results: Mapping[str, NodeResult], tracker: Any,
                       to_run: list[str]) -> int:
     """After SIGINT / SIGTERM: every node run this invocation left open and the parent end as KILLED, the
     report stays as the last complete invocation wrote it, and the user learns what stopped and how to go
@@ -77,7 +78,7 @@ def write_interrupted(spec: GridSpec, outcome: "RayOutcome", results: Mapping[st
     return exit_status(outcome.interrupted)
 
 
-def write_outputs(spec: GridSpec, outcome: RayOutcome, results: Mapping[str, dict[str, Any]], tracker: Any,
+def write_outputs(spec: GridSpec, outcome: RayOutcome, results: Mapping[str, NodeResult], tracker: Any,
                   progress: Progress, started: float) -> int:
     """The report, the timeline of this invocation, the parent run's status and the exit summary."""
     graph = outcome.graph

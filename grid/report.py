@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from grid.graph import ABLATION_SUFFIX, StageGraph, node_order
+from grid.results import FusionNodeResult, NodeResult, SignificanceNodeResult, TrainNodeResult
 from occkd_core.fusion import CONTROL_FUSION
 from occkd_core.models import get_architecture
 from occkd_core.presets import SVR_KERNELS
@@ -68,7 +69,7 @@ def load_paper_results(path: Path = PAPER_RESULTS) -> dict[tuple, dict[str, Any]
     return out
 
 
-def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+def collect_rows(graph: StageGraph, results: Mapping[str, NodeResult]) -> list[dict[str, Any]]:
     """One CSV row per (task, arch, model, test set, test faces, metric), averaged over seeds."""
     paper = load_paper_results()
     values: dict[tuple, list[float]] = defaultdict(list)
@@ -79,23 +80,23 @@ def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) ->
         result = results.get(key)
         if result is None:
             continue
-        if node.kind == "significance":
-            for row in result.get("comparisons", []):
+        if isinstance(result, SignificanceNodeResult):
+            for row in result.comparisons:
                 verdicts[(node.task, row["arch"], row["model"], row["test_set"], node.seed,
                           row.get("family", "student"))] = row
             continue
         selected = selected_keys(graph, results, node.task, node.arch, node.seed)
         if node.strategy in (*distilled_stages(), *control_stages()) and key not in selected:
             continue  # only the grid point chosen on validation enters the table
-        if node.kind == "train" and result.get("best_epoch") == result.get("epochs_run"):
+        if isinstance(result, TrainNodeResult) and result.best_epoch_is_last:
             unconverged.add((node.task, node.arch, node.strategy, node.train_faces))
-        for score in result.get("scores", []):
-            if score["metric"] == "weighted_accuracy" and node.task != "fer":
+        for score in result.scores:
+            if score.metric == "weighted_accuracy" and node.task != "fer":
                 continue  # the papers report weighted accuracy for FER+ only (spec §11)
             # The fusion node's teacher-free models saw no teacher: their faces are the student's.
-            faces = (get_task(node.task).main_visible if score["model"] in teacher_free_fused else node.train_faces)
-            values[(node.task, node.arch, score["model"], faces, score["test_set"], score["visible"],
-                    score["metric"])].append(float(score["value"]))
+            faces = (get_task(node.task).main_visible if score.model in teacher_free_fused else node.train_faces)
+            values[(node.task, node.arch, score.model, faces, score.test_set, score.visible,
+                    score.metric)].append(float(score.value))
     rows = []
     paper_names = paper_strategy_names()
     for (task, arch, model, train_faces, test_set, visible, metric), vals in values.items():
@@ -134,11 +135,13 @@ def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) ->
     return rows
 
 
-def selected_keys(graph: StageGraph, results: Mapping[str, Mapping[str, Any]], task: str, arch: str | None,
-                   seed: int) -> set[str]:
+def selected_keys(graph: StageGraph, results: Mapping[str, NodeResult], task: str, arch: str | None,
+                  seed: int) -> set[str]:
+    """The training nodes the fusion of ``task`` × ``arch`` × ``seed`` chose (empty until it has sealed)."""
     for key, node in graph.nodes.items():
-        if node.strategy == "fusion" and (node.task, node.arch, node.seed) == (task, arch, seed) and key in results:
-            return {info["key"] for info in results[key].get("selected", {}).values()}
+        fusion = results.get(key)
+        if (node.task, node.arch, node.seed) == (task, arch, seed) and isinstance(fusion, FusionNodeResult):
+            return {chosen.key for chosen in fusion.selected.values()}
     return set()
 
 

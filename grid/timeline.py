@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from grid.graph import StageGraph
+from grid.results import NodeResult
 
 #: A child handed out this long after its last parent completed waited for a slot.
 SLOT_WAIT_S = 1.0
@@ -34,16 +35,17 @@ SLOT_WAIT_S = 1.0
 COLUMNS = ("key", "kind", "ready", "started", "first_step", "last_step", "finished", "completed")
 
 
-def node_timeline(graph: StageGraph, results: Mapping[str, Mapping[str, Any]], ready_at: Mapping[str, float],
+def node_timeline(graph: StageGraph, results: Mapping[str, NodeResult], ready_at: Mapping[str, float],
                   completed_at: Mapping[str, float], origin: float) -> list[dict[str, Any]]:
     """Rows for the nodes this invocation ran (those in ``ready_at``), in the order they were handed out."""
     rows = []
     for key in sorted(ready_at, key=ready_at.get):
-        timing = dict(results.get(key, {}).get("timing", {}))
+        result = results.get(key)  # None: the node failed or was stopped
+        started, finished = (result.timing.started_at, result.timing.finished_at) if result else (None, None)
+        first_step, last_step = result.timing.steps if result else (None, None)
         row: dict[str, Any] = {"key": key, "kind": graph.nodes[key].kind}
-        for column, value in (("ready", ready_at.get(key)), ("started", timing.get("started_at")),
-                              ("first_step", timing.get("first_step_at")), ("last_step", timing.get("last_step_at")),
-                              ("finished", timing.get("finished_at")), ("completed", completed_at.get(key))):
+        for column, value in (("ready", ready_at.get(key)), ("started", started), ("first_step", first_step),
+                              ("last_step", last_step), ("finished", finished), ("completed", completed_at.get(key))):
             row[column] = None if value is None else round(value - origin, 3)
         rows.append(row)
     return rows

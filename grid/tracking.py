@@ -49,11 +49,13 @@ from mlflow.tracking import MlflowClient
 from grid.code import CODE_ROOT, code_fingerprint
 from grid.faults import hold_upload, upload_delay
 from grid.graph import Node
-from grid.artifacts import checkpoint_in
+from grid.artifacts import RESULT_FILE, checkpoint_in
 from grid.mlflow_content import (
-    DataRecord, dataset_inputs, dataset_link, flatten, git_sha, metric_name, model_name, node_note, stage_model,
+    DataRecord, comparison_record, dataset_inputs, flatten, git_sha, model_name, node_note, placement_tags,
+    result_metrics, stage_model,
 )
 from grid.records import Job, Recorder
+from grid.results import NodeResult, SignificanceNodeResult
 from grid.storage_lock import driver_alive, driver_identity
 from grid.tracking_store import one_line, schema_lock
 
@@ -248,39 +250,30 @@ class Tracker:
             self.recorder.submit(Job(f"{node.key}: epoch {step}", node.key,
                                      lambda client: client.log_batch(self._node_run(client, node), metrics=batch)))
 
-    def finish_node(self, node: Node, result: Mapping[str, Any], directory: Path, artifacts: Iterable[str]) -> None:
+    def finish_node(self, node: Node, result: NodeResult, directory: Path, artifacts: Iterable[str]) -> None:
         """Record a sealed node, on the recorder's thread: its metrics, tags, logged model and dataset links,
         then its files, after which the run ends FINISHED (and supersedes an older run of the node)."""
         checkpoint = checkpoint_in(directory)
         has_model = node.kind == "train" and checkpoint.exists()
         files = [(directory / name, str(Path(name).parent) if "/" in name else None) for name in artifacts
                  if (directory / name).exists() and not (has_model and directory / name == checkpoint)]
-        files.append((directory / "result.json", None))
+        files.append((directory / RESULT_FILE, None))
         size = sum(path.stat().st_size for path, _ in files) + (checkpoint.stat().st_size if has_model else 0)
         self.recorder.submit(Job(node.key, node.key, final=True, size=size, fn=lambda client: self._record_sealed(
             client, node, result, files, checkpoint if has_model else None)))
 
-    def _record_sealed(self, client: MlflowClient, node: Node, result: Mapping[str, Any],
+    def _record_sealed(self, client: MlflowClient, node: Node, result: NodeResult,
                        files: list[tuple[Path, str | None]], checkpoint: Path | None) -> None:
         run_id = self._node_run(client, node)
         model_id = self._create_model(client, node, run_id) if checkpoint is not None else None
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0, model_id=model_id, **dataset_link(self.data.get(node.task), "val"))
-                   for k, v in result.get("metrics", {}).items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        metrics += [Metric(metric_name(row, node.strategy), float(row["value"]), now, 0, model_id=model_id,
-                           **dataset_link(self.data.get(node.task), row["test_set"])) for row in result.get("scores", [])]
+        metrics = result_metrics(result, node.strategy, self.data.get(node.task), timestamp=int(time.time() * 1000),
+                                 model_id=model_id)
         for start in range(0, len(metrics), 500):
             client.log_batch(run_id, metrics=metrics[start : start + 500])
-        for comparison in result.get("comparisons", []):
+        for comparison in (result.comparisons if isinstance(result, SignificanceNodeResult) else ()):
             self._log_comparison(run_id, comparison, client)
-        placement = result.get("placement") or {}
-        if placement:  # where a training node ran: which Ray node, GPUs and workers, through Ray Train or not
-            tags = [RunTag(f"occkd.{key}", str(placement.get(key)))
-                    for key in ("ray_node", "device", "workers", "ray_train", "width") if key in placement]
-            tags.append(RunTag("occkd.gpu_ids", ",".join(placement.get("gpu_ids", [])) or "-"))
-            if placement.get("resumed_from_epoch") is not None:  # Ray Train restarted its workers mid-node
-                tags.append(RunTag("occkd.resumed_from_epoch", str(placement["resumed_from_epoch"])))
+        tags = placement_tags(result.placement)
+        if tags:
             client.log_batch(run_id, tags=tags)
         self._upload(client, node, run_id, model_id, files, checkpoint)
 
@@ -336,17 +329,12 @@ class Tracker:
             client.set_terminated(run.info.run_id, status="KILLED")
 
     def _log_comparison(self, run_id: str, row: Mapping[str, Any], client: MlflowClient | None = None) -> None:
-        # The papers' family (against the student) keeps its names; occkd's against the teacher-free control
-        # gets its own, as the same model is tested in both.
-        against = "" if row.get("family", "student") == "student" else "_vs_control"
-        name = f"{row['arch']}.{row['model']}{against}.{row['test_set']}"
+        metrics, tags = comparison_record(row)
         client = client or self.client
-        client.log_metric(run_id, f"pvalue.{name}", float(row["pvalue"]))
-        client.log_metric(run_id, f"pvalue_holm.{name}", float(row["pvalue_holm"]))
-        client.set_tag(run_id, f"verdict.{name}", row["verdict"])  # Holm-corrected
-        if "verdict_paper" in row:  # the papers' rule: uncorrected p < α (a dagger where the model is better)
-            client.log_metric(run_id, f"dagger.{name}", float(bool(row["dagger"])))
-            client.set_tag(run_id, f"verdict_uncorrected.{name}", row["verdict_paper"])
+        for name, value in metrics.items():
+            client.log_metric(run_id, name, value)
+        for name, value in tags.items():
+            client.set_tag(run_id, name, value)
 
     def note_retry(self, node: Node, attempt: int, reason: str) -> None:
         """Tag the node's run with its retries: how many, and why each attempt before failed."""

@@ -154,7 +154,7 @@ def _run_with_torch_trainer(config: dict[str, Any]) -> None:
                                      resources_per_worker=per_worker,
                                      placement_strategy=worker_placement(res, float(settings.get("machine_gpus", 0)))),
         run_config=RunConfig(name=f"train-{config['node']['hash']}",
-                             storage_path=str(Path(settings["storage"]) / "ray_train"),
+                             storage_path=str(StorageLayout(Path(settings["storage"])).ray_train),
                              failure_config=FailureConfig(max_failures=int(settings.get("train_max_failures", 2))),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              callbacks=[TuneReportCallback()]),

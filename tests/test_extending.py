@@ -96,13 +96,12 @@ def test_a_new_stage_and_architecture_run_through_graph_training_fusion_and_repo
             results[key] = run_significance_node(node, storage, data_path, parents)
 
     toy = read_result(node_dir(storage, nodes["gender/tinynet/logit_kd[lam=0.7]"].hash))
-    assert toy is not None and toy["epochs_run"] == 1  # trained from the student, with the teacher beside it
+    assert toy is not None and toy.epochs_run == 1  # trained from the student, with the teacher beside it
     fusion = results["gender/tinynet/fusion"]
-    assert fusion["fitted"]["fusion"]["members"] == ["standard_kd", "triplet_kd", "logit_kd"]
-    assert "logit_kd_svm" in fusion["fitted"]  # its single-embedding SVM (the Table 4 ablation)
-    assert fusion["fitted"]["control_fusion"]["members"] == ["standard_kd_control", "triplet_kd_control",
-                                                             "logit_kd_control"]
-    tested = {(c["model"], c["baseline"]) for c in results["gender/significance"]["comparisons"]}
+    assert fusion.fitted["fusion"].members == ("standard_kd", "triplet_kd", "logit_kd")
+    assert "logit_kd_svm" in fusion.fitted  # its single-embedding SVM (the Table 4 ablation)
+    assert fusion.fitted["control_fusion"].members == ("standard_kd_control", "triplet_kd_control", "logit_kd_control")
+    tested = {(c["model"], c["baseline"]) for c in results["gender/significance"].comparisons}
     assert {("logit_kd", "student"), ("logit_kd", "logit_kd_control"), ("fusion", "control_fusion")} <= tested
     rows = collect_rows(graph, results)
     assert {r["model"] for r in rows} >= {"logit_kd", "logit_kd_svm", "fusion"}

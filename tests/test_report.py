@@ -3,6 +3,7 @@ rule (uncorrected McNemar, †) and the Holm-corrected verdict are both shown, a
 tests against the teacher-free controls form a Holm family of their own."""
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from grid.artifacts import node_dir, write_predictions, write_result
 from grid.graph import expand_graph
 from grid.nodes import ParentOutput, run_significance_node
 from grid.report import collect_rows, render_markdown, write_report
+from grid.results import (
+    EpochPoint, FittedModel, FusionNodeResult, ScoreRow, SelectedNode, Timing, TrainNodeResult, TrainTiming,
+)
 from occkd_core.data import make_synthetic_faces, write_face_store
 from occkd_core.evaluation import Predictions
 from occkd_core.presets import load_preset
@@ -79,20 +83,29 @@ def significance_setup(tmp_path: Path):
         if node.strategy == "fusion":
             written.append(("test", "control_fusion", _gender_predictions(targets, control_fusion_ok)))
         write_predictions(directory / "predictions.parquet", written)
-        result = {"key": key, "hash": node.hash, "kind": node.kind, "strategy": node.strategy, "metrics": {},
-                  "scores": [{"model": model, "test_set": "test", "visible": "upper", "metric": "accuracy",
-                              "value": 100 * ok.mean()}], "val_score": 0.5}
+        scores = [ScoreRow(model=model, test_set="test", visible="upper", metric="accuracy", value=100 * ok.mean())]
+        common = dict(key=key, hash=node.hash, strategy=node.strategy, metrics={}, val_score=0.5, seconds=1.0)
         if node.strategy == "fusion":
-            result["fitted"] = {"fusion": {"C": 1.0}, "standard_kd_svm": {"C": 1.0}, "control_fusion": {"C": 1.0}}
-            result["selected"] = {s: {"key": k, "hash": nodes[k].hash, "val_score": 0.5}
-                                  for s, k in (("standard_kd", "gender/vggf/standard_kd"),
-                                               ("triplet_kd", "gender/vggf/triplet_kd[margin=0.1]"),
-                                               ("standard_kd_control", "gender/vggf/standard_kd_control"),
-                                               ("triplet_kd_control", "gender/vggf/triplet_kd_control"))}
-            result["scores"].append({"model": "control_fusion", "test_set": "test", "visible": "upper",
-                                     "metric": "accuracy", "value": 100 * control_fusion_ok.mean()})
-        write_result(directory, result, ["predictions.parquet"])
-        results[key] = result
+            fit = dict(val_score=0.5, kernel="default", val_scores={"1.0": 0.5})
+            result = FusionNodeResult(
+                **common, timing=Timing(started_at=0.0, finished_at=1.0),
+                scores=(*scores, ScoreRow(model="control_fusion", test_set="test", visible="upper",
+                                          metric="accuracy", value=100 * control_fusion_ok.mean())),
+                fitted={"fusion": FittedModel(C=1.0, members=("standard_kd", "triplet_kd"), **fit),
+                        "standard_kd_svm": FittedModel(C=1.0, members=("standard_kd",), **fit),
+                        "control_fusion": FittedModel(C=1.0, members=("standard_kd_control", "triplet_kd_control"),
+                                                      **fit)},
+                selected={s: SelectedNode(key=k, hash=nodes[k].hash, val_score=0.5)
+                          for s, k in (("standard_kd", "gender/vggf/standard_kd"),
+                                       ("triplet_kd", "gender/vggf/triplet_kd[margin=0.1]"),
+                                       ("standard_kd_control", "gender/vggf/standard_kd_control"),
+                                       ("triplet_kd_control", "gender/vggf/triplet_kd_control"))})
+        else:
+            result = TrainNodeResult(**common, scores=tuple(scores), best_epoch=1, epochs_run=2, max_epochs=2,
+                                     history=(), placement={},
+                                     timing=TrainTiming(started_at=0.0, first_step_at=0.1, last_step_at=0.9,
+                                                        finished_at=1.0))
+        results[key] = write_result(directory, result, ["predictions.parquet"])
     significance = nodes["gender/significance"]
     parents = [ParentOutput(edge.role, edge.key, nodes[edge.key].arch, node_dir(storage, nodes[edge.key].hash))
                for edge in significance.parents]
@@ -102,7 +115,7 @@ def significance_setup(tmp_path: Path):
 
 def test_significance_node_and_report_show_the_papers_rule_beside_holm(significance_setup, tmp_path: Path):
     graph, results = significance_setup
-    found = results["gender/significance"]["comparisons"]
+    found = results["gender/significance"].comparisons
     comparisons = {c["model"]: c for c in found if c["family"] == "student"}
     assert set(comparisons) == {"standard_kd", "triplet_kd", "fusion"}
     fusion = comparisons["fusion"]
@@ -142,7 +155,7 @@ def test_significance_node_and_report_show_the_papers_rule_beside_holm(significa
     with open(csv_path) as handle:
         written = next(r for r in csv.DictReader(handle) if r["model"] == "fusion" and r["test_faces"] == "upper")
     assert written["dagger"] == "True" and written["verdict_holm"] == "no significant difference"
-    assert json.loads(json.dumps(results["gender/significance"]["comparisons"]))  # plain JSON for MLflow
+    assert json.loads(json.dumps(results["gender/significance"].comparisons))  # plain JSON for MLflow
 
 
 def test_report_figures_mark_significance_and_draw_each_chains_curves(significance_setup, tmp_path: Path):
@@ -153,9 +166,11 @@ def test_report_figures_mark_significance_and_draw_each_chains_curves(significan
     from grid.figures import _marks, chain_keys, write_figures
 
     graph, results = significance_setup
-    results = {key: dict(result) for key, result in results.items()}
+    results = dict(results)
     for key, start in (("gender/vggf/student", 60.0), ("gender/vggf/standard_kd", 62.0)):
-        results[key]["history"] = [{"epoch": e, "val_accuracy": start + e, "val_score": start + e} for e in (1, 2, 3)]
+        results[key] = dataclasses.replace(results[key], history=tuple(
+            EpochPoint(epoch=e, train_loss=1.0, val_score=start + e, val_metrics={"accuracy": start + e})
+            for e in (1, 2, 3)))
     rows = collect_rows(graph, results)
     fusion = next(r for r in rows if r["model"] == "fusion" and r["test_faces"] == "upper")
     assert _marks(fusion) == "†○"  # † vs the student (not confirmed by Holm); ○ beats its control after Holm

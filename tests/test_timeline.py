@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from grid.graph import Edge, Node, Resources, StageGraph
+from grid.results import FusionNodeResult, Timing, TrainNodeResult, TrainTiming
 from grid.timeline import node_timeline, overheads, read_timeline, write_timeline
 
 
@@ -24,11 +25,22 @@ GRAPH = StageGraph(nodes={
 ORIGIN = 1000.0
 READY = {"teacher": 1000.5, "student": 1021.0, "ablation": 1024.0, "fusion": 1032.0}
 COMPLETED = {"teacher": 1020.5, "student": 1031.6, "ablation": 1035.0, "fusion": 1040.0}
+
+
+def _train(key: str, started: float, first_step: float, last_step: float, finished: float) -> TrainNodeResult:
+    return TrainNodeResult(key=key, hash=key, strategy=key, metrics={}, scores=(), val_score=0.0, best_epoch=1,
+                           epochs_run=1, max_epochs=1, seconds=finished - started, history=(), placement={},
+                           timing=TrainTiming(started_at=started, first_step_at=first_step, last_step_at=last_step,
+                                              finished_at=finished))
+
+
 RESULTS = {
-    "teacher": {"timing": {"started_at": 1002.0, "first_step_at": 1004.5, "last_step_at": 1018.0, "finished_at": 1020.0}},
-    "student": {"timing": {"started_at": 1022.0, "first_step_at": 1024.0, "last_step_at": 1030.0, "finished_at": 1031.0}},
-    "ablation": {"timing": {"started_at": 1025.0, "first_step_at": 1026.5, "last_step_at": 1034.0, "finished_at": 1034.5}},
-    "fusion": {"timing": {"started_at": 1033.0, "finished_at": 1039.5}},
+    "teacher": _train("teacher", 1002.0, 1004.5, 1018.0, 1020.0),
+    "student": _train("student", 1022.0, 1024.0, 1030.0, 1031.0),
+    "ablation": _train("ablation", 1025.0, 1026.5, 1034.0, 1034.5),
+    "fusion": FusionNodeResult(key="fusion", hash="fusion", strategy="fusion", metrics={}, scores=(), val_score=0.0,
+                               fitted={}, selected={}, seconds=6.5,
+                               timing=Timing(started_at=1033.0, finished_at=1039.5)),
 }
 
 

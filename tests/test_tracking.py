@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from grid.graph import expand_graph
+from grid.results import ScoreRow, TrainNodeResult, TrainTiming
 from grid.tracking import Tracker
 from occkd_core.presets import load_preset
 from occkd_core.pretrained import WeightsFile
@@ -86,8 +87,14 @@ def _sealed_teacher(tmp_path: Path):
     (folder / "predictions.parquet").write_bytes(b"rows")
     record = DataRecord("synthetic", "0123456789abcdef", str(tmp_path / "synthetic.arrow"),
                         {"train": 60, "val": 20, "test": 20})
-    result = {"metrics": {"val_score": 71.0}, "scores": [{"model": "teacher", "test_set": "test", "visible": "upper",
-                                                          "metric": "accuracy", "value": 70.0}]}
+    teacher = graph.nodes["gender/vggf/teacher"]
+    result = TrainNodeResult(key=teacher.key, hash=teacher.hash, strategy="teacher",
+                             metrics={"best_epoch": 1, "val_score": 71.0},
+                             scores=(ScoreRow(model="teacher", test_set="test", visible="upper", metric="accuracy",
+                                              value=70.0),),
+                             val_score=71.0, best_epoch=1, epochs_run=1, max_epochs=1, seconds=1.0, history=(),
+                             placement={}, timing=TrainTiming(started_at=0.0, first_step_at=0.1, last_step_at=0.9,
+                                                              finished_at=1.0))
     return graph, folder, {"gender": record}, result
 
 

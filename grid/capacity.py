@@ -113,7 +113,7 @@ class ClusterCapacity:
     order they were handed out, then the candidate's, are placed where Ray would place them
     (:func:`ray_like_choice`): a candidate is admitted only if all fit. Ray places the bundles itself; the
     model only keeps Tune from launching trials whose Train workers could not be placed (they would wait,
-    as they did on a 2-core machine), and tells the width rule how many GPUs one machine has free.
+    as they did on a 2-core machine), and tells the DDP worker rule how many GPUs one machine has free.
     """
 
     def __init__(self, node_types: Mapping[str, tuple[Mapping[str, float], int]] | None = None,

@@ -83,7 +83,7 @@ def plan_cluster(spec: GridSpec, graph: StageGraph, *, connect: bool) -> Cluster
             lines.append(f"resources.{owner}.cpus: {request.cpus:g} is more than any node has: its nodes ask for "
                          f"{fits[owner].cpus:g} CPUs (the largest node's)")
     machine_gpus = max((n.get("GPU", 0.0) for n in shape.nodes), default=0.0)
-    if spec.widths == "auto" and machine_gpus >= 2 and any(n.resources.gpus for n in fitted.nodes.values()):
-        lines.append(f"widths: each GPU training node gets 1 to {machine_gpus:g} GPUs (DDP workers) as it starts, "
-                     "more for the chains that bound the makespan (--widths preset: the preset's workers)")
+    if spec.ddp_workers == "auto" and machine_gpus >= 2 and any(n.resources.gpus for n in fitted.nodes.values()):
+        lines.append(f"DDP workers: each GPU training node gets 1 to {machine_gpus:g} (one GPU each) as it starts, "
+                     "more for the chains that bound the makespan (--ddp-workers preset: the preset's workers)")
     return ClusterPlan(graph=fitted, shape=shape, node_types=node_types, ray_train=ray_train, lines=tuple(lines))

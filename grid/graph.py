@@ -30,7 +30,7 @@ from occkd_core.training import StageSpec
 GRAPH_VERSION = 3
 # 3: VGG-f's published LRN (k = 2, α = 5e-4); a stage's identity holds only the loss settings it reads (the
 #    hint KD nodes lost τ and τ²); the main student saves its embeddings (fusion's student_svm); dropout is
-#    seeded per rank and epoch, and no rows are dropped at width > 1; triplet KD visits its rows in a new order;
+#    seeded per rank and epoch, and no rows are dropped with > 1 DDP worker; triplet KD visits its rows in a new order;
 #    fusion's linear SVM is one-vs-rest liblinear and its linear ε-SVR centres ages; age verdicts follow the ranks.
 
 #: The node of the student trained on the other half: never distilled (spec §1, §15 #33).
@@ -54,12 +54,13 @@ class Resources:
     cpus: float = 1.0
     gpus: float = 0.0
     workers: int = 1  # >1: a Ray Train worker group with DDP, each worker with `gpus` GPUs
-    # The widest the grid may make a GPU node (grid.widths): 0 = up to one machine's GPUs; equal to
-    # ``workers`` = fixed at ``workers``. Not part of any hash: the width does not change the training.
-    max_workers: int = 0
+    # The most DDP workers the grid may give a GPU node (grid.ddp_workers): 0 = up to one machine's GPUs;
+    # equal to ``workers`` = fixed at ``workers``. Not part of any hash: the worker count does not change the
+    # training.
+    max_ddp_workers: int = 0
 
     def as_dict(self) -> dict[str, float]:
-        return {"cpus": self.cpus, "gpus": self.gpus, "workers": self.workers, "max_workers": self.max_workers}
+        return {"cpus": self.cpus, "gpus": self.gpus, "workers": self.workers, "max_ddp_workers": self.max_ddp_workers}
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class StageGraph:
     @property
     def identity(self) -> str:
         """The grid's content hash: the same nodes (each with its content hash) give the same identity,
-        whatever the resources, widths or invocation. MLflow keeps one parent run per identity."""
+        whatever the resources, DDP workers or invocation. MLflow keeps one parent run per identity."""
         return _hash({"nodes": sorted(n.hash for n in self.nodes.values())})
 
     def descendants(self, key: str) -> set[str]:
@@ -297,15 +298,15 @@ def teacher_init(preset: Preset, task: str, arch: str, weights: Mapping[str, Wei
 
 def default_resources(preset: Preset, archs: Iterable[str]) -> dict[str, Resources]:
     """Per-architecture resources from the preset's ``resources`` section (CPU-only defaults). An entry that
-    sets ``workers`` without ``max_workers`` fixes the width there; one that sets neither lets the grid
-    choose it (``max_workers`` 0)."""
+    sets ``workers`` without ``max_ddp_workers`` fixes the DDP worker count there; one that sets neither lets
+    the grid choose it (``max_ddp_workers`` 0)."""
     table = dict(preset.resources)
 
     def arch_resources(entry: Mapping[str, float]) -> Resources:
         workers = int(entry.get("workers", 1))
-        max_workers = int(entry.get("max_workers", workers if "workers" in entry else 0))
+        max_ddp_workers = int(entry.get("max_ddp_workers", workers if "workers" in entry else 0))
         return Resources(cpus=float(entry.get("cpus", 1.0)), gpus=float(entry.get("gpus", 0.0)), workers=workers,
-                         max_workers=max_workers)
+                         max_ddp_workers=max_ddp_workers)
 
     out = {arch: arch_resources(table.get(arch, {})) for arch in archs}
     out["fusion"] = arch_resources(table.get("fusion", {}))

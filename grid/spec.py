@@ -29,5 +29,5 @@ class GridSpec:
     max_failures: int
     ray_train: str
     dry_run: bool
-    widths: str = "auto"  # "auto": the searcher chooses GPU nodes' widths (grid.widths); "preset": as given
+    ddp_workers: str = "auto"  # "auto": the searcher chooses GPU nodes' DDP workers (grid.ddp_workers); "preset": as given
     wait: bool = False  # another grid holds the storage: wait for it rather than stop

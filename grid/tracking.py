@@ -277,7 +277,7 @@ class Tracker:
         placement = result.get("placement") or {}
         if placement:  # where a training node ran: which Ray node, GPUs and workers, through Ray Train or not
             tags = [RunTag(f"occkd.{key}", str(placement.get(key)))
-                    for key in ("ray_node", "device", "workers", "ray_train", "width") if key in placement]
+                    for key in ("ray_node", "device", "workers", "ray_train", "workers_choice") if key in placement]
             tags.append(RunTag("occkd.gpu_ids", ",".join(placement.get("gpu_ids", [])) or "-"))
             if placement.get("resumed_from_epoch") is not None:  # Ray Train restarted its workers mid-node
                 tags.append(RunTag("occkd.resumed_from_epoch", str(placement["resumed_from_epoch"])))

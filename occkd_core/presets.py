@@ -267,7 +267,10 @@ def _parse_fusion_Cs(fusion: Mapping[str, Any]) -> tuple[float, ...]:
     return tuple(float(c) for c in Cs)
 
 
-RESOURCE_KEYS = ("cpus", "gpus", "workers", "max_workers")
+RESOURCE_KEYS = ("cpus", "gpus", "workers", "max_ddp_workers")
+#: Resource keys renamed before 1.0, refused with their new name rather than read under the old one: a silent
+#: alias would keep the ambiguous word alive (``max_workers`` is also Ray's autoscaler node count).
+RENAMED_RESOURCE_KEYS = {"max_workers": "max_ddp_workers"}
 
 
 def _parse_pretrained(raw: Any) -> dict[tuple[str, str], str]:
@@ -335,10 +338,14 @@ def _parse_resources(raw: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     for owner, values in raw.items():
         if owner not in valid_owners:
             raise ValueError(f"resources: unknown entry {owner!r}; valid: {', '.join(valid_owners)}")
-        unknown = sorted(set(_mapping(f"resources.{owner}", values or {})) - set(RESOURCE_KEYS))
+        values = _mapping(f"resources.{owner}", values or {})
+        for old, new in RENAMED_RESOURCE_KEYS.items():
+            if old in values:
+                raise ValueError(f"resources.{owner}.{old} is now called {new} (the most DDP workers the grid may "
+                                 f"give one node); rename the key")
+        unknown = sorted(set(values) - set(RESOURCE_KEYS))
         if unknown:
             raise ValueError(f"resources.{owner}: unknown key(s) {unknown}; valid: {', '.join(RESOURCE_KEYS)}")
-        values = values or {}
         for key, value in values.items():
             try:
                 check_number(key, value)
@@ -348,12 +355,12 @@ def _parse_resources(raw: Mapping[str, Any]) -> dict[str, dict[str, float]]:
                 raise ValueError(f"resources.{owner}.{key} must be >= 0, got {value!r}")
         if values.get("workers", 1) < 1:
             raise ValueError(f"resources.{owner}: workers must be >= 1")
-        for key in ("workers", "max_workers"):
+        for key in ("workers", "max_ddp_workers"):
             if key in values and int(values[key]) != values[key]:
                 raise ValueError(f"resources.{owner}: {key} must be a whole number, got {values[key]}")
-        if "max_workers" in values and values["max_workers"] < values.get("workers", 1):
-            raise ValueError(f"resources.{owner}: max_workers ({values['max_workers']}) is below workers "
-                             f"({values.get('workers', 1)}); set workers alone to fix the width")
+        if "max_ddp_workers" in values and values["max_ddp_workers"] < values.get("workers", 1):
+            raise ValueError(f"resources.{owner}: max_ddp_workers ({values['max_ddp_workers']}) is below workers "
+                             f"({values.get('workers', 1)}); set workers alone to fix the DDP worker count")
         out[owner] = dict(values)
     return out
 

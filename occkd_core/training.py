@@ -138,11 +138,11 @@ def train_stage(
     torch.manual_seed(spec.seed)  # the model's initial weights (DDP broadcasts rank 0's anyway)
     order_generator = torch.Generator().manual_seed(spec.seed)  # row order, mining pools: same on every rank
     # Flips are drawn for the whole global batch on every rank, each rank taking its own rows' flips, so a
-    # node trains the same at any width (the papers' batch is the global batch).
+    # node trains the same with any number of DDP workers (the papers' batch is the global batch).
     flip_generator = torch.Generator().manual_seed(spec.seed * 7919 + 1)
     if train.batch_size % world:
         raise ValueError(f"batch size {train.batch_size} does not split over {world} workers: the global batch "
-                         f"stays the preset's, so the width must divide it")
+                         f"stays the preset's, so the number of workers must divide it")
     train_split, val_split = data.split("train"), data.split("val")
     train_targets = torch.as_tensor(train_split.labels(task.name)).to(device)  # validates labels before training
     val_split.labels(task.name)
@@ -190,7 +190,7 @@ def train_stage(
                 dsd.release()
         model.train()
         # Dropout draws from torch's global generator: seeded per rank, so a global batch of B rows gets B
-        # distinct masks at any width, and per epoch, so a resumed epoch draws what an uninterrupted run would.
+        # distinct masks with any number of workers, and per epoch, so a resumed epoch draws what an uninterrupted run would.
         torch.manual_seed(dropout_seed(spec.seed, rank, epoch))
         order = strategy.epoch_order(epoch, unwrap(model), order_generator)
         sums, train_outputs, train_rows = _run_epoch(model, strategy, order, optimizer, train.batch_size,
@@ -373,7 +373,7 @@ def _run_epoch(
     ``step_clock`` gets the wall-clock time of the first step it sees ("first") and of the last ("last").
 
     Rank r takes rows r, r + world, ... of every global batch, with their flips drawn for the whole batch:
-    together the ranks' rows are the width-1 batch, and every rank runs the same number of steps (DDP's
+    together the ranks' rows are the one-worker batch, and every rank runs the same number of steps (DDP's
     all-reduce needs it), without leaving rows out.
     """
     device = strategy.ctx.device
@@ -388,7 +388,7 @@ def _run_epoch(
         # The terms are means over this rank's rows and DDP averages gradients over the ranks: weighting each
         # rank by world × its share of the batch makes the step the global batch's mean gradient, also when
         # the last batch splits unevenly.
-        # A last batch smaller than the width leaves some ranks no row: they still run the step on an empty
+        # A last batch smaller than the number of workers leaves some ranks no row: they still run the step on an empty
         # batch, since DDP's all-reduce (and SyncBatchNorm's, which counts an empty input as no sample) waits
         # for every rank. Its terms are means over nothing (NaN), its gradients zero, its weight 0.
         share = len(batch_rows) / len(global_rows)

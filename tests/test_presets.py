@@ -304,6 +304,21 @@ def test_values_that_would_fail_at_run_time_are_refused_naming_file_key_and_valu
         load_preset(path)
 
 
+def test_the_old_resources_key_max_workers_is_refused_naming_its_new_name(tmp_path: Path):
+    """``max_workers`` was both the preset's DDP cap and Ray's autoscaler node count; the preset's is now
+    ``max_ddp_workers``, and a preset still saying ``max_workers`` stops with one line, not a silent alias."""
+    path = tmp_path / "old.yaml"
+    path.write_text("extends: smoke\nresources: {vggface: {cpus: 1, gpus: 1, max_workers: 4}}\n")
+    with pytest.raises(ValueError) as caught:
+        load_preset(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message == (f"preset {path}: resources.vggface.max_workers is now called max_ddp_workers (the most DDP "
+                       f"workers the grid may give one node); rename the key")
+    path.write_text("extends: smoke\nresources: {vggface: {cpus: 1, gpus: 1, max_ddp_workers: 4}}\n")
+    assert load_preset(path).resources["vggface"]["max_ddp_workers"] == 4
+
+
 def test_the_limits_admit_what_the_papers_and_the_built_in_presets_use(tmp_path: Path):
     path = tmp_path / "edge.yaml"
     path.write_text("extends: smoke\nname: edge_1.0-b\ndata: {seed: 0, image_size: 24}\n"

@@ -244,12 +244,12 @@ def test_dropout_seeds_differ_by_rank_and_epoch():
 
 
 #: 162 faces: 97 training rows, odd, so every epoch's last global batch splits unevenly over 2 workers.
-WIDTH_FACES = 162
+DDP_FACES = 162
 
 
-def _width_stages() -> dict[str, StageSpec]:
+def _ddp_stages() -> dict[str, StageSpec]:
     """The teacher and the three distillations, plain SGD (Adam's step would hide a gradient off by a
-    constant factor), no dropout (its masks are drawn per worker: the one thing that differs by width)."""
+    constant factor), no dropout (its masks are drawn per worker: the one thing that differs by worker count)."""
     sgd = dict(optimizer="sgd", lr=0.01, epochs=2)
     specs = {
         "teacher": stage("fer", "teacher", "full", batch_size=16, **sgd),  # last batch 1 row: rank 1 stands in
@@ -261,29 +261,29 @@ def _width_stages() -> dict[str, StageSpec]:
     return {name: replace(spec, dropout=False) for name, spec in specs.items()}
 
 
-def _train_width_stages(parents: Path, out_dir: Path) -> None:
+def _train_ddp_stages(parents: Path, out_dir: Path) -> None:
     from occkd_core.data import make_synthetic_faces
 
-    data = make_synthetic_faces(WIDTH_FACES, image_size=32, seed=5)
-    for name, spec in _width_stages().items():
+    data = make_synthetic_faces(DDP_FACES, image_size=32, seed=5)
+    for name, spec in _ddp_stages().items():
         parent = {} if spec.strategy == "teacher" else {"init_checkpoint": parents / f"{spec.task}.pt",
                                                          "teacher_checkpoint": parents / f"{spec.task}.pt"}
         train_stage(spec, data, out_dir / name, **parent)
 
 
-def _width_worker(rank: int, world: int, port: int, parents: str, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, parents: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        _train_width_stages(Path(parents), Path(out_dir))
+        _train_ddp_stages(Path(parents), Path(out_dir))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_a_node_trains_the_same_at_width_one_and_two(tmp_path: Path):
+def test_a_node_trains_the_same_with_one_and_two_ddp_workers(tmp_path: Path):
     """Same global batches and seed: 1 worker, and 2 gloo workers each with part of every batch (rows r,
     r+2, ... of it, with their flips), end two epochs of each stage at the same weights to 1e-6: the
     teacher, Hinton KD, hint KD and triplet KD (mining each epoch on every worker), on 97 rows."""
@@ -300,13 +300,13 @@ def test_a_node_trains_the_same_at_width_one_and_two(tmp_path: Path):
         parent_spec = ModelSpec(arch="vggf", num_outputs=get_task(task).num_outputs, width_mult=0.125,
                                 dropout=False)
         save_model_checkpoint(tmp_path / "parents" / f"{task}.pt", build_model(parent_spec), parent_spec)
-    _train_width_stages(tmp_path / "parents", tmp_path / "one")
+    _train_ddp_stages(tmp_path / "parents", tmp_path / "one")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_width_worker, args=(2, port, str(tmp_path / "parents"), str(tmp_path / "two")), nprocs=2, join=True)
-    for name, spec in _width_stages().items():
-        one, two = (read_checkpoint(tmp_path / width / name / "last.pt") for width in ("one", "two"))
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "parents"), str(tmp_path / "two")), nprocs=2, join=True)
+    for name, spec in _ddp_stages().items():
+        one, two = (read_checkpoint(tmp_path / run / name / "last.pt") for run in ("one", "two"))
         assert one["state_dict"].keys() == two["state_dict"].keys()
         for key, value in one["state_dict"].items():
             torch.testing.assert_close(two["state_dict"][key], value, atol=1e-6, rtol=0, msg=f"{name}: {key}")

@@ -193,7 +193,8 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
                       else None)
     searcher = DependencySearcher(graph, to_run, set(results), settings, capacity=ClusterCapacity(plan.node_types),
                                   workers_policy=workers_policy)
-    callback = GridCallback(graph, tracker, progress, spec.storage, results, outcome.failed, interrupts)
+    callback = GridCallback(graph, tracker, progress, spec.storage, results, outcome.failed, interrupts,
+                            workers_note=searcher.workers_note)
     tuner = tune.Tuner(
         tune.with_resources(run_node_trial, resources=trial_resources),
         # reuse_actors: a trial process (Ray worker, torch and the data libraries imported) runs the

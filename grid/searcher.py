@@ -23,7 +23,7 @@ from ray.tune.search import Searcher
 from grid.artifacts import node_dir
 from grid.bundles import node_bundles
 from grid.graph import Node, Resources, StageGraph
-from grid.ddp_workers import WorkersChoice, WorkersPolicy
+from grid.ddp_workers import WorkersChoice, WorkersPolicy, describe_choice
 
 if TYPE_CHECKING:
     from grid.capacity import ClusterCapacity
@@ -145,15 +145,25 @@ class DependencySearcher(Searcher):
     def _config(self, key: str) -> dict[str, Any]:
         node = self.graph.nodes[key].replace(resources=self.resources.get(key, self.graph.nodes[key].resources))
         storage = Path(self.settings.storage)
-        choice = self.workers_choices.get(key)
         return {
             "node": node.to_dict(),
-            "workers_choice": None if choice is None else {**dataclasses.asdict(choice), "allowed": list(choice.allowed)},
             "parents": [{"role": edge.role, "key": edge.key, "arch": self.graph.nodes[edge.key].arch,
                          "directory": str(node_dir(storage, self.graph.nodes[edge.key].hash))}
                         for edge in node.parents],
             "settings": self.settings.__dict__,
         }
+
+    def workers_note(self, key: str) -> str | None:
+        """Why a handed-out training node has its DDP workers, for its MLflow run (``occkd.workers_choice``): the
+        rule's inputs when the searcher chose them, else the preset's count. None for other nodes. The driver
+        records it from here, where the choice was made; the trial never carries it."""
+        node = self.graph.nodes[key]
+        if node.kind != "train":
+            return None
+        choice = self.workers_choices.get(key)
+        if choice is not None:
+            return describe_choice(choice)
+        return f"{self.resources.get(key, node.resources).workers} (the preset's)"
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         key = self.running.pop(trial_id, None)

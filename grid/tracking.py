@@ -130,6 +130,7 @@ class Tracker:
         self.start_times: dict[str, int] = {}  # node key -> when the driver opened its run (ms)
         self.node_runs: dict[str, str] = {}  # node key -> run id of this invocation (set on the recorder's thread)
         self.models: dict[str, str] = {}  # node key -> logged model id of this invocation
+        self.workers_choices: dict[str, str] = {}  # node key -> why it got its DDP workers (grid.ddp_workers)
 
     def _open_parent(self, run_name: str, grid_id: str, params: Mapping[str, Any]):
         """The grid's parent run and this invocation's number in it: the last run of the same grid on the same
@@ -209,11 +210,15 @@ class Tracker:
         for start in range(0, len(flat), 100):
             (client or self.client).log_batch(run_id, params=flat[start : start + 100])
 
-    def start_node(self, node: Node) -> None:
-        """Open the node's run in this invocation (once; Tune's retries of the node reuse it)."""
+    def start_node(self, node: Node, workers_choice: str | None = None) -> None:
+        """Open the node's run in this invocation (once; Tune's retries of the node reuse it). ``workers_choice``:
+        why a training node got its DDP workers, from the searcher that chose them (its ``occkd.workers_choice``
+        tag, there from the start, so a node that fails still says it)."""
         if node.key in self.started:
             return
         self.started.append(node.key)
+        if workers_choice is not None:
+            self.workers_choices[node.key] = workers_choice
         # The run is created on the recorder's thread, maybe after a teacher's upload or an outage: it
         # starts when the node did, not when its record was written.
         self.start_times[node.key] = int(time.time() * 1000)
@@ -227,6 +232,8 @@ class Tracker:
                 "occkd.strategy": node.strategy, "occkd.train_faces": node.train_faces, "occkd.node": node.hash,
                 "occkd.seed": str(node.seed), "mlflow.source.git.commit": self.sha, **self.driver_tags,
                 "mlflow.note.content": node_note(node, self.storage)}
+        if node.key in self.workers_choices:
+            tags["occkd.workers_choice"] = self.workers_choices[node.key]
         run = client.create_run(self.experiment_id, run_name=node.run_name, tags=tags,
                                 start_time=self.start_times.get(node.key))
         params = {"spec": node.params, "grid_point": node.grid_point, "resources": node.resources.as_dict(),
@@ -276,8 +283,9 @@ class Tracker:
             self._log_comparison(run_id, comparison, client)
         placement = result.get("placement") or {}
         if placement:  # where a training node ran: which Ray node, GPUs and workers, through Ray Train or not
+            # (why it got those workers is tagged when its run opens: the driver chose them, start_node)
             tags = [RunTag(f"occkd.{key}", str(placement.get(key)))
-                    for key in ("ray_node", "device", "workers", "ray_train", "workers_choice") if key in placement]
+                    for key in ("ray_node", "device", "workers", "ray_train") if key in placement]
             tags.append(RunTag("occkd.gpu_ids", ",".join(placement.get("gpu_ids", [])) or "-"))
             if placement.get("resumed_from_epoch") is not None:  # Ray Train restarted its workers mid-node
                 tags.append(RunTag("occkd.resumed_from_epoch", str(placement["resumed_from_epoch"])))

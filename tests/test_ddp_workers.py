@@ -10,7 +10,8 @@ from grid.searcher import DependencySearcher, RunSettings
 from grid.bundles import HEAD, node_bundles, worker_placement
 from grid.capacity import ClusterCapacity
 from grid.ddp_workers import (
-    EFFICIENCY_AT_8, WorkersPolicy, choose_workers, scaling_efficiency, speedup, worker_counts_for_batch,
+    EFFICIENCY_AT_8, WorkersPolicy, choose_workers, describe_choice, scaling_efficiency, speedup,
+    worker_counts_for_batch,
 )
 from occkd_core.models import ARCHITECTURES
 from occkd_core.presets import PRESET_DIR, load_preset
@@ -107,7 +108,12 @@ def test_the_searcher_gives_the_critical_chain_more_workers_and_the_rest_one_gpu
     first = handed["fer/vggface/teacher"]
     assert list(handed)[0] == "fer/vggface/teacher"
     assert first["node"]["resources"]["workers"] == 8 and first["node"]["resources"]["gpus"] == 1.0
-    assert first["workers_choice"]["workers"] == 8 and first["workers_choice"]["chain"] > first["workers_choice"]["target"]
+    choice = searcher.workers_choices["fer/vggface/teacher"]
+    assert choice.workers == 8 and choice.chain > choice.target
+    # The driver keeps why; the trial's config carries only the node (its resources say how many workers).
+    assert set(first) == {"node", "parents", "settings"}
+    assert searcher.workers_note("fer/vggface/teacher") == describe_choice(choice)
+    assert searcher.workers_note("fer/vggface/teacher").startswith("8 (its chain ")
     # Same experiment at any worker count: the hash is the graph's.
     assert first["node"]["hash"] == graph.nodes["fer/vggface/teacher"].hash
     # ResNet-50's batch of 16 allows 4 at most.
@@ -127,7 +133,7 @@ def test_the_workers_never_exceed_the_gpus_free_on_one_machine():
     config = searcher.suggest("t0")
     assert config["node"]["key"] == "fer/vggface/teacher"
     assert config["node"]["resources"]["workers"] == 2  # 3 free on one machine: the power of two below
-    assert config["workers_choice"]["allowed"] == [1, 2, 4, 8]
+    assert searcher.workers_choices["fer/vggface/teacher"].allowed == (1, 2, 4, 8)
 
 
 def test_a_cpu_only_cluster_keeps_the_presets_workers():
@@ -138,7 +144,8 @@ def test_a_cpu_only_cluster_keeps_the_presets_workers():
     searcher = DependencySearcher(graph, list(graph.nodes), set(), RunSettings(storage="/s", data_paths={}),
                                   capacity=capacity, workers_policy=WorkersPolicy(machine_gpus=8))
     config = searcher.suggest("t0")
-    assert config["node"]["resources"]["workers"] == 1 and config["workers_choice"] is None
+    assert config["node"]["resources"]["workers"] == 1 and not searcher.workers_choices
+    assert searcher.workers_note(config["node"]["key"]) == "1 (the preset's)"
     assert math.isclose(config["node"]["resources"]["gpus"], 0.0)
 
 

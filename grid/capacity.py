@@ -43,7 +43,8 @@ class ClusterShape:
 
 
 def read_node_types(config_path: Path) -> dict[str, tuple[dict[str, float], int]]:
-    """Node type -> (resources, max_workers) from a Ray cluster-launcher config (``available_node_types``):
+    """Node type -> (resources, max_nodes) from a Ray cluster-launcher config (``available_node_types``; Ray
+    calls the most nodes of a type ``max_workers``, machines the autoscaler may launch, not DDP workers):
     the file ``ray up`` leaves on the head as ~/ray_bootstrap_config.yaml, or the one given to
     ``ray start --autoscaling-config``."""
     import yaml
@@ -108,7 +109,7 @@ class ClusterCapacity:
     """Whether one more node fits the cluster, next to the nodes already running.
 
     The room is the live nodes (re-read at most every ``refresh_s`` seconds, so nodes that join or leave
-    change it) plus, per autoscaler node type, the nodes it may still launch (``max_workers`` less the
+    change it) plus, per autoscaler node type, the nodes it may still launch (its ``max_nodes`` less the
     live nodes of that type, matched by their CPU/GPU totals). The bundles of the running nodes, in the
     order they were handed out, then the candidate's, are placed where Ray would place them
     (:func:`ray_like_choice`): a candidate is admitted only if all fit. Ray places the bundles itself; the
@@ -131,9 +132,9 @@ class ClusterCapacity:
         if time.monotonic() - self._read_at >= self.refresh_s:
             live = [dict(n) for n in self.read_nodes()]
             launchable = []
-            for resources, max_workers in self.node_types.values():
+            for resources, max_nodes in self.node_types.values():
                 same = sum(1 for n in live if all(n.get(k, 0.0) == resources.get(k, 0.0) for k in ("CPU", "GPU")))
-                launchable += [{k: resources.get(k, 0.0) for k in ("CPU", "GPU")}] * max(0, max_workers - same)
+                launchable += [{k: resources.get(k, 0.0) for k in ("CPU", "GPU")}] * max(0, max_nodes - same)
             self._room, self._launchable, self._read_at = live + launchable, len(launchable), time.monotonic()
         return self._room
 

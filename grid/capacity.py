@@ -21,11 +21,12 @@ from grid.graph import Resources
 
 
 def resolve_ray_train(mode: str, shape: "ClusterShape") -> str:
-    """``auto`` (the default): every training node through Ray Train on a cluster that has or can add GPUs,
-    inside its trial on a CPU-only one (there a worker group costs more to start than a small node
-    trains; nodes with several workers still use Train). ``always`` / ``multi`` force either way."""
+    """``auto`` (the default): every training node through Ray Train on a cluster that has or can add GPUs
+    (``always``); on a CPU-only one ``multi-worker-only``: only nodes with several DDP workers go through Ray
+    Train, a one-worker node trains inside its trial (there a worker group costs more to start than a small
+    node trains). ``always`` / ``multi-worker-only`` force either way."""
     if mode == "auto":
-        return "always" if shape.can_have_gpus else "multi"
+        return "always" if shape.can_have_gpus else "multi-worker-only"
     return mode
 
 

@@ -19,7 +19,7 @@ class ClusterPlan:
     graph: StageGraph
     shape: Any  # grid.capacity.ClusterShape
     node_types: Mapping[str, Any] | None
-    ray_train: str  # resolved: "always" or "multi"
+    ray_train: str  # resolved: "always" or "multi-worker-only"
     lines: tuple[str, ...]  # what the grid says about the cluster in its first lines
 
 
@@ -69,7 +69,8 @@ def plan_cluster(spec: GridSpec, graph: StageGraph, *, connect: bool) -> Cluster
     ray_train = resolve_ray_train(spec.ray_train, shape)
     can_add = (f" (the autoscaler may grow it to {shape.potential['CPU']:g} CPUs, {shape.potential['GPU']:g} GPUs)"
                if node_types else "")
-    where = {"always": "as Ray Train workers", "multi": "inside their trials (multi-worker nodes: Ray Train)"}
+    where = {"always": "as Ray Train workers",
+             "multi-worker-only": "inside their trials (multi-worker nodes: Ray Train)"}
     lines = [f"{'running on Ray' if connect else 'planned for this machine'}: {now.get('CPU', 0):g} CPUs, "
              f"{now.get('GPU', 0):g} GPUs{can_add}; training nodes run {where[ray_train]}"]
     if any(r.gpus for r in wanted.values()) and not shape.can_have_gpus:

@@ -314,10 +314,10 @@ def default_resources(preset: Preset, archs: Iterable[str]) -> dict[str, Resourc
     return out
 
 
-def describe_graph(graph: StageGraph, ray_train: str = "multi") -> str:
+def describe_graph(graph: StageGraph, ray_train: str = "multi-worker-only") -> str:
     """A readable listing of the graph for ``--dry-run``: per node its hash, the resources it asks for (as
     given: grid.cluster_plan fits them to the cluster first), whether it trains through Ray Train under the resolved
-    ``ray_train`` mode ("always" or "multi"), and its parents."""
+    ``ray_train`` mode ("always" or "multi-worker-only"), and its parents."""
     lines = []
     counts: dict[str, int] = {}
     for node in graph.nodes.values():

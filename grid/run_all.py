@@ -77,13 +77,15 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
                              "pre-trained weights (the report says so)")
     parser.add_argument("--max-failures", type=int, default=2,
                         help="times Tune retries a failed node (it resumes from its last checkpoint)")
-    parser.add_argument("--ray-train", choices=("auto", "always", "multi"), default="auto",
+    parser.add_argument("--ray-train", choices=("auto", "always", "multi-worker-only"), default="auto",
                         help="where training nodes run their loop. auto: on a cluster that has GPUs or an "
                              "autoscaler node type with GPUs, every training node as Ray Train workers "
                              "(TorchTrainer: DDP, Train's checkpoints, worker-group restarts after a lost "
                              "worker); on a CPU-only one inside its Tune trial, except nodes with several "
                              "workers (on a CPU machine a worker group costs more to start than a small node "
-                             "trains). always / multi: either way, whatever the cluster")
+                             "trains). always: every training node through Ray Train; multi-worker-only: only "
+                             "nodes with several workers, one-worker nodes train inside their trial; either "
+                             "whatever the cluster")
     parser.add_argument("--ddp-workers", choices=("auto", "preset"), default="auto",
                         help="how many DDP workers (one GPU each) a training node gets on a GPU cluster. auto: "
                              "chosen as the node starts, more for the chains of nodes that bound the grid's makespan "

@@ -35,7 +35,7 @@ class RunSettings:
 
     storage: str  # absolute path visible from every Ray node
     data_paths: Mapping[str, str]  # task -> prepared Arrow store
-    ray_train: str = "multi"  # resolved (see resolve_ray_train): "multi" or "always"
+    ray_train: str = "multi-worker-only"  # resolved (see resolve_ray_train): "multi-worker-only" or "always"
     fault_injection: Mapping[str, int] | None = None  # tests only: node key -> attempts that fail
     train_max_failures: int = 2  # worker-group restarts Ray Train allows a node (FailureConfig)
     machine_gpus: float = 0.0  # GPUs of the largest machine: a node's GPU workers up to it share one machine

@@ -185,14 +185,14 @@ def test_ray_train_by_default_where_the_cluster_has_or_can_add_gpus():
     types = {"head": ({"CPU": 1.0}, 0), "gpu_worker": ({"CPU": 1.0, "GPU": 2.0}, 2)}
     assert resolve_ray_train("auto", cluster_shape({"CPU": 1.0}, [{"CPU": 1.0}], types)) == "always"
     assert resolve_ray_train("auto", cluster_shape({"CPU": 8.0, "GPU": 1.0}, [{"CPU": 8.0, "GPU": 1.0}])) == "always"
-    assert resolve_ray_train("auto", cluster_shape({"CPU": 2.0}, [{"CPU": 2.0}])) == "multi"
+    assert resolve_ray_train("auto", cluster_shape({"CPU": 2.0}, [{"CPU": 2.0}])) == "multi-worker-only"
     assert resolve_ray_train("always", cluster_shape({"CPU": 2.0}, [{"CPU": 2.0}])) == "always"
     # A node run through Train holds a sliver of CPU in its trial and a bundle per worker.
     train = {"kind": "train", "resources": {"cpus": 1, "gpus": 1, "workers": 2}}
     driver = {"node:__internal_head__": 0.001}  # on the head, holding no CPU: workers get them all
-    assert node_bundles(train, "multi") == [driver, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
+    assert node_bundles(train, "multi-worker-only") == [driver, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
     one = {"kind": "train", "resources": {"cpus": 2, "gpus": 0, "workers": 1}}
-    assert node_bundles(one, "multi") == [{"CPU": 2.0}] and node_bundles(one, "always") == [driver, {"CPU": 2.0}]
+    assert node_bundles(one, "multi-worker-only") == [{"CPU": 2.0}] and node_bundles(one, "always") == [driver, {"CPU": 2.0}]
     fusion = {"kind": "fusion", "resources": {"cpus": 1, "gpus": 0, "workers": 1}}
     assert node_bundles(fusion, "always") == [{"CPU": 1.0}]
 

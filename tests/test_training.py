@@ -271,7 +271,7 @@ def _train_ddp_stages(parents: Path, out_dir: Path) -> None:
         train_stage(spec, data, out_dir / name, **parent)
 
 
-def _ddp_worker(rank: int, world: int, port: int, parents: str, out_dir: str) -> None:
+def _ddp_stages_worker(rank: int, world: int, port: int, parents: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -304,7 +304,8 @@ def test_a_node_trains_the_same_with_one_and_two_ddp_workers(tmp_path: Path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "parents"), str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_ddp_stages_worker, args=(2, port, str(tmp_path / "parents"), str(tmp_path / "two")), nprocs=2,
+             join=True)
     for name, spec in _ddp_stages().items():
         one, two = (read_checkpoint(tmp_path / run / name / "last.pt") for run in ("one", "two"))
         assert one["state_dict"].keys() == two["state_dict"].keys()

@@ -101,7 +101,7 @@ def epoch_rows(data: dict[str, FaceData], tasks: list[str]) -> list[list]:
     for task_name in tasks:
         task = get_task(task_name)
         train = preset.grid(task_name, "vggf", "triplet_kd")[0]
-        spec = StageSpec(task=task_name, arch="vggf", strategy="triplet_kd", train_visible=task.main_visible,
+        spec = StageSpec(task=task_name, arch="vggf", stage="triplet_kd", train_visible=task.main_visible,
                          input_size=settings.input_size, width_mult=settings.width_mult, train=train,
                          dropout=settings.dropout)
         split = data[task_name].split("train")

@@ -9,7 +9,7 @@ its per-node requests (VGG-f half a GPU, VGG-face and ResNet-50 one), the critic
 (grid/ddp_workers.py), which gives nodes on the chains that bound the makespan several DDP workers (a GPU
 each). Only the node body is replaced: each trial holds its node's resources (a node with w workers: w
 bundles of one GPU, packed on one machine, as its Train workers would be) and sleeps for its node's duration under the cost model
-that ``expand_graph`` attaches to every node (epochs × training images × architecture cost × strategy
+that ``expand_graph`` attaches to every node (epochs × training images × architecture cost × stage
 cost), divided by the speed-up of its w workers: w × the scaling efficiency of grid.ddp_workers.EFFICIENCY_AT_8
 (justified there; ``--efficiency-scale 0.5`` halves it at 8 GPUs). Durations are scaled so that the
 one-GPU-per-node lower bound on 4 × 8 GPUs (its critical path) lasts ``--lower-bound`` seconds.
@@ -59,10 +59,10 @@ PAPER_TRAIN_SIZES = {"fer": 25045 + 88021, "gender": 14213, "age": 14213}
 STARTS_LEVEL = {"weights": 0, "teacher": 1, "student": 2}
 
 
-def stage_level(strategy: str) -> int:
-    if strategy in ("fusion", "significance"):
-        return 3 if strategy == "fusion" else 4
-    return STARTS_LEVEL[get_stage(strategy.removesuffix(ABLATION_SUFFIX)).starts_from]
+def stage_level(stage: str) -> int:
+    if stage in ("fusion", "significance"):
+        return 3 if stage == "fusion" else 4
+    return STARTS_LEVEL[get_stage(stage.removesuffix(ABLATION_SUFFIX)).starts_from]
 
 
 def paper_graph() -> StageGraph:
@@ -77,7 +77,7 @@ def with_barriers(graph: StageGraph) -> StageGraph:
     """The same nodes, each depending on every node of the stage before it."""
     levels: dict[int, list[str]] = {}
     for key, node in graph.nodes.items():
-        levels.setdefault(stage_level(node.strategy), []).append(key)
+        levels.setdefault(stage_level(node.stage), []).append(key)
     nodes = {}
     for level in sorted(levels):  # topological order: stage by stage
         for key in levels[level]:

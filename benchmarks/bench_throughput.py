@@ -90,7 +90,7 @@ def stage_spec(setting: Setting) -> StageSpec:
     preset = load_preset(setting.size)
     arch = preset.arch(setting.arch)
     info = get_task(setting.task)
-    return StageSpec(task=setting.task, arch=setting.arch, strategy="student", train_visible=info.main_visible,
+    return StageSpec(task=setting.task, arch=setting.arch, stage="student", train_visible=info.main_visible,
                      input_size=arch.input_size, width_mult=arch.width_mult,
                      train=preset.train_spec(setting.task, setting.arch, "student"), dropout=arch.dropout)
 

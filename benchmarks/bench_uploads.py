@@ -64,7 +64,7 @@ def record_chain(uri: str, graph, nodes, *, inline: bool) -> dict[str, float]:
     held = []
     started = time.perf_counter()
     for node, directory, _ in nodes:
-        result = {"metrics": {"val_score": 70.0}, "scores": [{"model": node.strategy, "test_set": "test",
+        result = {"metrics": {"val_score": 70.0}, "scores": [{"model": node.stage, "test_set": "test",
                                                                "visible": "full", "metric": "accuracy", "value": 70.0}]}
         tracker.start_node(node)
         begin = time.perf_counter()

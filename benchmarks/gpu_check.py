@@ -263,7 +263,7 @@ def check_ddp_and_resume(data: FaceData, preset: Preset, task: str, arch: str, d
         settings, info = preset.arch(arch), get_task(task)
         teacher = stage_starting_from("weights")
         train = replace(preset.train_spec(task, arch, teacher), epochs=1)
-        spec = StageSpec(task=task, arch=arch, strategy=teacher, train_visible="full", input_size=settings.input_size,
+        spec = StageSpec(task=task, arch=arch, stage=teacher, train_visible="full", input_size=settings.input_size,
                          width_mult=settings.width_mult, train=train, dropout=settings.dropout)
         first = train_stage(spec, data, out, device=device)
         seen: list[int] = []

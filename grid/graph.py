@@ -1,4 +1,4 @@
-"""The stage graph: tasks × architectures × strategies × hyperparameters × seeds, with dependency edges.
+"""The stage graph: tasks × architectures × stages × hyperparameters × seeds, with dependency edges.
 
 Per task × architecture × seed (spec §5): teacher (full faces) → main student and ablation student →
 standard KD and triplet KD, each from the main student, one node per point of the preset's grid, and
@@ -38,7 +38,7 @@ ABLATION_SUFFIX = "_ablation"
 
 
 def node_order() -> tuple[str, ...]:
-    """Every node strategy in curriculum order, from the stage registry (progress lines, reports)."""
+    """Every node stage in curriculum order, from the stage registry (progress lines, reports)."""
     student = stage_starting_from("teacher")
     names: list[str] = []
     for name, stage in STAGES.items():
@@ -78,7 +78,7 @@ class Node:
     kind: str  # "train" | "fusion" | "significance"
     task: str
     arch: str | None
-    strategy: str  # a stage of occkd_core.stages (or a control), student_ablation, fusion, significance (node_order())
+    stage: str  # a stage of occkd_core.stages (or a control), student_ablation, fusion, significance (node_order())
     train_faces: str  # full | lower | upper | full+lower | full+upper (spec §0 codes)
     seed: int
     params: Mapping[str, Any]  # the resolved spec: a StageSpec dict for training nodes
@@ -208,7 +208,9 @@ class _GraphBuilder:
         self.nodes: dict[str, Node] = {}
 
     def add(self, node: Node) -> Node:
-        payload = {"version": GRAPH_VERSION, "kind": node.kind, "strategy": node.strategy, "params": node.params,
+        # "strategy": the stage's first name, kept in the hashed payload (and in params, StageSpec.to_dict):
+        # renaming the key would change every hash and re-run every sealed node on users' storage.
+        payload = {"version": GRAPH_VERSION, "kind": node.kind, "strategy": node.stage, "params": node.params,
                    "parents": [self.nodes[p].hash for p in node.parent_keys],
                    "data": self.data_fingerprints[node.task]}
         if node.init:
@@ -229,13 +231,15 @@ class _GraphBuilder:
         settings = preset.arch(arch)
         per_image = get_architecture(arch).cost * (settings.input_size / 224) ** 2 * settings.width_mult ** 2
 
-        def train_node(strategy: str, stage: str, visible: str, faces: str, parents: tuple[Edge, ...],
+        def train_node(name: str, stage: str, visible: str, faces: str, parents: tuple[Edge, ...],
                        spec: TrainSpec, point: Mapping[str, Any], init: Mapping[str, Any] | None = None) -> Node:
-            stage_spec = StageSpec(task=task, arch=arch, strategy=stage, train_visible=visible,
+            """A node called ``name`` (its key's stage part: the ablation student is its own) that trains
+            the registry's ``stage``."""
+            stage_spec = StageSpec(task=task, arch=arch, stage=stage, train_visible=visible,
                                    input_size=settings.input_size, width_mult=settings.width_mult, train=spec,
                                    seed=seed, dropout=settings.dropout)
-            return self.add(Node(key=f"{task}/{arch}/{strategy}{_grid_suffix(point)}{suffix}", kind="train",
-                                 task=task, arch=arch, strategy=strategy, train_faces=faces, seed=seed,
+            return self.add(Node(key=f"{task}/{arch}/{name}{_grid_suffix(point)}{suffix}", kind="train",
+                                 task=task, arch=arch, stage=name, train_faces=faces, seed=seed,
                                  params=stage_spec.to_dict(), parents=parents, resources=self.resources[arch],
                                  cost=spec.epochs * self.train_sizes[task] * per_image * get_stage(stage).cost,
                                  grid_point=dict(point), init=dict(init or {})))
@@ -249,21 +253,21 @@ class _GraphBuilder:
         train_node(second + ABLATION_SUFFIX, second, info.ablation_visible, info.ablation_visible, from_teacher,
                    student_spec, {})
         distilled: list[Edge] = []
-        for strategy in (s for s in distilled_stages() if preset.has_stage(task, arch, s)):
-            specs = preset.grid(task, arch, strategy)
+        for stage in (s for s in distilled_stages() if preset.has_stage(task, arch, s)):
+            specs = preset.grid(task, arch, stage)
             for spec, point in zip(specs, _grid_points(specs)):
-                node = train_node(strategy, strategy, info.main_visible, f"full+{info.main_visible}",
+                node = train_node(stage, stage, info.main_visible, f"full+{info.main_visible}",
                                   (*from_teacher, Edge("student", main.key)), spec, point)
-                distilled.append(Edge(strategy, node.key))
-        for strategy in (s for s in control_stages() if preset.controls and preset.has_stage(task, arch, s)):
-            specs = preset.grid(task, arch, strategy)  # the distilled stage's points, teacher settings dropped
+                distilled.append(Edge(stage, node.key))
+        for stage in (s for s in control_stages() if preset.controls and preset.has_stage(task, arch, s)):
+            specs = preset.grid(task, arch, stage)  # the distilled stage's points, teacher settings dropped
             for spec, point in zip(specs, _grid_points(specs)):
-                node = train_node(strategy, strategy, info.main_visible, info.main_visible,
+                node = train_node(stage, stage, info.main_visible, info.main_visible,
                                   (Edge("student", main.key),), spec, point)
-                distilled.append(Edge(strategy, node.key))
+                distilled.append(Edge(stage, node.key))
         kernels = {"svr_kernels": list(preset.svr_kernels)} if info.kind == "regression" else {}
         fusion = self.add(Node(key=f"{task}/{arch}/fusion{suffix}", kind="fusion", task=task, arch=arch,
-                               strategy="fusion", train_faces=f"full+{info.main_visible}", seed=seed,
+                               stage="fusion", train_faces=f"full+{info.main_visible}", seed=seed,
                                params={"Cs": list(preset.fusion_Cs), "visible": info.main_visible, "kind": info.kind,
                                        **kernels},
                                parents=(Edge("student", main.key), *distilled), resources=self.resources["fusion"],
@@ -274,7 +278,7 @@ class _GraphBuilder:
         """The task's comparisons of every network's distilled and fused models with its student (spec §12)."""
         students, fusions = [student for student, _ in chains], [fusion for _, fusion in chains]
         self.add(Node(key=f"{task}/significance{suffix}", kind="significance", task=task, arch=None,
-                      strategy="significance", train_faces="-", seed=seed,
+                      stage="significance", train_faces="-", seed=seed,
                       params={"alpha": 0.05, "visible": get_task(task).main_visible},
                       parents=(*students, *fusions), resources=self.resources["significance"], cost=1.0))
 
@@ -321,7 +325,7 @@ def describe_graph(graph: StageGraph, ray_train: str = "multi-worker-only") -> s
     lines = []
     counts: dict[str, int] = {}
     for node in graph.nodes.values():
-        counts[node.strategy] = counts.get(node.strategy, 0) + 1
+        counts[node.stage] = counts.get(node.stage, 0) + 1
         res = node.resources
         gpu = f" gpu={res.gpus:g}" if res.gpus else ""
         workers = f" workers={res.workers}" if res.workers > 1 else ""

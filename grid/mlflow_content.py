@@ -103,14 +103,14 @@ def node_note(node: Node, storage: str) -> str:
     """A node run's description in the MLflow UI: what it is, what it starts from, where its files are."""
     parents = ", ".join(f"{edge.role} `{edge.key}`" for edge in node.parents) or "none"
     faces = f", trained on {node.train_faces} faces" if node.kind == "train" else ""
-    return (f"`{node.key}`: {node.strategy.replace('_', ' ')} ({node.kind} node){faces}. Parents: {parents}. "
+    return (f"`{node.key}`: {node.stage.replace('_', ' ')} ({node.kind} node){faces}. Parents: {parents}. "
             f"Content hash `{node.hash}`; its sealed outputs are in `{StorageLayout(Path(storage or '.')).node(node.hash)}`.")
 
 
-def metric_name(row: Mapping[str, Any], node_strategy: str) -> str:
+def metric_name(row: Mapping[str, Any], node_stage: str) -> str:
     """A score row's MLflow name: ``test_lower_accuracy`` for the node's own model,
     ``standard_kd_svm_test_affectnet_lower_accuracy`` for another model of the node (fusion's variants)."""
-    prefix = "" if row["model"] == node_strategy else f"{row['model']}_"
+    prefix = "" if row["model"] == node_stage else f"{row['model']}_"
     return f"{prefix}{row['test_set']}_{row['visible']}_{row['metric']}"
 
 
@@ -123,7 +123,7 @@ def stage_model(folder: Path, node: Node, checkpoint: Path) -> None:
     except OSError:
         shutil.copyfile(checkpoint, target)
     (folder / "occkd_model.json").write_text(json.dumps({
-        "node": node.key, "node_hash": node.hash, "task": node.task, "arch": node.arch, "strategy": node.strategy,
+        "node": node.key, "node_hash": node.hash, "task": node.task, "arch": node.arch, "strategy": node.stage,
         "train_faces": node.train_faces, "checkpoint": "best.pt",
         "load": "from occkd_core.checkpoints import load_model; model, info = load_model('best.pt')  "
                 "# torch.load(weights_only=True): a state dict and the model spec, no pickled code; "

@@ -97,7 +97,7 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
     started = time.perf_counter()
     started_at = started_at or time.time()
     spec = StageSpec.from_dict(node.params)
-    stage = get_stage(spec.strategy)  # where it starts and whether the teacher runs beside it
+    stage = get_stage(spec.stage)  # where it starts and whether the teacher runs beside it
     data = open_face_store(data_path)
     out = fresh_node_dir(storage, node.hash) if is_writer else node_dir(storage, node.hash)
     if is_writer and placement:  # where the node runs now (rewritten on every restart), before it seals
@@ -124,8 +124,8 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
     files = ["train/best.pt", "predictions.parquet", "test_plot.png"]
     # Fusion (spec §8) reads the embeddings of the faces they see: the distilled students', their controls'
     # (the control fusion) and the main student's (an SVM on the student's own embedding).
-    with_embeddings = stage.fused or node.strategy == stage_starting_from("teacher")
-    rows, scores, embeddings = _evaluate(model, spec, input_spec, node.strategy, data, device,
+    with_embeddings = stage.fused or node.stage == stage_starting_from("teacher")
+    rows, scores, embeddings = _evaluate(model, spec, input_spec, node.stage, data, device,
                                          with_embeddings=with_embeddings)
     write_predictions(out / "predictions.parquet", rows)
     for split_name, array in embeddings.items():
@@ -137,7 +137,7 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
         files.append("gradcam.png")
     main_preds = next(p for (ts, _, p) in rows if ts == "test" and p.visible == spec.train_visible)
     save_test_plot(out / "test_plot.png", main_preds, spec.task_info.class_names, title=node.key)
-    summary = {"key": node.key, "hash": node.hash, "kind": "train", "strategy": node.strategy,
+    summary = {"key": node.key, "hash": node.hash, "kind": "train", "strategy": node.stage,
                "metrics": {"best_epoch": result.best_epoch, "val_score": result.best_val_score},
                "scores": scores, "val_score": result.best_val_score, "best_epoch": result.best_epoch,
                "epochs_run": len(result.history), "max_epochs": spec.train.epochs,

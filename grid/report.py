@@ -2,7 +2,7 @@
 
 Per task, one row per model (architecture × teacher / students / distilled students / fusion / the
 single-embedding SVMs of Table 4) and test faces, the mean (± std over seeds) of our metric, the
-journal's number for the same architecture, strategy, training faces and test faces
+journal's number for the same architecture, stage, training faces and test faces
 (``paper_results.json``, copied from the spec's results file), and the test against the main student
 read two ways: the papers' rule (raw p, † where p < α and the model is better, spec §12) and the
 Holm-corrected verdict over the task's comparisons. Where the grid ran teacher-free controls, each
@@ -31,9 +31,9 @@ from occkd_core.stages import STAGES, control_stages, distilled_stages, stage_st
 from occkd_core.tasks import get_task
 
 PAPER_RESULTS = Path(__file__).parent / "paper_results.json"
-def paper_strategy_names() -> dict[str, str]:
-    """Report rows (node strategies and the fusion node's variants) -> the strategy's name in the papers'
-    results, from the stage registry: the ablation student is a student there, each distilled stage has
+def paper_stage_names() -> dict[str, str]:
+    """Report rows (node stages and the fusion node's variants) -> the stage's name in the papers' results
+    (their ``strategy`` field in paper_results.json), from the stage registry: the ablation student is a student there, each distilled stage has
     its single-embedding SVM (Table 4), and every ε-SVR kernel's fusion is compared with the papers' one."""
     student = stage_starting_from("teacher")
     return {**{name: stage.paper_name for name, stage in STAGES.items()},
@@ -85,10 +85,10 @@ def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) ->
                           row.get("family", "student"))] = row
             continue
         selected = selected_keys(graph, results, node.task, node.arch, node.seed)
-        if node.strategy in (*distilled_stages(), *control_stages()) and key not in selected:
+        if node.stage in (*distilled_stages(), *control_stages()) and key not in selected:
             continue  # only the grid point chosen on validation enters the table
         if node.kind == "train" and result.get("best_epoch") == result.get("epochs_run"):
-            unconverged.add((node.task, node.arch, node.strategy, node.train_faces))
+            unconverged.add((node.task, node.arch, node.stage, node.train_faces))
         for score in result.get("scores", []):
             if score["metric"] == "weighted_accuracy" and node.task != "fer":
                 continue  # the papers report weighted accuracy for FER+ only (spec §11)
@@ -97,7 +97,7 @@ def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) ->
             values[(node.task, node.arch, score["model"], faces, score["test_set"], score["visible"],
                     score["metric"])].append(float(score["value"]))
     rows = []
-    paper_names = paper_strategy_names()
+    paper_names = paper_stage_names()
     for (task, arch, model, train_faces, test_set, visible, metric), vals in values.items():
         dataset = PAPER_DATASET.get((task, test_set))
         record = paper.get((dataset, get_architecture(arch).paper_name, paper_names[model], train_faces, visible,
@@ -137,7 +137,7 @@ def collect_rows(graph: StageGraph, results: Mapping[str, Mapping[str, Any]]) ->
 def selected_keys(graph: StageGraph, results: Mapping[str, Mapping[str, Any]], task: str, arch: str | None,
                    seed: int) -> set[str]:
     for key, node in graph.nodes.items():
-        if node.strategy == "fusion" and (node.task, node.arch, node.seed) == (task, arch, seed) and key in results:
+        if node.stage == "fusion" and (node.task, node.arch, node.seed) == (task, arch, seed) and key in results:
             return {info["key"] for info in results[key].get("selected", {}).values()}
     return set()
 
@@ -233,7 +233,7 @@ def render_markdown(rows: Iterable[dict[str, Any]], *, title: str, setting: str,
     rows = list(rows)
     controlled = any(r.get("pvalue_vs_control") for r in rows)
     lines = [f"# {title}", "", setting, "",
-             "Each cell: ours (paper). Paper: the journal's number for the same network, strategy, training "
+             "Each cell: ours (paper). Paper: the journal's number for the same network, stage, training "
              "faces and test faces (full-size networks on the real data sets; † = significant there). "
              "The columns after the faces test the model against the main student of its architecture on the "
              "students' half, by McNemar (accuracy) or Wilcoxon (age MAE), α = 0.05, read two ways: "

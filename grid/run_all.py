@@ -1,6 +1,6 @@
 """Run the whole occkd experiment grid: python grid/run_all.py --tasks fer,gender,age
 
-Expands tasks × architectures × strategies × the preset's hyperparameter grid into a stage graph
+Expands tasks × architectures × stages × the preset's hyperparameter grid into a stage graph
 (teacher → students → standard/triplet KD → fusion → significance), runs it on Ray (a node starts as
 soon as its parents are done), records every node in MLflow and writes a paper-style report. Rerunning
 the same command skips finished nodes and resumes interrupted ones from their last checkpoint.

@@ -6,7 +6,8 @@ concurrently collide, a known problem of per-trial MLflow logging in Ray).
 - One parent run per grid: the graph's identity (:attr:`grid.graph.StageGraph.identity`) is its tag, and
   every rerun of the same grid continues it (a tag per invocation says what each one ran).
 - One child run per node, named like ``fer/vggface/triplet_kd``, tagged ``occkd.task/arch/strategy/
-  train_faces/node`` (the node's content hash) and the git SHA, with the resolved spec as params,
+  train_faces/node`` (``occkd.strategy``: the node's stage, under the tag's first name; ``occkd.node``: its
+  content hash) and the git SHA, with the resolved spec as params,
   per-epoch metrics, its data as dataset inputs (one per split: name ``<data set>/<split>``, digest the
   prepared store's fingerprint, source its path), final metrics per test condition linked to the test
   dataset, and its files as artifacts. A training node's ``best.pt`` is an MLflow logged model (a
@@ -229,7 +230,8 @@ class Tracker:
         if node.key in self.node_runs:
             return self.node_runs[node.key]
         tags = {PARENT_TAG: self.parent.info.run_id, "occkd.task": node.task, "occkd.arch": node.arch or "-",
-                "occkd.strategy": node.strategy, "occkd.train_faces": node.train_faces, "occkd.node": node.hash,
+                # occkd.strategy holds the node's stage; the tag keeps its first name for users' saved searches
+                "occkd.strategy": node.stage, "occkd.train_faces": node.train_faces, "occkd.node": node.hash,
                 "occkd.seed": str(node.seed), "mlflow.source.git.commit": self.sha, **self.driver_tags,
                 "mlflow.note.content": node_note(node, self.storage)}
         if node.key in self.workers_choices:
@@ -275,7 +277,7 @@ class Tracker:
         metrics = [Metric(k, float(v), now, 0, model_id=model_id, **dataset_link(self.data.get(node.task), "val"))
                    for k, v in result.get("metrics", {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        metrics += [Metric(metric_name(row, node.strategy), float(row["value"]), now, 0, model_id=model_id,
+        metrics += [Metric(metric_name(row, node.stage), float(row["value"]), now, 0, model_id=model_id,
                            **dataset_link(self.data.get(node.task), row["test_set"])) for row in result.get("scores", [])]
         for start in range(0, len(metrics), 500):
             client.log_batch(run_id, metrics=metrics[start : start + 500])
@@ -300,7 +302,7 @@ class Tracker:
         spec = node.params
         model = client.create_logged_model(
             self.experiment_id, name=model_name(node), source_run_id=run_id, model_type=f"occkd/{node.arch}",
-            params={"arch": str(node.arch), "task": node.task, "strategy": node.strategy,
+            params={"arch": str(node.arch), "task": node.task, "strategy": node.stage,
                     "train_faces": node.train_faces, "input_size": str(spec.get("input_size", ""))},
             tags={"occkd.node": node.hash, "occkd.node_key": node.key, "mlflow.source.git.commit": self.sha})
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])

@@ -74,15 +74,15 @@ def significance_setup(tmp_path: Path):
         node = nodes[key]
         directory = node_dir(storage, node.hash)
         directory.mkdir(parents=True)
-        model = "fusion" if node.strategy == "fusion" else node.strategy
+        model = "fusion" if node.stage == "fusion" else node.stage
         written = [("test", model, _gender_predictions(targets, ok))]
-        if node.strategy == "fusion":
+        if node.stage == "fusion":
             written.append(("test", "control_fusion", _gender_predictions(targets, control_fusion_ok)))
         write_predictions(directory / "predictions.parquet", written)
-        result = {"key": key, "hash": node.hash, "kind": node.kind, "strategy": node.strategy, "metrics": {},
+        result = {"key": key, "hash": node.hash, "kind": node.kind, "strategy": node.stage, "metrics": {},
                   "scores": [{"model": model, "test_set": "test", "visible": "upper", "metric": "accuracy",
                               "value": 100 * ok.mean()}], "val_score": 0.5}
-        if node.strategy == "fusion":
+        if node.stage == "fusion":
             result["fitted"] = {"fusion": {"C": 1.0}, "standard_kd_svm": {"C": 1.0}, "control_fusion": {"C": 1.0}}
             result["selected"] = {s: {"key": k, "hash": nodes[k].hash, "val_score": 0.5}
                                   for s, k in (("standard_kd", "gender/vggf/standard_kd"),

@@ -11,7 +11,7 @@ from grid.timeline import node_timeline, overheads, read_timeline, write_timelin
 
 
 def _node(key: str, kind: str, parents: tuple[str, ...]) -> Node:
-    return Node(key=key, kind=kind, task="gender", arch="vggf", strategy=key, train_faces="full", seed=0,
+    return Node(key=key, kind=kind, task="gender", arch="vggf", stage=key, train_faces="full", seed=0,
                 params={}, parents=tuple(Edge(parent, parent) for parent in parents), resources=Resources(), cost=1.0)
 
 

@@ -19,13 +19,13 @@ from occkd_core.training import NonFiniteLossError, StageSpec, train_stage
 ADAM = TrainSpec(optimizer="adam", batch_size=32, epochs=2, lr=1e-3)
 
 
-def stage(task: str, strategy: str, visible: str, arch: str = "vggf", **train) -> StageSpec:
+def stage(task: str, name: str, visible: str, arch: str = "vggf", **train) -> StageSpec:
     spec = replace(ADAM, **train)
-    if strategy == "standard_kd":
+    if name == "standard_kd":
         spec = replace(spec, lam=0.5, temperature=4.0)
-    if strategy == "triplet_kd":
+    if name == "triplet_kd":
         spec = replace(spec, lam=0.5, margin=0.2, pool_fraction=0.3)
-    return StageSpec(task=task, arch=arch, strategy=strategy, train_visible=visible, input_size=32,
+    return StageSpec(task=task, arch=arch, stage=name, train_visible=visible, input_size=32,
                      width_mult=0.125, train=spec)
 
 
@@ -37,9 +37,9 @@ def test_curriculum_teacher_student_and_both_distillations(tiny_faces, tmp_path:
     student = train_stage(stage(task, "student", info.main_visible), tiny_faces, tmp_path / "student",
                           init_checkpoint=teacher.best_checkpoint)
     teacher_state = read_checkpoint(teacher.best_checkpoint)["state_dict"]
-    for strategy, terms in (("standard_kd", {"soft", "hard"} if task == "fer" else {"hint", "supervised"}),
-                            ("triplet_kd", {"supervised", "triplet"})):
-        result = train_stage(stage(task, strategy, info.main_visible), tiny_faces, tmp_path / strategy,
+    for name, terms in (("standard_kd", {"soft", "hard"} if task == "fer" else {"hint", "supervised"}),
+                        ("triplet_kd", {"supervised", "triplet"})):
+        result = train_stage(stage(task, name, info.main_visible), tiny_faces, tmp_path / name,
                              init_checkpoint=student.best_checkpoint, teacher_checkpoint=teacher.best_checkpoint,
                              cache_dir=tmp_path / "cache")
         assert set(result.history[-1].loss_terms) == terms
@@ -174,7 +174,7 @@ def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="valid names: resnet50, vggf, vggface"):
         stage("fer", "teacher", "full", arch="alexnet")
     with pytest.raises(ValueError, match="valid names: .*triplet_kd"):
-        StageSpec(task="fer", arch="vggf", strategy="fitnets", train_visible="lower", input_size=32,
+        StageSpec(task="fer", arch="vggf", stage="fitnets", train_visible="lower", input_size=32,
                   width_mult=0.125, train=ADAM)
 
 
@@ -266,7 +266,7 @@ def _train_ddp_stages(parents: Path, out_dir: Path) -> None:
 
     data = make_synthetic_faces(DDP_FACES, image_size=32, seed=5)
     for name, spec in _ddp_stages().items():
-        parent = {} if spec.strategy == "teacher" else {"init_checkpoint": parents / f"{spec.task}.pt",
+        parent = {} if spec.stage == "teacher" else {"init_checkpoint": parents / f"{spec.task}.pt",
                                                          "teacher_checkpoint": parents / f"{spec.task}.pt"}
         train_stage(spec, data, out_dir / name, **parent)
 
@@ -312,7 +312,7 @@ def test_a_node_trains_the_same_with_one_and_two_ddp_workers(tmp_path: Path):
         for key, value in one["state_dict"].items():
             torch.testing.assert_close(two["state_dict"][key], value, atol=1e-6, rtol=0, msg=f"{name}: {key}")
         # The weights moved far beyond the tolerance (the test compares training, not two starting points).
-        if spec.strategy == "teacher":
+        if spec.stage == "teacher":
             torch.manual_seed(spec.seed)
             start = build_model(spec.model_spec).state_dict()
         else:

@@ -11,7 +11,7 @@ training labels when ../shared/data is present, else synthetic ones of the same 
 Part 2 runs one real triplet-KD epoch of VGG-f at the mini preset, piece by piece as
 ``TripletKDStrategy`` does: the student re-embeds every occluded training face, the miner picks the
 triplets, then the epoch trains on them. VGG-f is the fastest network to train, so mining's share is
-largest there (its embeddings are also the smallest: 64-d at 1/4 width).
+largest there (its embeddings are also the smallest: 64-d at 1/4 channel width).
 
     python benchmarks/bench_mining.py
 """

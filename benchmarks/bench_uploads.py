@@ -1,6 +1,6 @@
 """Does the scheduler wait for MLflow uploads? The driver's Tune callback records each sealed node; the
 next node is handed out only when the callback returns. Before, it uploaded the node's files (a ResNet-50
-``best.pt`` is ~95 MB at full width, VGG-face's ~60 MB) inside the callback; now a background thread does.
+``best.pt`` is ~95 MB at full channel width, VGG-face's ~60 MB) inside the callback; now a background thread does.
 
 On a real ``mlflow server`` over HTTP (its artifacts proxied to local disk), a chain of training nodes with
 checkpoints of the papers' sizes is recorded two ways with the same :class:`grid.tracking.Tracker`:

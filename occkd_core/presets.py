@@ -1,6 +1,6 @@
 """Presets: every hyperparameter of a run, as validated data (YAML files beside this module).
 
-A preset names its data, each architecture's input size and width, the fusion C grid, and one
+A preset names its data, each architecture's input size and channel width multiplier, the fusion C grid, and one
 :class:`~occkd_core.specs.TrainSpec` per task × architecture × stage. A list value in a stage entry is a grid
 (e.g. ``margin: [0.0, 0.1, ...]``); :meth:`Preset.grid` expands it. ``paper`` is spec §10 row by row;
 ``smoke`` runs every stage in minutes on 2 CPU cores. Users add their own by passing a YAML path.

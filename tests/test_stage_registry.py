@@ -43,7 +43,7 @@ class ReadRecorder:
 
 def loss_settings_read(stage: StageInfo, task: str, faces) -> set[str]:
     """The loss settings the stage's strategy reads when it builds, orders an epoch and computes a batch's terms
-    for ``task``, on 1/8-width VGG-f models at 32 px."""
+    for ``task``, on VGG-f models at 1/8 channel width and 32 px."""
     info, split = get_task(task), faces.split("train")
     model_spec = ModelSpec(arch="vggf", num_outputs=info.num_outputs, width_mult=0.125, dropout=False)
     torch.manual_seed(0)

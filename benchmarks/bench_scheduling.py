@@ -8,11 +8,12 @@ its per-node requests (VGG-f half a GPU, VGG-face and ResNet-50 one), the critic
 ``DependencySearcher`` with ``ClusterCapacity`` and, for the "workers" schedule, ``WorkersPolicy``
 (grid/ddp_workers.py), which gives nodes on the chains that bound the makespan several DDP workers (a GPU
 each). Only the node body is replaced: each trial holds its node's resources (a node with w workers: w
-bundles of one GPU, packed on one machine, as its Train workers would be) and sleeps for its node's duration under the cost model
-that ``expand_graph`` attaches to every node (epochs × training images × architecture cost × stage
-cost), divided by the speed-up of its w workers: w × the scaling efficiency of grid.ddp_workers.EFFICIENCY_AT_8
-(justified there; ``--efficiency-scale 0.5`` halves it at 8 GPUs). Durations are scaled so that the
-one-GPU-per-node lower bound on 4 × 8 GPUs (its critical path) lasts ``--lower-bound`` seconds.
+bundles of one GPU, packed on one machine, as its Train workers would be) and sleeps for its node's
+duration under the cost model that ``expand_graph`` attaches to every node (epochs × training images ×
+architecture cost × stage cost), divided by the speed-up of its w workers: w × the scaling efficiency of
+grid.ddp_workers.EFFICIENCY_AT_8 (justified there; ``--efficiency-scale 0.5`` halves it at 8 GPUs).
+Durations are scaled so that the one-GPU-per-node lower bound on 4 × 8 GPUs (its critical path) lasts
+``--lower-bound`` seconds.
 
 Bounds reported per run: the *work bound* (GPU work at one worker per node ÷ GPUs: no schedule, at any
 worker counts, can beat it) and the *bound at the chosen workers* (max of the GPU-seconds the run held ÷

@@ -33,8 +33,9 @@ from occkd_core.tasks import get_task
 PAPER_RESULTS = Path(__file__).parent / "paper_results.json"
 def paper_stage_names() -> dict[str, str]:
     """Report rows (node stages and the fusion node's variants) -> the stage's name in the papers' results
-    (their ``strategy`` field in paper_results.json), from the stage registry: the ablation student is a student there, each distilled stage has
-    its single-embedding SVM (Table 4), and every ε-SVR kernel's fusion is compared with the papers' one."""
+    (their ``strategy`` field in paper_results.json), from the stage registry: the ablation student is a
+    student there, each distilled stage has its single-embedding SVM (Table 4), and every ε-SVR kernel's
+    fusion is compared with the papers' one."""
     student = stage_starting_from("teacher")
     return {**{name: stage.paper_name for name, stage in STAGES.items()},
             student + ABLATION_SUFFIX: STAGES[student].paper_name,

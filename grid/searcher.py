@@ -111,7 +111,8 @@ class DependencySearcher(Searcher):
         total_gpus = sum(m.get("GPU", 0.0) for m in self.capacity.room())
         choice = self.workers_policy.choose(arch=node.arch, workers=res.workers, max_ddp_workers=res.max_ddp_workers,
                                             batch_size=int(node.params["train"]["batch_size"]),
-                                            chain=self.priority[key], target=self._gpu_work_left() / max(total_gpus, 1.0),
+                                            chain=self.priority[key],
+                                            target=self._gpu_work_left() / max(total_gpus, 1.0),
                                             free_workers=max(int(free_workers), 1))
         if choice is None:
             return None

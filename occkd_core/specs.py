@@ -1,6 +1,6 @@
 """The settings of a run as frozen, validated dataclasses (STYLE.md habit 1): :class:`TrainSpec` (one training
-stage, spec §10), :class:`ArchSettings` (one architecture's input size and channel width multiplier) and :class:`DataSettings`
-(where the faces come from).
+stage, spec §10), :class:`ArchSettings` (one architecture's input size and channel width multiplier) and
+:class:`DataSettings` (where the faces come from).
 
 They sit below everything that reads them, the strategies, the stage registry, the training loop and the
 presets (which build them from YAML, :mod:`occkd_core.presets`): this module imports none of those, so no

@@ -195,7 +195,8 @@ def train_stage(
                 dsd.release()
         model.train()
         # Dropout draws from torch's global generator: seeded per rank, so a global batch of B rows gets B
-        # distinct masks with any number of workers, and per epoch, so a resumed epoch draws what an uninterrupted run would.
+        # distinct masks with any number of workers, and per epoch, so a resumed epoch draws what an
+        # uninterrupted run would.
         torch.manual_seed(dropout_seed(spec.seed, rank, epoch))
         order = strategy.epoch_order(epoch, unwrap(model), order_generator)
         sums, train_outputs, train_rows = _run_epoch(model, strategy, order, optimizer, train.batch_size,

@@ -42,8 +42,9 @@ def test_node_counts_for_all_tasks_and_architectures(preset_name, margins):
 
 
 def test_mid_preset_expands_every_stage_with_its_kd_grids():
-    """mid: 64 px networks at full channel width from scratch; standard KD with and without τ² where it is Hinton's (FER+:
-    the gender/age hint reads no τ², so there it is one node), two triplet margins, a control for each."""
+    """mid: 64 px networks at full channel width from scratch; standard KD with and without τ² where it is
+    Hinton's (FER+: the gender/age hint reads no τ², so there it is one node), two triplet margins, a control
+    for each."""
     preset = load_preset("mid")
     assert all(preset.arch(a).input_size == 64 and preset.arch(a).width_mult == 1.0 for a in ARCHITECTURES)
     assert preset.required_weights(list(TASKS), list(ARCHITECTURES)) == {}

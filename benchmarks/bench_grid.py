@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="fer,gender,age")
     parser.add_argument("--archs", default=None, help="default: every architecture")
     parser.add_argument("--preset", default="smoke")
-    parser.add_argument("--ray-train", choices=("auto", "always", "multi"), default="auto")
+    parser.add_argument("--ray-train", choices=("auto", "always", "multi-worker-only"), default="auto")
     parser.add_argument("--workdir", type=Path, default=None, help="run here instead of a new temporary folder")
     args = parser.parse_args(argv)
     print(machine_line())

@@ -11,7 +11,7 @@ training labels when ../shared/data is present, else synthetic ones of the same 
 Part 2 runs one real triplet-KD epoch of VGG-f at the mini preset, piece by piece as
 ``TripletKDStrategy`` does: the student re-embeds every occluded training face, the miner picks the
 triplets, then the epoch trains on them. VGG-f is the fastest network to train, so mining's share is
-largest there (its embeddings are also the smallest: 64-d at 1/4 width).
+largest there (its embeddings are also the smallest: 64-d at 1/4 channel width).
 
     python benchmarks/bench_mining.py
 """
@@ -101,7 +101,7 @@ def epoch_rows(data: dict[str, FaceData], tasks: list[str]) -> list[list]:
     for task_name in tasks:
         task = get_task(task_name)
         train = preset.grid(task_name, "vggf", "triplet_kd")[0]
-        spec = StageSpec(task=task_name, arch="vggf", strategy="triplet_kd", train_visible=task.main_visible,
+        spec = StageSpec(task=task_name, arch="vggf", stage="triplet_kd", train_visible=task.main_visible,
                          input_size=settings.input_size, width_mult=settings.width_mult, train=train,
                          dropout=settings.dropout)
         split = data[task_name].split("train")

@@ -1,21 +1,23 @@
-"""Scheduling the full paper grid on simulated 4, 2 and 1 machines × 8 GPUs, with and without widths (issue 13).
+"""Scheduling the full paper grid on simulated 4, 2 and 1 machines × 8 GPUs, with and without chosen DDP workers
+(issue 13).
 
 Ray's ``cluster_utils.Cluster`` starts one raylet per machine on this computer, each declaring 8 GPUs and
 64 CPUs that do not exist (logical resources schedule like real ones). The grid's own scheduling code
 runs unchanged: the stage graph of the ``paper`` preset for every task × architecture (``expand_graph``),
 its per-node requests (VGG-f half a GPU, VGG-face and ResNet-50 one), the critical-path
-``DependencySearcher`` with ``ClusterCapacity`` and, for the "widths" schedule, ``WidthPolicy``
-(grid/widths.py), which gives nodes on the chains that bound the makespan several GPUs. Only the node
-body is replaced: each trial holds its node's resources (a width-w node: w bundles of one GPU, packed on
-one machine, as its Train workers would be) and sleeps for its node's duration under the cost model
-that ``expand_graph`` attaches to every node (epochs × training images × architecture cost × strategy
-cost), divided by the speed-up of its width: w × the scaling efficiency of grid.widths.EFFICIENCY_AT_8
-(justified there; ``--efficiency-scale 0.5`` halves it at 8 GPUs). Durations are scaled so that the
-one-GPU-per-node lower bound on 4 × 8 GPUs (its critical path) lasts ``--lower-bound`` seconds.
+``DependencySearcher`` with ``ClusterCapacity`` and, for the "workers" schedule, ``WorkersPolicy``
+(grid/ddp_workers.py), which gives nodes on the chains that bound the makespan several DDP workers (a GPU
+each). Only the node body is replaced: each trial holds its node's resources (a node with w workers: w
+bundles of one GPU, packed on one machine, as its Train workers would be) and sleeps for its node's
+duration under the cost model that ``expand_graph`` attaches to every node (epochs × training images ×
+architecture cost × stage cost), divided by the speed-up of its w workers: w × the scaling efficiency of
+grid.ddp_workers.EFFICIENCY_AT_8 (justified there; ``--efficiency-scale 0.5`` halves it at 8 GPUs).
+Durations are scaled so that the one-GPU-per-node lower bound on 4 × 8 GPUs (its critical path) lasts
+``--lower-bound`` seconds.
 
-Bounds reported per run: the *work bound* (GPU work at width 1 ÷ GPUs: no schedule, at any widths, can
-beat it) and the *bound at the chosen widths* (max of the GPU-seconds the run held ÷ GPUs and its
-critical path with each node at the width it got). Every schedule is also run without Ray by driving
+Bounds reported per run: the *work bound* (GPU work at one worker per node ÷ GPUs: no schedule, at any
+worker counts, can beat it) and the *bound at the chosen workers* (max of the GPU-seconds the run held ÷
+GPUs and its critical path with each node at the worker count it got). Every schedule is also run without Ray by driving
 the same searcher through a list-scheduling simulation (no per-trial overhead; placement as the
 searcher's capacity model packs it), and the one-GPU schedule with stage barriers (issue 5) is
 simulated for reference.
@@ -44,7 +46,7 @@ from occkd_core.presets import load_preset  # noqa: E402
 from occkd_core.stages import get_stage  # noqa: E402
 from occkd_core.models import ARCHITECTURES  # noqa: E402
 from occkd_core.tasks import TASKS  # noqa: E402
-from grid.widths import EFFICIENCY_AT_8, WidthPolicy, speedup  # noqa: E402
+from grid.ddp_workers import EFFICIENCY_AT_8, WorkersPolicy, speedup  # noqa: E402
 
 if TYPE_CHECKING:
     from grid.searcher import DependencySearcher
@@ -58,10 +60,10 @@ PAPER_TRAIN_SIZES = {"fer": 25045 + 88021, "gender": 14213, "age": 14213}
 STARTS_LEVEL = {"weights": 0, "teacher": 1, "student": 2}
 
 
-def stage_level(strategy: str) -> int:
-    if strategy in ("fusion", "significance"):
-        return 3 if strategy == "fusion" else 4
-    return STARTS_LEVEL[get_stage(strategy.removesuffix(ABLATION_SUFFIX)).starts_from]
+def stage_level(stage: str) -> int:
+    if stage in ("fusion", "significance"):
+        return 3 if stage == "fusion" else 4
+    return STARTS_LEVEL[get_stage(stage.removesuffix(ABLATION_SUFFIX)).starts_from]
 
 
 def paper_graph() -> StageGraph:
@@ -76,7 +78,7 @@ def with_barriers(graph: StageGraph) -> StageGraph:
     """The same nodes, each depending on every node of the stage before it."""
     levels: dict[int, list[str]] = {}
     for key, node in graph.nodes.items():
-        levels.setdefault(stage_level(node.strategy), []).append(key)
+        levels.setdefault(stage_level(node.stage), []).append(key)
     nodes = {}
     for level in sorted(levels):  # topological order: stage by stage
         for key in levels[level]:
@@ -95,17 +97,17 @@ def durations(graph: StageGraph, lower_bound_s: float) -> tuple[dict[str, float]
     return ({k: n.cost * scale for k, n in graph.nodes.items()}, critical * scale, work * scale, lower_bound_s)
 
 
-def node_seconds(graph: StageGraph, seconds: dict[str, float], key: str, resources: dict, policy: WidthPolicy) -> float:
-    """How long a node runs with the resources it was handed: its width-1 duration ÷ its width's speed-up."""
+def node_seconds(graph: StageGraph, seconds: dict[str, float], key: str, resources: dict, policy: WorkersPolicy) -> float:
+    """How long a node runs with the resources it was handed: its one-worker duration ÷ its workers' speed-up."""
     workers = int(resources["workers"])
     arch = graph.nodes[key].arch
     return seconds[key] / speedup(policy.efficiency(arch), workers) if workers > 1 and arch else seconds[key]
 
 
-def make_searcher(graph: StageGraph, machines: int, widths: bool, policy: WidthPolicy, storage: str,
+def make_searcher(graph: StageGraph, machines: int, choose_workers: bool, policy: WorkersPolicy, storage: str,
                   read_nodes=None) -> "DependencySearcher":
     """The grid's searcher over ``graph``, admitting by the grid's capacity model of ``machines`` × 8 GPUs
-    (or of the live Ray nodes), choosing widths when ``widths``."""
+    (or of the live Ray nodes), choosing DDP workers when ``choose_workers``."""
     from grid.bundles import HEAD
     from grid.capacity import ClusterCapacity
     from grid.searcher import DependencySearcher, RunSettings
@@ -119,7 +121,7 @@ def make_searcher(graph: StageGraph, machines: int, widths: bool, policy: WidthP
                           else {}) for k, n in graph.nodes.items()}  # keep trial configs small
     return DependencySearcher(StageGraph(nodes=nodes), list(nodes), set(), settings,
                               capacity=ClusterCapacity(read_nodes=read_nodes, refresh_s=0.0),
-                              widths=policy if widths else None)
+                              workers_policy=policy if choose_workers else None)
 
 
 @dataclass
@@ -129,7 +131,7 @@ class Schedule:
     makespan: float
     spans: dict[str, tuple[float, float]]  # node key -> (start, end), from the first start
     gpus: dict[str, float]  # node key -> GPUs held
-    widths: dict[str, int]
+    workers: dict[str, int]
 
     def gpu_seconds(self) -> float:
         return sum(self.gpus[k] * (end - start) for k, (start, end) in self.spans.items())
@@ -143,10 +145,11 @@ class Schedule:
         return max(below.values())
 
 
-def simulate(graph: StageGraph, seconds: dict[str, float], machines: int, widths: bool, policy: WidthPolicy) -> Schedule:
+def simulate(graph: StageGraph, seconds: dict[str, float], machines: int, choose_workers: bool,
+             policy: WorkersPolicy) -> Schedule:
     """List scheduling driven by the grid's own searcher, without Ray: whenever a node ends, the searcher
-    is asked for nodes until it has none, each starting at once for its duration at its width."""
-    searcher = make_searcher(graph, machines, widths, policy, storage="/nowhere")
+    is asked for nodes until it has none, each starting at once for its duration at its worker count."""
+    searcher = make_searcher(graph, machines, choose_workers, policy, storage="/nowhere")
     running: list[tuple[float, str, str]] = []  # (end, key, trial id)
     spans, gpus, chosen = {}, {}, {}
     now, count = 0.0, 0
@@ -164,10 +167,11 @@ def simulate(graph: StageGraph, seconds: dict[str, float], machines: int, widths
             break
         now, key, trial_id = heapq.heappop(running)
         searcher.on_trial_complete(trial_id)
-    return Schedule(makespan=now, spans=spans, gpus=gpus, widths=chosen)
+    return Schedule(makespan=now, spans=spans, gpus=gpus, workers=chosen)
 
 
-def run_on_ray(graph: StageGraph, seconds: dict[str, float], storage: Path, widths: bool, policy: WidthPolicy) -> Schedule:
+def run_on_ray(graph: StageGraph, seconds: dict[str, float], storage: Path, choose_workers: bool,
+               policy: WorkersPolicy) -> Schedule:
     """The same searcher handing nodes to Ray Tune on the simulated cluster; each trial holds its node's
     resources and sleeps."""
     import ray
@@ -204,7 +208,7 @@ def run_on_ray(graph: StageGraph, seconds: dict[str, float], storage: Path, widt
             return tune.PlacementGroupFactory([{"node:__internal_head__": 0.001}])
         return tune.PlacementGroupFactory([{"CPU": float(config["node"]["resources"]["cpus"])}])
 
-    searcher = make_searcher(graph, 0, widths, policy, storage=str(storage), read_nodes=live_nodes)
+    searcher = make_searcher(graph, 0, choose_workers, policy, storage=str(storage), read_nodes=live_nodes)
     starts = storage / f"starts-{int(time.time())}"  # each trial's start and Ray node, for the waits
     starts.mkdir()
     config_of = searcher._config
@@ -234,9 +238,9 @@ def run_on_ray(graph: StageGraph, seconds: dict[str, float], storage: Path, widt
     res = searcher.resources
     waits = sorted((began[k] - searcher.ready_at[k], k) for k in graph.nodes)
     print(f"  handed out -> trial started: median {waits[len(waits) // 2][0]:.1f} s, longest "
-          + ", ".join(f"{k} {w:.1f} s (width {res[k].workers})" for w, k in waits[-5:]), flush=True)
+          + ", ".join(f"{k} {w:.1f} s ({res[k].workers} workers)" for w, k in waits[-5:]), flush=True)
     return Schedule(makespan=ended - started, spans=spans, gpus={k: r.gpus * r.workers for k, r in res.items()},
-                    widths={k: r.workers for k, r in res.items()})
+                    workers={k: r.workers for k, r in res.items()})
 
 
 def describe(name: str, machines: int, how: str, run: Schedule, graph: StageGraph, work1: float,
@@ -244,16 +248,16 @@ def describe(name: str, machines: int, how: str, run: Schedule, graph: StageGrap
     """One table row: the makespan against both bounds, the speed-up on one GPU per node, GPU use."""
     gpus = machines * GPUS_PER_NODE
     held = run.gpu_seconds()
-    at_widths = max(held / gpus, run.critical_path(graph))
-    wide = sum(1 for w in run.widths.values() if w > 1)
-    return [name, f"{machines}×{GPUS_PER_NODE}", how, run.makespan, work1 / gpus, at_widths,
-            f"{run.makespan / at_widths:.2f}", f"{run.makespan / (work1 / gpus):.2f}",
+    at_chosen = max(held / gpus, run.critical_path(graph))
+    wide = sum(1 for w in run.workers.values() if w > 1)
+    return [name, f"{machines}×{GPUS_PER_NODE}", how, run.makespan, work1 / gpus, at_chosen,
+            f"{run.makespan / at_chosen:.2f}", f"{run.makespan / (work1 / gpus):.2f}",
             f"{one_gpu / run.makespan:.2f}×" if one_gpu else "1", f"{held / (gpus * run.makespan):.0%}",
             f"{work1 / (gpus * run.makespan):.0%}", wide]
 
 
-HEADERS = ["schedule", "GPUs", "how", "makespan s", "work bound s", "bound at widths s", "÷ bound at widths",
-           "÷ work bound", "speed-up", "GPUs held", "useful", "nodes widened"]
+HEADERS = ["schedule", "GPUs", "how", "makespan s", "work bound s", "bound at chosen workers s",
+           "÷ bound at chosen workers", "÷ work bound", "speed-up", "GPUs held", "useful", "nodes with >1 worker"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,25 +269,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--efficiency-scale", type=float, default=1.0,
                         help="multiply every architecture's scaling efficiency at 8 GPUs (sensitivity)")
     parser.add_argument("--no-ray", action="store_true", help="only the list-scheduling simulations")
-    parser.add_argument("--ray-schedules", default="one,widths", help="which schedules to run on Ray: one, widths")
+    parser.add_argument("--ray-schedules", default="one,workers",
+                        help="which schedules to run on Ray: one (one GPU per node), workers (DDP workers chosen)")
     args = parser.parse_args(argv)
     machines_list = [int(m) for m in args.machines.split(",")]
-    policy = WidthPolicy(machine_gpus=GPUS_PER_NODE, efficiency_at_8=tuple(
+    policy = WorkersPolicy(machine_gpus=GPUS_PER_NODE, efficiency_at_8=tuple(
         (arch, e * args.efficiency_scale) for arch, e in EFFICIENCY_AT_8.items()))
     graph = paper_graph()
     seconds, critical, work, bound = durations(graph, args.lower_bound)
-    work1 = work * NUM_NODES * GPUS_PER_NODE  # GPU-seconds at width 1
+    work1 = work * NUM_NODES * GPUS_PER_NODE  # GPU-seconds at one worker per node
     print(machine_line())
     print(f"paper grid: {len(graph.nodes)} nodes; critical path at one GPU per node {critical:.1f} s, GPU work "
           f"{work1:.0f} GPU-s; scaling efficiency at 8 GPUs {dict(policy.efficiency_at_8)}")
     rows = []
     for machines in machines_list:
-        one = simulate(graph, seconds, machines, widths=False, policy=policy)
-        wide = simulate(graph, seconds, machines, widths=True, policy=policy)
-        barriers = simulate(with_barriers(graph), seconds, machines, widths=False, policy=policy)
+        one = simulate(graph, seconds, machines, choose_workers=False, policy=policy)
+        wide = simulate(graph, seconds, machines, choose_workers=True, policy=policy)
+        barriers = simulate(with_barriers(graph), seconds, machines, choose_workers=False, policy=policy)
         rows.append(describe("one GPU per node, stage barriers", machines, "simulation", barriers, graph, work1, None))
         rows.append(describe("one GPU per node", machines, "simulation", one, graph, work1, None))
-        rows.append(describe("**widths**", machines, "simulation", wide, graph, work1, one.makespan))
+        rows.append(describe("**chosen workers**", machines, "simulation", wide, graph, work1, one.makespan))
         for row in rows[-3:]:
             print(" | ".join(str(v) for v in row), flush=True)
     if not args.no_ray:
@@ -304,20 +309,20 @@ def main(argv: list[str] | None = None) -> int:
                 with tempfile.TemporaryDirectory() as tmp:
                     one_makespan = None
                     if "one" in args.ray_schedules:
-                        one = run_on_ray(graph, seconds, Path(tmp), widths=False, policy=policy)
+                        one = run_on_ray(graph, seconds, Path(tmp), choose_workers=False, policy=policy)
                         one_makespan = one.makespan
                         rows.append(describe("one GPU per node", machines, "Ray Tune", one, graph, work1, None))
                         print(" | ".join(str(v) for v in rows[-1]), flush=True)
-                    if "widths" in args.ray_schedules:
-                        wide = run_on_ray(graph, seconds, Path(tmp), widths=True, policy=policy)
-                        rows.append(describe("**widths**", machines, "Ray Tune", wide, graph, work1, one_makespan))
+                    if "workers" in args.ray_schedules:
+                        wide = run_on_ray(graph, seconds, Path(tmp), choose_workers=True, policy=policy)
+                        rows.append(describe("**chosen workers**", machines, "Ray Tune", wide, graph, work1, one_makespan))
                         print(" | ".join(str(v) for v in rows[-1]), flush=True)
             finally:
                 ray.shutdown()
                 cluster.shutdown()
     print()
     print(markdown_table(HEADERS, rows))
-    print("\ntargets (widths, 4×8): ≤ 1.2 × the bound at widths, ≥ 3× the one-GPU schedule, GPUs held ≥ 60 %")
+    print("\ntargets (chosen workers, 4×8): ≤ 1.2 × the bound at chosen workers, ≥ 3× the one-GPU schedule, GPUs held ≥ 60 %")
     return 0
 
 

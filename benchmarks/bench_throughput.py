@@ -4,7 +4,7 @@ occkd side: ``occkd_core.training._run_epoch``, the loop every stage trains with
 rows gathered from the memory-mapped Arrow store, uint8 batch to the device, resize, occlusion,
 normalisation and flips there, the strategy's loss, the optimiser step, the finiteness check, and the
 epoch's train metrics from the collected outputs.
-Bare side: the same architecture, width, optimiser and loss, on float tensors already at the input size
+Bare side: the same architecture, channel width multiplier, optimiser and loss, on float tensors already at the input size
 in memory (prepared once, outside the timing): forward, loss, zero_grad, backward, step.
 A third loop, occkd's with the input path swapped for the bare loop's tensors, shows what the loop's
 own bookkeeping costs; "input path ms/batch" times the input path alone.
@@ -90,7 +90,7 @@ def stage_spec(setting: Setting) -> StageSpec:
     preset = load_preset(setting.size)
     arch = preset.arch(setting.arch)
     info = get_task(setting.task)
-    return StageSpec(task=setting.task, arch=setting.arch, strategy="student", train_visible=info.main_visible,
+    return StageSpec(task=setting.task, arch=setting.arch, stage="student", train_visible=info.main_visible,
                      input_size=arch.input_size, width_mult=arch.width_mult,
                      train=preset.train_spec(setting.task, setting.arch, "student"), dropout=arch.dropout)
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if "paper" in sizes and device.type != "cuda":
-        parser.error("--sizes paper (224 px, full width) needs a GPU: pass --device cuda on a machine with one")
+        parser.error("--sizes paper (224 px, full channel width) needs a GPU: pass --device cuda on a machine with one")
     settings = load_settings(sizes, [a.strip() for a in args.archs.split(",")], args.cache, args.data_root)
     print(machine_line())
     print(f"device {device}, {args.threads} CPU thread(s), student stage, {args.rounds} rounds of timed runs "

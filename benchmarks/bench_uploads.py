@@ -1,6 +1,6 @@
 """Does the scheduler wait for MLflow uploads? The driver's Tune callback records each sealed node; the
 next node is handed out only when the callback returns. Before, it uploaded the node's files (a ResNet-50
-``best.pt`` is ~95 MB at full width, VGG-face's ~60 MB) inside the callback; now a background thread does.
+``best.pt`` is ~95 MB at full channel width, VGG-face's ~60 MB) inside the callback; now a background thread does.
 
 On a real ``mlflow server`` over HTTP (its artifacts proxied to local disk), a chain of training nodes with
 checkpoints of the papers' sizes is recorded two ways with the same :class:`grid.tracking.Tracker`:
@@ -66,8 +66,8 @@ def record_chain(uri: str, graph, nodes, *, inline: bool) -> dict[str, float]:
     started = time.perf_counter()
     for node, directory, _ in nodes:
         result = TrainNodeResult(
-            key=node.key, hash=node.hash, strategy=node.strategy, metrics={"best_epoch": 1, "val_score": 70.0},
-            scores=(ScoreRow(model=node.strategy, test_set="test", visible="full", metric="accuracy", value=70.0),),
+            key=node.key, hash=node.hash, stage=node.stage, metrics={"best_epoch": 1, "val_score": 70.0},
+            scores=(ScoreRow(model=node.stage, test_set="test", visible="full", metric="accuracy", value=70.0),),
             val_score=70.0, best_epoch=1, epochs_run=1, max_epochs=1, seconds=1.0, history=(), placement={},
             timing=TrainTiming(started_at=0.0, first_step_at=0.1, last_step_at=0.9, finished_at=1.0))
         tracker.start_node(node)

@@ -15,7 +15,7 @@ Parts, in the order they run (``--parts`` picks some):
    DistributedDataParallel for a few of the training loop's steps (``train_stage`` itself wraps only at
    world size > 1).
 2. ``throughput``: occkd's training loop against a bare PyTorch loop (``benchmarks/bench_throughput.py``'s
-   measurement) at the ``paper`` sizes, 224 px and full width, bf16 autocast and channels_last, VGG-f,
+   measurement) at the ``paper`` sizes, 224 px and full channel width, bf16 autocast and channels_last, VGG-f,
    VGG-face and ResNet-50 on UTKFace; img/s and their ratio (target >= 0.90).
 3. ``chain``: the ``mid`` preset's chain for gender on the UTKFace faces with ``occkd_core`` alone:
    teacher -> student -> every later stage of the core's registry (standard KD, triplet KD) and each one's
@@ -34,7 +34,7 @@ guard: past it no epoch, stage, fusion or architecture starts, and the tables sa
 bounds is printed first, and the chain's estimate is refined from the measured 224 px throughput.
 
 Without a GPU the same command runs a reduced CPU version, ~30 s of CPU time (tests/test_gpu_check.py runs
-it): the smoke preset's sizes (32-48 px, 1/8 width) for both the throughput and the chain, 240 faces,
+it): the smoke preset's sizes (32-48 px, 1/8 channel width) for both the throughput and the chain, 240 faces,
 1 epoch per stage, the first point of each grid, gloo instead of NCCL, fp32 without channels_last, and no
 SyncBatchNorm (PyTorch's is GPU-only). Every output says which it was.
 """
@@ -95,12 +95,12 @@ class Mode:
 
 GPU_MODE = Mode(True, max_faces=None, max_epochs=None, grid_points=None, tp_seconds=1.0, tp_rounds=5, budget_s=450,
                 throughput_size="paper",
-                description="GPU: paper sizes (224 px, full width) for the throughput, the mid preset for the "
+                description="GPU: paper sizes (224 px, full channel width) for the throughput, the mid preset for the "
                             "chain, bf16 autocast, channels_last, NCCL")
 CPU_MODE = Mode(False, max_faces=240, max_epochs=1, grid_points=1, tp_seconds=0.1, tp_rounds=1, budget_s=120,
                 throughput_size="smoke",
                 description="CPU, a REDUCED setting that only shows the check runs: smoke sizes (32-48 px, 1/8 "
-                            "width) for the throughput and the chain, 240 faces, 1 epoch per stage, first grid "
+                            "channel width) for the throughput and the chain, 240 faces, 1 epoch per stage, first grid "
                             "point; fp32 without autocast or channels_last; gloo instead of NCCL; no SyncBatchNorm")
 
 
@@ -263,7 +263,7 @@ def check_ddp_and_resume(data: FaceData, preset: Preset, task: str, arch: str, d
         settings, info = preset.arch(arch), get_task(task)
         teacher = stage_starting_from("weights")
         train = replace(preset.train_spec(task, arch, teacher), epochs=1)
-        spec = StageSpec(task=task, arch=arch, strategy=teacher, train_visible="full", input_size=settings.input_size,
+        spec = StageSpec(task=task, arch=arch, stage=teacher, train_visible="full", input_size=settings.input_size,
                          width_mult=settings.width_mult, train=train, dropout=settings.dropout)
         first = train_stage(spec, data, out, device=device)
         seen: list[int] = []

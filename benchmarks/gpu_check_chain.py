@@ -184,7 +184,7 @@ def _run_arch(arch: str, task: TaskInfo, data: FaceData, settings: ChainSettings
                 continue
             if settings.max_epochs is not None:
                 train = replace(train, epochs=min(train.epochs, settings.max_epochs))
-            spec = StageSpec(task=settings.task, arch=arch, strategy=name,
+            spec = StageSpec(task=settings.task, arch=arch, stage=name,
                              train_visible="full" if name == teacher_stage else main,
                              input_size=arch_settings.input_size, width_mult=arch_settings.width_mult, train=train,
                              dropout=arch_settings.dropout)  # seed 0: the grid's first seed

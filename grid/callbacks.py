@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray import tune
 
@@ -17,8 +17,11 @@ from grid.tracking import Tracker
 
 class GridCallback(tune.Callback):
     def __init__(self, graph: StageGraph, tracker: Tracker, progress: Progress, storage: Path,
-                 results: dict[str, NodeResult], failed: dict[str, str], interrupts: Any = None) -> None:
+                 results: dict[str, NodeResult], failed: dict[str, str], interrupts: Any = None,
+                 workers_note: Callable[[str], str | None] = lambda key: None) -> None:
         self.graph, self.tracker, self.progress = graph, tracker, progress
+        # Why a node got its DDP workers (grid.searcher.DependencySearcher.workers_note): the driver's own record.
+        self.workers_note = workers_note
         self.storage, self.results, self.failed = storage, results, failed
         self.interrupts = interrupts  # grid.interrupts.Interrupts: set once the driver got SIGINT / SIGTERM
         self.interrupted: list[str] = []  # nodes stopped by it
@@ -29,7 +32,7 @@ class GridCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         node = self._node(trial)
-        self.tracker.start_node(node)
+        self.tracker.start_node(node, workers_choice=self.workers_note(node.key))
         self.progress.set_state(node.key, "running")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

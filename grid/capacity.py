@@ -21,11 +21,12 @@ from grid.graph import Resources
 
 
 def resolve_ray_train(mode: str, shape: "ClusterShape") -> str:
-    """``auto`` (the default): every training node through Ray Train on a cluster that has or can add GPUs,
-    inside its trial on a CPU-only one (there a worker group costs more to start than a small node
-    trains; nodes with several workers still use Train). ``always`` / ``multi`` force either way."""
+    """``auto`` (the default): every training node through Ray Train on a cluster that has or can add GPUs
+    (``always``); on a CPU-only one ``multi-worker-only``: only nodes with several DDP workers go through Ray
+    Train, a one-worker node trains inside its trial (there a worker group costs more to start than a small
+    node trains). ``always`` / ``multi-worker-only`` force either way."""
     if mode == "auto":
-        return "always" if shape.can_have_gpus else "multi"
+        return "always" if shape.can_have_gpus else "multi-worker-only"
     return mode
 
 
@@ -43,7 +44,8 @@ class ClusterShape:
 
 
 def read_node_types(config_path: Path) -> dict[str, tuple[dict[str, float], int]]:
-    """Node type -> (resources, max_workers) from a Ray cluster-launcher config (``available_node_types``):
+    """Node type -> (resources, max_nodes) from a Ray cluster-launcher config (``available_node_types``; Ray
+    calls the most nodes of a type ``max_workers``, machines the autoscaler may launch, not DDP workers):
     the file ``ray up`` leaves on the head as ~/ray_bootstrap_config.yaml, or the one given to
     ``ray start --autoscaling-config``."""
     import yaml
@@ -108,12 +110,12 @@ class ClusterCapacity:
     """Whether one more node fits the cluster, next to the nodes already running.
 
     The room is the live nodes (re-read at most every ``refresh_s`` seconds, so nodes that join or leave
-    change it) plus, per autoscaler node type, the nodes it may still launch (``max_workers`` less the
+    change it) plus, per autoscaler node type, the nodes it may still launch (its ``max_nodes`` less the
     live nodes of that type, matched by their CPU/GPU totals). The bundles of the running nodes, in the
     order they were handed out, then the candidate's, are placed where Ray would place them
     (:func:`ray_like_choice`): a candidate is admitted only if all fit. Ray places the bundles itself; the
     model only keeps Tune from launching trials whose Train workers could not be placed (they would wait,
-    as they did on a 2-core machine), and tells the width rule how many GPUs one machine has free.
+    as they did on a 2-core machine), and tells the DDP worker rule how many GPUs one machine has free.
     """
 
     def __init__(self, node_types: Mapping[str, tuple[Mapping[str, float], int]] | None = None,
@@ -131,9 +133,9 @@ class ClusterCapacity:
         if time.monotonic() - self._read_at >= self.refresh_s:
             live = [dict(n) for n in self.read_nodes()]
             launchable = []
-            for resources, max_workers in self.node_types.values():
+            for resources, max_nodes in self.node_types.values():
                 same = sum(1 for n in live if all(n.get(k, 0.0) == resources.get(k, 0.0) for k in ("CPU", "GPU")))
-                launchable += [{k: resources.get(k, 0.0) for k in ("CPU", "GPU")}] * max(0, max_workers - same)
+                launchable += [{k: resources.get(k, 0.0) for k in ("CPU", "GPU")}] * max(0, max_nodes - same)
             self._room, self._launchable, self._read_at = live + launchable, len(launchable), time.monotonic()
         return self._room
 

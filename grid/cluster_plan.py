@@ -19,7 +19,7 @@ class ClusterPlan:
     graph: StageGraph
     shape: Any  # grid.capacity.ClusterShape
     node_types: Mapping[str, Any] | None
-    ray_train: str  # resolved: "always" or "multi"
+    ray_train: str  # resolved: "always" or "multi-worker-only"
     lines: tuple[str, ...]  # what the grid says about the cluster in its first lines
 
 
@@ -69,7 +69,8 @@ def plan_cluster(spec: GridSpec, graph: StageGraph, *, connect: bool) -> Cluster
     ray_train = resolve_ray_train(spec.ray_train, shape)
     can_add = (f" (the autoscaler may grow it to {shape.potential['CPU']:g} CPUs, {shape.potential['GPU']:g} GPUs)"
                if node_types else "")
-    where = {"always": "as Ray Train workers", "multi": "inside their trials (multi-worker nodes: Ray Train)"}
+    where = {"always": "as Ray Train workers",
+             "multi-worker-only": "inside their trials (multi-worker nodes: Ray Train)"}
     lines = [f"{'running on Ray' if connect else 'planned for this machine'}: {now.get('CPU', 0):g} CPUs, "
              f"{now.get('GPU', 0):g} GPUs{can_add}; training nodes run {where[ray_train]}"]
     if any(r.gpus for r in wanted.values()) and not shape.can_have_gpus:
@@ -83,7 +84,7 @@ def plan_cluster(spec: GridSpec, graph: StageGraph, *, connect: bool) -> Cluster
             lines.append(f"resources.{owner}.cpus: {request.cpus:g} is more than any node has: its nodes ask for "
                          f"{fits[owner].cpus:g} CPUs (the largest node's)")
     machine_gpus = max((n.get("GPU", 0.0) for n in shape.nodes), default=0.0)
-    if spec.widths == "auto" and machine_gpus >= 2 and any(n.resources.gpus for n in fitted.nodes.values()):
-        lines.append(f"widths: each GPU training node gets 1 to {machine_gpus:g} GPUs (DDP workers) as it starts, "
-                     "more for the chains that bound the makespan (--widths preset: the preset's workers)")
+    if spec.ddp_workers == "auto" and machine_gpus >= 2 and any(n.resources.gpus for n in fitted.nodes.values()):
+        lines.append(f"DDP workers: each GPU training node gets 1 to {machine_gpus:g} (one GPU each) as it starts, "
+                     "more for the chains that bound the makespan (--ddp-workers preset: the preset's workers)")
     return ClusterPlan(graph=fitted, shape=shape, node_types=node_types, ray_train=ray_train, lines=tuple(lines))

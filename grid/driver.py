@@ -178,7 +178,7 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
     from grid.capacity import ClusterCapacity, max_concurrency
     from grid.searcher import DependencySearcher, RunSettings
     from grid.trials import run_node_trial
-    from grid.widths import WidthPolicy
+    from grid.ddp_workers import WorkersPolicy
 
     init_ray(spec.ray_address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              configure_logging=True)
@@ -196,10 +196,12 @@ def run_on_ray(spec: GridSpec, graph: StageGraph, to_run: list[str], results: di
                            train_max_failures=spec.max_failures, machine_gpus=machine_gpus, code=code_fingerprint(),
                            plugins=spec.preset.plugins)
     outcome = RayOutcome(graph=graph, started_at=time.time())
-    widths = WidthPolicy(machine_gpus=int(machine_gpus)) if spec.widths == "auto" and machine_gpus >= 1 else None
+    workers_policy = (WorkersPolicy(machine_gpus=int(machine_gpus)) if spec.ddp_workers == "auto" and machine_gpus >= 1
+                      else None)
     searcher = DependencySearcher(graph, to_run, set(results), settings, capacity=ClusterCapacity(plan.node_types),
-                                  widths=widths)
-    callback = GridCallback(graph, tracker, progress, spec.storage, results, outcome.failed, interrupts)
+                                  workers_policy=workers_policy)
+    callback = GridCallback(graph, tracker, progress, spec.storage, results, outcome.failed, interrupts,
+                            workers_note=searcher.workers_note)
     tuner = tune.Tuner(
         tune.with_resources(run_node_trial, resources=trial_resources),
         # reuse_actors: a trial process (Ray worker, torch and the data libraries imported) runs the

@@ -1,7 +1,7 @@
 """The report's figures, PNGs beside ``report.md`` (and logged to MLflow with it).
 
 - Per task and test set: our number for each model on the students' half beside the papers' number for the
-  same network and strategy, with the significance marks of the report's tables (``†`` the papers' rule,
+  same network and stage, with the significance marks of the report's tables (``†`` the papers' rule,
   ``*`` Holm-corrected better, ``‡`` / ``×`` the same two for worse).
 - Per task: the learning curves of each chain (teacher → student → distilled students), the validation
   metric per epoch of the node the report's table uses (the grid point chosen on validation).
@@ -127,11 +127,11 @@ def chain_keys(graph: StageGraph, results: Mapping[str, NodeResult], task: str, 
         result = results.get(key)
         if (node.task, node.arch, node.seed) != (task, arch, seed) or not isinstance(result, TrainNodeResult):
             continue
-        if node.strategy in (*distilled_stages(), *control_stages()) and selected:
+        if node.stage in (*distilled_stages(), *control_stages()) and selected:
             if key in selected:
-                chosen[node.strategy] = key
-        elif node.strategy not in chosen or result.val_score > best[node.strategy]:
-            chosen[node.strategy], best[node.strategy] = key, result.val_score
+                chosen[node.stage] = key
+        elif node.stage not in chosen or result.val_score > best[node.stage]:
+            chosen[node.stage], best[node.stage] = key, result.val_score
     return chosen
 
 
@@ -157,10 +157,10 @@ def curves_figure(graph: StageGraph, results: Mapping[str, NodeResult], task: st
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.6, 3.3), squeeze=False)
     order = {s: i for i, s in enumerate(figure_models())}
     for ax, (arch, lines) in zip(axes[0], panels):
-        for node, history in sorted(lines, key=lambda line: order.get(line[0].strategy, 99)):
+        for node, history in sorted(lines, key=lambda line: order.get(line[0].stage, 99)):
             points = [(p.epoch, p.val_metrics[metric]) for p in history if metric in p.val_metrics]
             ax.plot(*zip(*points), marker="o", markersize=3,
-                    label=f"{node.strategy.replace('_', ' ')} ({node.train_faces})")
+                    label=f"{node.stage.replace('_', ' ')} ({node.train_faces})")
         ax.set_title(arch)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -1,4 +1,4 @@
-"""The stage graph: tasks × architectures × strategies × hyperparameters × seeds, with dependency edges.
+"""The stage graph: tasks × architectures × stages × hyperparameters × seeds, with dependency edges.
 
 Per task × architecture × seed (spec §5): teacher (full faces) → main student and ablation student →
 standard KD and triplet KD, each from the main student, one node per point of the preset's grid, and
@@ -31,7 +31,7 @@ from occkd_core.training import StageSpec
 GRAPH_VERSION = 3
 # 3: VGG-f's published LRN (k = 2, α = 5e-4); a stage's identity holds only the loss settings it reads (the
 #    hint KD nodes lost τ and τ²); the main student saves its embeddings (fusion's student_svm); dropout is
-#    seeded per rank and epoch, and no rows are dropped at width > 1; triplet KD visits its rows in a new order;
+#    seeded per rank and epoch, and no rows are dropped with > 1 DDP worker; triplet KD visits its rows in a new order;
 #    fusion's linear SVM is one-vs-rest liblinear and its linear ε-SVR centres ages; age verdicts follow the ranks.
 
 #: The node of the student trained on the other half: never distilled (spec §1, §15 #33).
@@ -39,7 +39,7 @@ ABLATION_SUFFIX = "_ablation"
 
 
 def node_order() -> tuple[str, ...]:
-    """Every node strategy in curriculum order, from the stage registry (progress lines, reports)."""
+    """Every node stage in curriculum order, from the stage registry (progress lines, reports)."""
     student = stage_starting_from("teacher")
     names: list[str] = []
     for name, stage in STAGES.items():
@@ -55,12 +55,13 @@ class Resources:
     cpus: float = 1.0
     gpus: float = 0.0
     workers: int = 1  # >1: a Ray Train worker group with DDP, each worker with `gpus` GPUs
-    # The widest the grid may make a GPU node (grid.widths): 0 = up to one machine's GPUs; equal to
-    # ``workers`` = fixed at ``workers``. Not part of any hash: the width does not change the training.
-    max_workers: int = 0
+    # The most DDP workers the grid may give a GPU node (grid.ddp_workers): 0 = up to one machine's GPUs;
+    # equal to ``workers`` = fixed at ``workers``. Not part of any hash: the worker count does not change the
+    # training.
+    max_ddp_workers: int = 0
 
     def as_dict(self) -> dict[str, float]:
-        return {"cpus": self.cpus, "gpus": self.gpus, "workers": self.workers, "max_workers": self.max_workers}
+        return {"cpus": self.cpus, "gpus": self.gpus, "workers": self.workers, "max_ddp_workers": self.max_ddp_workers}
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Node:
     kind: str  # "train" | "fusion" | "significance"
     task: str
     arch: str | None
-    strategy: str  # a stage of occkd_core.stages (or a control), student_ablation, fusion, significance (node_order())
+    stage: str  # a stage of occkd_core.stages (or a control), student_ablation, fusion, significance (node_order())
     train_faces: str  # full | lower | upper | full+lower | full+upper (spec §0 codes)
     seed: int
     # The resolved spec as plain data (hashed): StageSpec.to_dict() for training nodes, FusionSpec /
@@ -131,7 +132,7 @@ class StageGraph:
     @property
     def identity(self) -> str:
         """The grid's content hash: the same nodes (each with its content hash) give the same identity,
-        whatever the resources, widths or invocation. MLflow keeps one parent run per identity."""
+        whatever the resources, DDP workers or invocation. MLflow keeps one parent run per identity."""
         return _hash({"nodes": sorted(n.hash for n in self.nodes.values())})
 
     def descendants(self, key: str) -> set[str]:
@@ -210,7 +211,9 @@ class _GraphBuilder:
         self.nodes: dict[str, Node] = {}
 
     def add(self, node: Node) -> Node:
-        payload = {"version": GRAPH_VERSION, "kind": node.kind, "strategy": node.strategy, "params": node.params,
+        # "strategy": the stage's first name, kept in the hashed payload (and in params, StageSpec.to_dict):
+        # renaming the key would change every hash and re-run every sealed node on users' storage.
+        payload = {"version": GRAPH_VERSION, "kind": node.kind, "strategy": node.stage, "params": node.params,
                    "parents": [self.nodes[p].hash for p in node.parent_keys],
                    "data": self.data_fingerprints[node.task]}
         if node.init:
@@ -231,13 +234,15 @@ class _GraphBuilder:
         settings = preset.arch(arch)
         per_image = get_architecture(arch).cost * (settings.input_size / 224) ** 2 * settings.width_mult ** 2
 
-        def train_node(strategy: str, stage: str, visible: str, faces: str, parents: tuple[Edge, ...],
+        def train_node(name: str, stage: str, visible: str, faces: str, parents: tuple[Edge, ...],
                        spec: TrainSpec, point: Mapping[str, Any], init: Mapping[str, Any] | None = None) -> Node:
-            stage_spec = StageSpec(task=task, arch=arch, strategy=stage, train_visible=visible,
+            """A node called ``name`` (its key's stage part: the ablation student is its own) that trains
+            the registry's ``stage``."""
+            stage_spec = StageSpec(task=task, arch=arch, stage=stage, train_visible=visible,
                                    input_size=settings.input_size, width_mult=settings.width_mult, train=spec,
                                    seed=seed, dropout=settings.dropout)
-            return self.add(Node(key=f"{task}/{arch}/{strategy}{_grid_suffix(point)}{suffix}", kind="train",
-                                 task=task, arch=arch, strategy=strategy, train_faces=faces, seed=seed,
+            return self.add(Node(key=f"{task}/{arch}/{name}{_grid_suffix(point)}{suffix}", kind="train",
+                                 task=task, arch=arch, stage=name, train_faces=faces, seed=seed,
                                  params=stage_spec.to_dict(), parents=parents, resources=self.resources[arch],
                                  cost=spec.epochs * self.train_sizes[task] * per_image * get_stage(stage).cost,
                                  grid_point=dict(point), init=dict(init or {})))
@@ -251,22 +256,22 @@ class _GraphBuilder:
         train_node(second + ABLATION_SUFFIX, second, info.ablation_visible, info.ablation_visible, from_teacher,
                    student_spec, {})
         distilled: list[Edge] = []
-        for strategy in (s for s in distilled_stages() if preset.has_stage(task, arch, s)):
-            specs = preset.grid(task, arch, strategy)
+        for stage in (s for s in distilled_stages() if preset.has_stage(task, arch, s)):
+            specs = preset.grid(task, arch, stage)
             for spec, point in zip(specs, _grid_points(specs)):
-                node = train_node(strategy, strategy, info.main_visible, f"full+{info.main_visible}",
+                node = train_node(stage, stage, info.main_visible, f"full+{info.main_visible}",
                                   (*from_teacher, Edge("student", main.key)), spec, point)
-                distilled.append(Edge(strategy, node.key))
-        for strategy in (s for s in control_stages() if preset.controls and preset.has_stage(task, arch, s)):
-            specs = preset.grid(task, arch, strategy)  # the distilled stage's points, teacher settings dropped
+                distilled.append(Edge(stage, node.key))
+        for stage in (s for s in control_stages() if preset.controls and preset.has_stage(task, arch, s)):
+            specs = preset.grid(task, arch, stage)  # the distilled stage's points, teacher settings dropped
             for spec, point in zip(specs, _grid_points(specs)):
-                node = train_node(strategy, strategy, info.main_visible, info.main_visible,
+                node = train_node(stage, stage, info.main_visible, info.main_visible,
                                   (Edge("student", main.key),), spec, point)
-                distilled.append(Edge(strategy, node.key))
+                distilled.append(Edge(stage, node.key))
         fusion_spec = FusionSpec(Cs=preset.fusion_Cs, visible=info.main_visible, kind=info.kind,
                                  svr_kernels=preset.svr_kernels if info.kind == "regression" else None)
         fusion = self.add(Node(key=f"{task}/{arch}/fusion{suffix}", kind="fusion", task=task, arch=arch,
-                               strategy="fusion", train_faces=f"full+{info.main_visible}", seed=seed,
+                               stage="fusion", train_faces=f"full+{info.main_visible}", seed=seed,
                                params=fusion_spec.to_dict(),
                                parents=(Edge("student", main.key), *distilled), resources=self.resources["fusion"],
                                cost=self.train_sizes[task] * 1e-3))
@@ -276,7 +281,7 @@ class _GraphBuilder:
         """The task's comparisons of every network's distilled and fused models with its student (spec §12)."""
         students, fusions = [student for student, _ in chains], [fusion for _, fusion in chains]
         self.add(Node(key=f"{task}/significance{suffix}", kind="significance", task=task, arch=None,
-                      strategy="significance", train_faces="-", seed=seed,
+                      stage="significance", train_faces="-", seed=seed,
                       params=SignificanceSpec(visible=get_task(task).main_visible).to_dict(),
                       parents=(*students, *fusions), resources=self.resources["significance"], cost=1.0))
 
@@ -300,15 +305,15 @@ def teacher_init(preset: Preset, task: str, arch: str, weights: Mapping[str, Wei
 
 def default_resources(preset: Preset, archs: Iterable[str]) -> dict[str, Resources]:
     """Per-architecture resources from the preset's ``resources`` section (CPU-only defaults). An entry that
-    sets ``workers`` without ``max_workers`` fixes the width there; one that sets neither lets the grid
-    choose it (``max_workers`` 0)."""
+    sets ``workers`` without ``max_ddp_workers`` fixes the DDP worker count there; one that sets neither lets
+    the grid choose it (``max_ddp_workers`` 0)."""
     table = dict(preset.resources)
 
     def arch_resources(entry: Mapping[str, float]) -> Resources:
         workers = int(entry.get("workers", 1))
-        max_workers = int(entry.get("max_workers", workers if "workers" in entry else 0))
+        max_ddp_workers = int(entry.get("max_ddp_workers", workers if "workers" in entry else 0))
         return Resources(cpus=float(entry.get("cpus", 1.0)), gpus=float(entry.get("gpus", 0.0)), workers=workers,
-                         max_workers=max_workers)
+                         max_ddp_workers=max_ddp_workers)
 
     out = {arch: arch_resources(table.get(arch, {})) for arch in archs}
     out["fusion"] = arch_resources(table.get("fusion", {}))
@@ -316,14 +321,14 @@ def default_resources(preset: Preset, archs: Iterable[str]) -> dict[str, Resourc
     return out
 
 
-def describe_graph(graph: StageGraph, ray_train: str = "multi") -> str:
+def describe_graph(graph: StageGraph, ray_train: str = "multi-worker-only") -> str:
     """A readable listing of the graph for ``--dry-run``: per node its hash, the resources it asks for (as
     given: grid.cluster_plan fits them to the cluster first), whether it trains through Ray Train under the resolved
-    ``ray_train`` mode ("always" or "multi"), and its parents."""
+    ``ray_train`` mode ("always" or "multi-worker-only"), and its parents."""
     lines = []
     counts: dict[str, int] = {}
     for node in graph.nodes.values():
-        counts[node.strategy] = counts.get(node.strategy, 0) + 1
+        counts[node.stage] = counts.get(node.stage, 0) + 1
         res = node.resources
         gpu = f" gpu={res.gpus:g}" if res.gpus else ""
         workers = f" workers={res.workers}" if res.workers > 1 else ""

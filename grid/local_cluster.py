@@ -45,18 +45,19 @@ MLFLOW = str(Path(sys.executable).with_name("mlflow")) if Path(sys.executable).w
 
 
 def fake_cluster_config(source: Path = REPO / "cluster.yaml", *, head_cpus: int = 1,
-                        max_workers: int = 2) -> dict[str, Any]:
+                        max_nodes: int = 2) -> dict[str, Any]:
     """A config for Ray's fake multi-node provider with the worker node types of ``source`` (the project's
-    cluster.yaml: the same names and resources, at ``min_workers: 0``, at most ``max_workers`` each), and
+    cluster.yaml: the same names and resources, at ``min_workers: 0``, at most ``max_nodes`` of each: Ray's
+    own key for it is ``max_workers``, a count of machines, not of DDP workers), and
     a head of ``head_cpus`` CPUs (the provider names it ``ray.head.default``). Resources are logical: a
     48-CPU, 4-GPU worker type is a raylet that schedules as one. ``disable_node_updaters``: the
     provider's nodes cannot be re-tagged, so the updater would mark every launch failed."""
     cloud = yaml.safe_load(Path(source).read_text())
     workers = {name: {"resources": dict(spec.get("resources") or {}), "node_config": {},
-                      "min_workers": 0, "max_workers": min(max_workers, int(spec.get("max_workers", max_workers)))}
+                      "min_workers": 0, "max_workers": min(max_nodes, int(spec.get("max_workers", max_nodes)))}
                for name, spec in cloud["available_node_types"].items() if name != cloud["head_node_type"]}
     return {
-        "cluster_name": "occkd-local", "max_workers": max_workers * len(workers), "upscaling_speed": 1.0,
+        "cluster_name": "occkd-local", "max_workers": max_nodes * len(workers), "upscaling_speed": 1.0,
         "idle_timeout_minutes": 1,
         "provider": {"type": "fake_multinode", "disable_node_updaters": True, "disable_launch_config_check": True},
         "auth": {"ssh_user": "ubuntu"},
@@ -226,11 +227,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the cluster config, MLflow store and grid storage go")
     parser.add_argument("--cluster-yaml", type=Path, default=REPO / "cluster.yaml",
                         help="the cloud config whose worker node types the local cluster copies")
-    parser.add_argument("--max-workers", type=int, default=2, help="nodes of each worker type the autoscaler may launch")
+    parser.add_argument("--max-nodes", type=int, default=2,
+                        help="nodes of each worker type the autoscaler may launch (Ray's max_workers)")
     parser.add_argument("--preset", default="smoke", help="the grid's preset (built-in name or YAML path)")
     parser.add_argument("--gpus", type=float, default=4,
                         help="GPUs each training node asks for (4: a whole cluster.yaml worker; 0: the preset's own)")
     args, grid_args = parser.parse_known_args(argv)
+    if any(arg.split("=")[0] == "--max-workers" for arg in grid_args):  # the grid would refuse it, but only later
+        parser.error("--max-workers is now --max-nodes (nodes of each worker type the autoscaler may launch)")
     if not grid_args:
         grid_args = ["--tasks", "gender", "--archs", "vggf"]
     from occkd_core.presets import load_preset
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     grid_args += ["--preset", str(gpu_preset(args.preset, args.gpus, workdir))]
-    config = fake_cluster_config(args.cluster_yaml, max_workers=args.max_workers)
+    config = fake_cluster_config(args.cluster_yaml, max_nodes=args.max_nodes)
     if ray_is_running():
         print("error: a Ray cluster already runs on this machine; stop it first (ray stop) or run the grid on it "
               "with --ray-address auto", file=sys.stderr)

@@ -105,35 +105,36 @@ def node_note(node: Node, storage: str) -> str:
     """A node run's description in the MLflow UI: what it is, what it starts from, where its files are."""
     parents = ", ".join(f"{edge.role} `{edge.key}`" for edge in node.parents) or "none"
     faces = f", trained on {node.train_faces} faces" if node.kind == "train" else ""
-    return (f"`{node.key}`: {node.strategy.replace('_', ' ')} ({node.kind} node){faces}. Parents: {parents}. "
+    return (f"`{node.key}`: {node.stage.replace('_', ' ')} ({node.kind} node){faces}. Parents: {parents}. "
             f"Content hash `{node.hash}`; its sealed outputs are in `{StorageLayout(Path(storage or '.')).node(node.hash)}`.")
 
 
-def metric_name(row: ScoreRow, node_strategy: str) -> str:
+def metric_name(row: ScoreRow, node_stage: str) -> str:
     """A score row's MLflow name: ``test_lower_accuracy`` for the node's own model,
     ``standard_kd_svm_test_affectnet_lower_accuracy`` for another model of the node (fusion's variants)."""
-    prefix = "" if row.model == node_strategy else f"{row.model}_"
+    prefix = "" if row.model == node_stage else f"{row.model}_"
     return f"{prefix}{row.test_set}_{row.visible}_{row.metric}"
 
 
-def result_metrics(result: NodeResult, node_strategy: str, record: DataRecord | None, *, timestamp: int,
+def result_metrics(result: NodeResult, node_stage: str, record: DataRecord | None, *, timestamp: int,
                    model_id: str | None = None) -> list[Metric]:
     """A sealed node's numbers as MLflow metrics: its own figures (best epoch, validation score, chosen C)
     linked to the validation split, each test score to its test set; all linked to its logged model, if any."""
     metrics = [Metric(name, float(value), timestamp, 0, model_id=model_id, **dataset_link(record, "val"))
                for name, value in result.metrics.items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)]
-    return metrics + [Metric(metric_name(row, node_strategy), float(row.value), timestamp, 0, model_id=model_id,
+    return metrics + [Metric(metric_name(row, node_stage), float(row.value), timestamp, 0, model_id=model_id,
                              **dataset_link(record, row.test_set)) for row in result.scores]
 
 
 def placement_tags(placement: Mapping[str, Any] | None) -> list[RunTag]:
     """Where a training node ran, as run tags: which Ray node, GPUs and workers, through Ray Train or not, and
-    the epoch Ray Train resumed it from after restarting its workers (none for the other kinds)."""
+    the epoch Ray Train resumed it from after restarting its workers (none for the other kinds). Why it got
+    those workers is tagged when its run opens (``occkd.workers_choice``): the driver chose them."""
     if not placement:
         return []
     tags = [RunTag(f"occkd.{key}", str(placement.get(key)))
-            for key in ("ray_node", "device", "workers", "ray_train", "width") if key in placement]
+            for key in ("ray_node", "device", "workers", "ray_train") if key in placement]
     tags.append(RunTag("occkd.gpu_ids", ",".join(placement.get("gpu_ids", [])) or "-"))
     if placement.get("resumed_from_epoch") is not None:
         tags.append(RunTag("occkd.resumed_from_epoch", str(placement["resumed_from_epoch"])))
@@ -163,7 +164,7 @@ def stage_model(folder: Path, node: Node, checkpoint: Path) -> None:
     except OSError:
         shutil.copyfile(checkpoint, target)
     (folder / "occkd_model.json").write_text(json.dumps({
-        "node": node.key, "node_hash": node.hash, "task": node.task, "arch": node.arch, "strategy": node.strategy,
+        "node": node.key, "node_hash": node.hash, "task": node.task, "arch": node.arch, "strategy": node.stage,
         "train_faces": node.train_faces, "checkpoint": "best.pt",
         "load": "from occkd_core.checkpoints import load_model; model, info = load_model('best.pt')  "
                 "# torch.load(weights_only=True): a state dict and the model spec, no pickled code; "

@@ -101,7 +101,7 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
     started = time.perf_counter()
     started_at = started_at or time.time()
     spec = StageSpec.from_dict(node.params)
-    stage = get_stage(spec.strategy)  # where it starts and whether the teacher runs beside it
+    stage = get_stage(spec.stage)  # where it starts and whether the teacher runs beside it
     data = open_face_store(data_path)
     out = fresh_node_dir(storage, node.hash) if is_writer else node_dir(storage, node.hash)
     if is_writer and placement:  # where the node runs now (rewritten on every restart), before it seals
@@ -128,8 +128,8 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
     files = [checkpoint_file(), PREDICTIONS_FILE, TEST_PLOT_FILE]
     # Fusion (spec §8) reads the embeddings of the faces they see: the distilled students', their controls'
     # (the control fusion) and the main student's (an SVM on the student's own embedding).
-    with_embeddings = stage.fused or node.strategy == stage_starting_from("teacher")
-    rows, scores, embeddings = _evaluate(model, spec, input_spec, node.strategy, data, device,
+    with_embeddings = stage.fused or node.stage == stage_starting_from("teacher")
+    rows, scores, embeddings = _evaluate(model, spec, input_spec, node.stage, data, device,
                                          with_embeddings=with_embeddings)
     write_predictions(out / PREDICTIONS_FILE, rows)
     for split_name, array in embeddings.items():
@@ -142,7 +142,7 @@ def run_train_node(node: Node, storage: Path, data_path: Path, parents: Sequence
     main_preds = next(p for (ts, _, p) in rows if ts == "test" and p.visible == spec.train_visible)
     save_test_plot(out / TEST_PLOT_FILE, main_preds, spec.task_info.class_names, title=node.key)
     summary = TrainNodeResult(
-        key=node.key, hash=node.hash, strategy=node.strategy,
+        key=node.key, hash=node.hash, stage=node.stage,
         metrics={"best_epoch": result.best_epoch, "val_score": result.best_val_score}, scores=tuple(scores),
         val_score=result.best_val_score, best_epoch=result.best_epoch, epochs_run=len(result.history),
         max_epochs=spec.train.epochs, seconds=time.perf_counter() - started,
@@ -229,7 +229,7 @@ def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequenc
                    task.class_names, title=node.key)
     papers = fitted["fusion"]
     summary = FusionNodeResult(
-        key=node.key, hash=node.hash, strategy="fusion", metrics={"C": papers.C, "val_score": papers.val_score},
+        key=node.key, hash=node.hash, stage="fusion", metrics={"C": papers.C, "val_score": papers.val_score},
         scores=tuple(scores), val_score=papers.val_score, fitted=fitted,
         selected={stage: SelectedNode(key=parent.key, hash=result.hash, val_score=result.val_score)
                   for stage, (parent, result) in chosen.items()},
@@ -297,7 +297,7 @@ def run_significance_node(node: Node, storage: Path, data_path: Path, parents: S
                            significant=verdict.significant_holm, verdict=verdict.verdict_holm)
         comparisons += rows
     atomic_write_bytes(out / COMPARISONS_FILE, json.dumps(comparisons, indent=1, default=float).encode())
-    summary = SignificanceNodeResult(key=node.key, hash=node.hash, strategy="significance",
+    summary = SignificanceNodeResult(key=node.key, hash=node.hash, stage="significance",
                                      comparisons=tuple(comparisons), metrics={}, scores=(),
                                      timing=Timing(started_at=started_at, finished_at=time.time()))
     return write_result(out, summary, [COMPARISONS_FILE])

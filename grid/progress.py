@@ -76,7 +76,7 @@ class Progress:
     def summary_line(self) -> str:
         parts = []
         for stage in node_order():
-            keys = [k for k, n in self.graph.nodes.items() if n.strategy == stage]
+            keys = [k for k, n in self.graph.nodes.items() if n.stage == stage]
             if not keys:
                 continue
             done = sum(self.state[k] in ("done", "skipped") for k in keys)

@@ -2,7 +2,7 @@
 
 Per task, one row per model (architecture × teacher / students / distilled students / fusion / the
 single-embedding SVMs of Table 4) and test faces, the mean (± std over seeds) of our metric, the
-journal's number for the same architecture, strategy, training faces and test faces
+journal's number for the same architecture, stage, training faces and test faces
 (``paper_results.json``, copied from the spec's results file), and the test against the main student
 read two ways: the papers' rule (raw p, † where p < α and the model is better, spec §12) and the
 Holm-corrected verdict over the task's comparisons. Where the grid ran teacher-free controls, each
@@ -32,10 +32,11 @@ from occkd_core.stages import STAGES, control_stages, distilled_stages, stage_st
 from occkd_core.tasks import get_task
 
 PAPER_RESULTS = Path(__file__).parent / "paper_results.json"
-def paper_strategy_names() -> dict[str, str]:
-    """Report rows (node strategies and the fusion node's variants) -> the strategy's name in the papers'
-    results, from the stage registry: the ablation student is a student there, each distilled stage has
-    its single-embedding SVM (Table 4), and every ε-SVR kernel's fusion is compared with the papers' one."""
+def paper_stage_names() -> dict[str, str]:
+    """Report rows (node stages and the fusion node's variants) -> the stage's name in the papers' results
+    (their ``strategy`` field in paper_results.json), from the stage registry: the ablation student is a
+    student there, each distilled stage has its single-embedding SVM (Table 4), and every ε-SVR kernel's
+    fusion is compared with the papers' one."""
     student = stage_starting_from("teacher")
     return {**{name: stage.paper_name for name, stage in STAGES.items()},
             student + ABLATION_SUFFIX: STAGES[student].paper_name,
@@ -86,10 +87,10 @@ def collect_rows(graph: StageGraph, results: Mapping[str, NodeResult]) -> list[d
                           row.get("family", "student"))] = row
             continue
         selected = selected_keys(graph, results, node.task, node.arch, node.seed)
-        if node.strategy in (*distilled_stages(), *control_stages()) and key not in selected:
+        if node.stage in (*distilled_stages(), *control_stages()) and key not in selected:
             continue  # only the grid point chosen on validation enters the table
         if isinstance(result, TrainNodeResult) and result.best_epoch_is_last:
-            unconverged.add((node.task, node.arch, node.strategy, node.train_faces))
+            unconverged.add((node.task, node.arch, node.stage, node.train_faces))
         for score in result.scores:
             if score.metric == "weighted_accuracy" and node.task != "fer":
                 continue  # the papers report weighted accuracy for FER+ only (spec §11)
@@ -98,7 +99,7 @@ def collect_rows(graph: StageGraph, results: Mapping[str, NodeResult]) -> list[d
             values[(node.task, node.arch, score.model, faces, score.test_set, score.visible,
                     score.metric)].append(float(score.value))
     rows = []
-    paper_names = paper_strategy_names()
+    paper_names = paper_stage_names()
     for (task, arch, model, train_faces, test_set, visible, metric), vals in values.items():
         dataset = PAPER_DATASET.get((task, test_set))
         record = paper.get((dataset, get_architecture(arch).paper_name, paper_names[model], train_faces, visible,
@@ -236,7 +237,7 @@ def render_markdown(rows: Iterable[dict[str, Any]], *, title: str, setting: str,
     rows = list(rows)
     controlled = any(r.get("pvalue_vs_control") for r in rows)
     lines = [f"# {title}", "", setting, "",
-             "Each cell: ours (paper). Paper: the journal's number for the same network, strategy, training "
+             "Each cell: ours (paper). Paper: the journal's number for the same network, stage, training "
              "faces and test faces (full-size networks on the real data sets; † = significant there). "
              "The columns after the faces test the model against the main student of its architecture on the "
              "students' half, by McNemar (accuracy) or Wilcoxon (age MAE), α = 0.05, read two ways: "

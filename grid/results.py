@@ -181,12 +181,12 @@ class NodeResult:
 
     key: str
     hash: str
-    strategy: str
+    stage: str  # the node's stage (grid.graph.Node.stage); the file keeps the key "strategy", as sealed results have it
     metrics: Mapping[str, float]
     scores: tuple[ScoreRow, ...]
     timing: Timing
     files: Mapping[str, str] = field(default_factory=dict)
-    # Where a training node ran (Ray node, GPUs, workers, its width; grid.trials): a plain mapping, written as
+    # Where a training node ran (Ray node, GPUs, workers; grid.trials): a plain mapping, written as
     # given. None for the other kinds, which record none.
     placement: Mapping[str, Any] | None = None
 
@@ -195,7 +195,7 @@ class NodeResult:
         return self.KIND
 
     def _head(self) -> dict[str, Any]:
-        return {"key": self.key, "hash": self.hash, "kind": self.kind, "strategy": self.strategy}
+        return {"key": self.key, "hash": self.hash, "kind": self.kind, "strategy": self.stage}
 
     def _scored(self) -> dict[str, Any]:
         return {"metrics": dict(self.metrics), "scores": [row.to_dict() for row in self.scores]}
@@ -209,7 +209,7 @@ class NodeResult:
 
     @staticmethod
     def _common(raw: Mapping[str, Any], source: str | Path, timing: type[Timing] = Timing) -> dict[str, Any]:
-        return {"key": raw["key"], "hash": raw["hash"], "strategy": raw["strategy"], "metrics": dict(raw["metrics"]),
+        return {"key": raw["key"], "hash": raw["hash"], "stage": raw["strategy"], "metrics": dict(raw["metrics"]),
                 "scores": tuple(ScoreRow.from_dict(row, source) for row in raw["scores"]),
                 "timing": timing.from_dict(raw["timing"], source), "files": dict(raw["files"]),
                 "placement": dict(raw["placement"]) if raw.get("placement") is not None else None}

@@ -1,6 +1,6 @@
 """Run the whole occkd experiment grid: python grid/run_all.py --tasks fer,gender,age
 
-Expands tasks × architectures × strategies × the preset's hyperparameter grid into a stage graph
+Expands tasks × architectures × stages × the preset's hyperparameter grid into a stage graph
 (teacher → students → standard/triplet KD → fusion → significance), runs it on Ray (a node starts as
 soon as its parents are done), records every node in MLflow and writes a paper-style report. Rerunning
 the same command skips finished nodes and resumes interrupted ones from their last checkpoint.
@@ -77,19 +77,21 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
                              "pre-trained weights (the report says so)")
     parser.add_argument("--max-failures", type=int, default=2,
                         help="times Tune retries a failed node (it resumes from its last checkpoint)")
-    parser.add_argument("--ray-train", choices=("auto", "always", "multi"), default="auto",
+    parser.add_argument("--ray-train", choices=("auto", "always", "multi-worker-only"), default="auto",
                         help="where training nodes run their loop. auto: on a cluster that has GPUs or an "
                              "autoscaler node type with GPUs, every training node as Ray Train workers "
                              "(TorchTrainer: DDP, Train's checkpoints, worker-group restarts after a lost "
                              "worker); on a CPU-only one inside its Tune trial, except nodes with several "
                              "workers (on a CPU machine a worker group costs more to start than a small node "
-                             "trains). always / multi: either way, whatever the cluster")
-    parser.add_argument("--widths", choices=("auto", "preset"), default="auto",
-                        help="how many GPUs (DDP workers) a training node gets on a GPU cluster. auto: chosen as "
-                             "the node starts, more for the chains of nodes that bound the grid's makespan while "
-                             "GPUs are free, in powers of two up to one machine's GPUs, within the preset's "
-                             "resources.<arch>.max_workers / workers and the batch (grid/widths.py). preset: the "
-                             "preset's workers (default 1). The training is the same at any width")
+                             "trains). always: every training node through Ray Train; multi-worker-only: only "
+                             "nodes with several workers, one-worker nodes train inside their trial; either "
+                             "whatever the cluster")
+    parser.add_argument("--ddp-workers", choices=("auto", "preset"), default="auto",
+                        help="how many DDP workers (one GPU each) a training node gets on a GPU cluster. auto: "
+                             "chosen as the node starts, more for the chains of nodes that bound the grid's makespan "
+                             "while GPUs are free, in powers of two up to one machine's GPUs, within the preset's "
+                             "resources.<arch>.max_ddp_workers / workers and the batch (grid/ddp_workers.py). preset: "
+                             "the preset's workers (default 1). The training is the same at any worker count")
     parser.add_argument("--wait", action="store_true",
                         help="when another grid is running on --storage, wait for it to end instead of stopping "
                              "(one grid per storage at a time)")
@@ -135,7 +137,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GridSpec:
                     experiment=args.experiment or f"occkd-{preset.name}", ray_address=args.ray_address,
                     cluster_config=cluster_config,
                     seeds=args.seeds, weights=weights, from_scratch=args.from_scratch,
-                    max_failures=args.max_failures, ray_train=args.ray_train, widths=args.widths,
+                    max_failures=args.max_failures, ray_train=args.ray_train, ddp_workers=args.ddp_workers,
                     dry_run=args.dry_run, wait=args.wait)
 
 

@@ -4,8 +4,8 @@ are done, so there is no barrier between stages. Runs on the driver.
 :class:`DependencySearcher` suggests the ready node with the longest remaining chain of work below it
 (critical-path priority), returns ``None`` while nothing is ready, and blocks the descendants of a node
 that failed for good. It admits a node only where :class:`grid.capacity.ClusterCapacity` finds room.
-Given a :class:`grid.widths.WidthPolicy`, it also chooses each GPU training node's width (DDP workers) as
-it hands it out: wider for the chains that bound the makespan. The trials it configures run
+Given a :class:`grid.ddp_workers.WorkersPolicy`, it also chooses each GPU training node's number of DDP
+workers as it hands it out: more for the chains that bound the makespan. The trials it configures run
 :func:`grid.trials.run_node_trial`.
 """
 
@@ -23,7 +23,7 @@ from ray.tune.search import Searcher
 from grid.artifacts import node_dir
 from grid.bundles import node_bundles
 from grid.graph import Node, Resources, StageGraph
-from grid.widths import WidthChoice, WidthPolicy
+from grid.ddp_workers import WorkersChoice, WorkersPolicy, describe_choice
 
 if TYPE_CHECKING:
     from grid.capacity import ClusterCapacity
@@ -35,7 +35,7 @@ class RunSettings:
 
     storage: str  # absolute path visible from every Ray node
     data_paths: Mapping[str, str]  # task -> prepared Arrow store
-    ray_train: str = "multi"  # resolved (see resolve_ray_train): "multi" or "always"
+    ray_train: str = "multi-worker-only"  # resolved (see resolve_ray_train): "multi-worker-only" or "always"
     fault_injection: Mapping[str, int] | None = None  # tests only: node key -> attempts that fail
     train_max_failures: int = 2  # worker-group restarts Ray Train allows a node (FailureConfig)
     machine_gpus: float = 0.0  # GPUs of the largest machine: a node's GPU workers up to it share one machine
@@ -49,12 +49,13 @@ class DependencySearcher(Searcher):
     """Suggests nodes whose parents are all done; a node that errors blocks its descendants."""
 
     def __init__(self, graph: StageGraph, to_run: list[str], done: set[str], settings: RunSettings,
-                 capacity: "ClusterCapacity | None" = None, widths: WidthPolicy | None = None) -> None:
+                 capacity: "ClusterCapacity | None" = None,
+                 workers_policy: WorkersPolicy | None = None) -> None:
         super().__init__(metric=None, mode=None)
-        self.graph, self.settings, self.capacity, self.widths = graph, settings, capacity, widths
+        self.graph, self.settings, self.capacity, self.workers_policy = graph, settings, capacity, workers_policy
         self._bundle_cache: dict[str, list[dict[str, float]]] = {}
-        self.resources: dict[str, Resources] = {}  # node key -> what it was handed out with (its width)
-        self.width_choices: dict[str, WidthChoice] = {}  # node key -> why it got its width
+        self.resources: dict[str, Resources] = {}  # node key -> what it was handed out with (its workers)
+        self.workers_choices: dict[str, WorkersChoice] = {}  # node key -> why it got its DDP workers
         self.pending = list(to_run)
         self.done = set(done)
         self.running: dict[str, str] = {}  # trial_id -> node key
@@ -94,40 +95,41 @@ class DependencySearcher(Searcher):
         return self._config(admitted)
 
     def _admit(self, key: str) -> Resources | None:
-        """The resources ``key`` can start with now (its width chosen if it is a widenable GPU node), or None."""
+        """The resources ``key`` can start with now (its DDP workers chosen if it is a GPU training node), or None."""
         node = self.graph.nodes[key]
         if self.capacity is None:
             return node.resources
-        if not self._widenable(node):
+        if not self._chooses_workers(node):
             return node.resources if self.capacity.place(key, self._bundles(key)) else None
         room = self.capacity.free()
         res = node.resources
-        # Workers of a widened node (a whole GPU each, see widened) that one machine has room for; width 1 is
-        # the preset's own request, which place() checks below.
-        per_worker = widened(res, res.workers + 1)
+        # Workers of a node given more than the preset's (a whole GPU each, see with_ddp_workers) that one machine
+        # has room for; one worker is the preset's own request, which place() checks below.
+        per_worker = with_ddp_workers(res, res.workers + 1)
         free_workers = max((min(m.get("GPU", 0.0) // per_worker.gpus, m.get("CPU", 0.0) // max(res.cpus, 1e-9))
                             for m in room), default=0.0)
         total_gpus = sum(m.get("GPU", 0.0) for m in self.capacity.room())
-        choice = self.widths.choose(arch=node.arch, workers=res.workers, max_workers=res.max_workers,
-                                    batch_size=int(node.params["train"]["batch_size"]), chain=self.priority[key],
-                                    target=self._gpu_work_left() / max(total_gpus, 1.0),
-                                    free_workers=max(int(free_workers), 1))
+        choice = self.workers_policy.choose(arch=node.arch, workers=res.workers, max_ddp_workers=res.max_ddp_workers,
+                                            batch_size=int(node.params["train"]["batch_size"]),
+                                            chain=self.priority[key],
+                                            target=self._gpu_work_left() / max(total_gpus, 1.0),
+                                            free_workers=max(int(free_workers), 1))
         if choice is None:
             return None
-        # Should the chosen width not be placeable after all (its CPUs), a narrower one may be.
-        for width in sorted((w for w in choice.allowed if w <= choice.width), reverse=True):
-            resources = widened(res, width)
+        # Should the chosen count not be placeable after all (its CPUs), fewer workers may be.
+        for workers in sorted((w for w in choice.allowed if w <= choice.workers), reverse=True):
+            resources = with_ddp_workers(res, workers)
             if self.capacity.place(key, self._node_bundles(key, resources)):
-                self.width_choices[key] = dataclasses.replace(choice, width=width)
+                self.workers_choices[key] = dataclasses.replace(choice, workers=workers)
                 return resources
         return None
 
-    def _widenable(self, node: Node) -> bool:
-        """Only GPU training nodes get a width (a CPU-only cluster keeps the preset's workers)."""
-        return self.widths is not None and node.kind == "train" and node.resources.gpus > 0
+    def _chooses_workers(self, node: Node) -> bool:
+        """Only GPU training nodes get their DDP workers chosen (a CPU-only cluster keeps the preset's)."""
+        return self.workers_policy is not None and node.kind == "train" and node.resources.gpus > 0
 
     def _gpu_work_left(self) -> float:
-        """GPU work of the nodes not yet finished, at width 1 (cost × GPUs): what the rest cannot beat."""
+        """GPU work of the nodes not yet finished, at one worker (cost × GPUs): what the rest cannot beat."""
         keys = [*self.pending, *self.running.values()]
         return sum(self.graph.nodes[k].cost * self.graph.nodes[k].resources.gpus for k in keys)
 
@@ -144,15 +146,25 @@ class DependencySearcher(Searcher):
     def _config(self, key: str) -> dict[str, Any]:
         node = self.graph.nodes[key].replace(resources=self.resources.get(key, self.graph.nodes[key].resources))
         storage = Path(self.settings.storage)
-        choice = self.width_choices.get(key)
         return {
             "node": node.to_dict(),
-            "width": None if choice is None else {**dataclasses.asdict(choice), "allowed": list(choice.allowed)},
             "parents": [{"role": edge.role, "key": edge.key, "arch": self.graph.nodes[edge.key].arch,
                          "directory": str(node_dir(storage, self.graph.nodes[edge.key].hash))}
                         for edge in node.parents],
             "settings": self.settings.__dict__,
         }
+
+    def workers_note(self, key: str) -> str | None:
+        """Why a handed-out training node has its DDP workers, for its MLflow run (``occkd.workers_choice``): the
+        rule's inputs when the searcher chose them, else the preset's count. None for other nodes. The driver
+        records it from here, where the choice was made; the trial never carries it."""
+        node = self.graph.nodes[key]
+        if node.kind != "train":
+            return None
+        choice = self.workers_choices.get(key)
+        if choice is not None:
+            return describe_choice(choice)
+        return f"{self.resources.get(key, node.resources).workers} (the preset's)"
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         key = self.running.pop(trial_id, None)
@@ -171,9 +183,9 @@ class DependencySearcher(Searcher):
             self.done.add(key)
 
 
-def widened(resources: Resources, width: int) -> Resources:
-    """A node's resources at ``width`` workers: the preset's own at its width, else a whole GPU per worker
-    (NCCL cannot run two ranks of one job on the same GPU, so a half-GPU VGG-f node takes whole ones)."""
-    if width == resources.workers:
+def with_ddp_workers(resources: Resources, workers: int) -> Resources:
+    """A node's resources at ``workers`` DDP workers: the preset's own at its own count, else a whole GPU per
+    worker (NCCL cannot run two ranks of one job on the same GPU, so a half-GPU VGG-f node takes whole ones)."""
+    if workers == resources.workers:
         return resources
-    return dataclasses.replace(resources, gpus=float(max(1, math.ceil(resources.gpus))), workers=width)
+    return dataclasses.replace(resources, gpus=float(max(1, math.ceil(resources.gpus))), workers=workers)

@@ -29,5 +29,6 @@ class GridSpec:
     max_failures: int
     ray_train: str
     dry_run: bool
-    widths: str = "auto"  # "auto": the searcher chooses GPU nodes' widths (grid.widths); "preset": as given
+    # "auto": the searcher chooses GPU training nodes' DDP workers (grid.ddp_workers); "preset": the preset's
+    ddp_workers: str = "auto"
     wait: bool = False  # another grid holds the storage: wait for it rather than stop

@@ -6,7 +6,8 @@ concurrently collide, a known problem of per-trial MLflow logging in Ray).
 - One parent run per grid: the graph's identity (:attr:`grid.graph.StageGraph.identity`) is its tag, and
   every rerun of the same grid continues it (a tag per invocation says what each one ran).
 - One child run per node, named like ``fer/vggface/triplet_kd``, tagged ``occkd.task/arch/strategy/
-  train_faces/node`` (the node's content hash) and the git SHA, with the resolved spec as params,
+  train_faces/node`` (``occkd.strategy``: the node's stage, under the tag's first name; ``occkd.node``: its
+  content hash) and the git SHA, with the resolved spec as params,
   per-epoch metrics, its data as dataset inputs (one per split: name ``<data set>/<split>``, digest the
   prepared store's fingerprint, source its path), final metrics per test condition linked to the test
   dataset, and its files as artifacts. A training node's ``best.pt`` is an MLflow logged model (a
@@ -132,6 +133,7 @@ class Tracker:
         self.start_times: dict[str, int] = {}  # node key -> when the driver opened its run (ms)
         self.node_runs: dict[str, str] = {}  # node key -> run id of this invocation (set on the recorder's thread)
         self.models: dict[str, str] = {}  # node key -> logged model id of this invocation
+        self.workers_choices: dict[str, str] = {}  # node key -> why it got its DDP workers (grid.ddp_workers)
 
     def _open_parent(self, run_name: str, grid_id: str, params: Mapping[str, Any]):
         """The grid's parent run and this invocation's number in it: the last run of the same grid on the same
@@ -211,11 +213,15 @@ class Tracker:
         for start in range(0, len(flat), 100):
             (client or self.client).log_batch(run_id, params=flat[start : start + 100])
 
-    def start_node(self, node: Node) -> None:
-        """Open the node's run in this invocation (once; Tune's retries of the node reuse it)."""
+    def start_node(self, node: Node, workers_choice: str | None = None) -> None:
+        """Open the node's run in this invocation (once; Tune's retries of the node reuse it). ``workers_choice``:
+        why a training node got its DDP workers, from the searcher that chose them (its ``occkd.workers_choice``
+        tag, there from the start, so a node that fails still says it)."""
         if node.key in self.started:
             return
         self.started.append(node.key)
+        if workers_choice is not None:
+            self.workers_choices[node.key] = workers_choice
         # The run is created on the recorder's thread, maybe after a teacher's upload or an outage: it
         # starts when the node did, not when its record was written.
         self.start_times[node.key] = int(time.time() * 1000)
@@ -226,9 +232,12 @@ class Tracker:
         if node.key in self.node_runs:
             return self.node_runs[node.key]
         tags = {PARENT_TAG: self.parent.info.run_id, "occkd.task": node.task, "occkd.arch": node.arch or "-",
-                "occkd.strategy": node.strategy, "occkd.train_faces": node.train_faces, "occkd.node": node.hash,
+                # occkd.strategy holds the node's stage; the tag keeps its first name for users' saved searches
+                "occkd.strategy": node.stage, "occkd.train_faces": node.train_faces, "occkd.node": node.hash,
                 "occkd.seed": str(node.seed), "mlflow.source.git.commit": self.sha, **self.driver_tags,
                 "mlflow.note.content": node_note(node, self.storage)}
+        if node.key in self.workers_choices:
+            tags["occkd.workers_choice"] = self.workers_choices[node.key]
         run = client.create_run(self.experiment_id, run_name=node.run_name, tags=tags,
                                 start_time=self.start_times.get(node.key))
         params = {"spec": node.params, "grid_point": node.grid_point, "resources": node.resources.as_dict(),
@@ -266,7 +275,7 @@ class Tracker:
                        files: list[tuple[Path, str | None]], checkpoint: Path | None) -> None:
         run_id = self._node_run(client, node)
         model_id = self._create_model(client, node, run_id) if checkpoint is not None else None
-        metrics = result_metrics(result, node.strategy, self.data.get(node.task), timestamp=int(time.time() * 1000),
+        metrics = result_metrics(result, node.stage, self.data.get(node.task), timestamp=int(time.time() * 1000),
                                  model_id=model_id)
         for start in range(0, len(metrics), 500):
             client.log_batch(run_id, metrics=metrics[start : start + 500])
@@ -285,7 +294,7 @@ class Tracker:
         spec = node.params
         model = client.create_logged_model(
             self.experiment_id, name=model_name(node), source_run_id=run_id, model_type=f"occkd/{node.arch}",
-            params={"arch": str(node.arch), "task": node.task, "strategy": node.strategy,
+            params={"arch": str(node.arch), "task": node.task, "strategy": node.stage,
                     "train_faces": node.train_faces, "input_size": str(spec.get("input_size", ""))},
             tags={"occkd.node": node.hash, "occkd.node_key": node.key, "mlflow.source.git.commit": self.sha})
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])

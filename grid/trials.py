@@ -26,7 +26,6 @@ from occkd_core.plugins import load_plugins
 from grid.ddp_backend import DeviceTorchConfig
 from grid.faults import maybe_inject_fault
 from grid.graph import Node
-from grid.widths import WidthChoice
 
 if TYPE_CHECKING:
     from grid.nodes import ParentOutput
@@ -55,7 +54,7 @@ def run_node_trial(config: dict[str, Any]) -> None:
         device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
         nodes.run_train_node(node, storage, data_path, parents, device=device, report=tune.report,
                              pretrained=_pretrained_file(node), started_at=started_at,
-                             placement=_placement(device, workers=1, ray_train=False, width=config.get("width")))
+                             placement=_placement(device, workers=1, ray_train=False))
     elif node.kind == "fusion":
         torch.set_num_threads(max(1, int(node.resources.cpus)))
         nodes.run_fusion_node(node, storage, data_path, parents, started_at=started_at)
@@ -101,25 +100,22 @@ def _train_worker_loop(config: dict[str, Any]) -> None:
 
     # Train hands out cuda:N for every GPU Ray assigned, even where CUDA is absent (logical GPUs).
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
-    placement = _placement(device, workers=context.get_world_size(), ray_train=True, width=config.get("width"))
+    placement = _placement(device, workers=context.get_world_size(), ray_train=True)
     nodes.run_train_node(node, storage, Path(settings["data_paths"][node.task]), _parent_outputs(config),
                          device=device, report=report, pretrained=_pretrained_file(node),
                          is_writer=rank == 0, started_at=config.get("trial_started_at"),
                          placement={**placement, "resumed_from_epoch": resumed_from})
 
 
-def _placement(device: Any, *, workers: int, ray_train: bool, width: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Where a training node ran, for its record: the Ray node, the GPUs Ray gave it (logical ids: a fake
-    or CPU-only cluster hands out GPU ids without CUDA), the torch device, whether Ray Train ran it, and why
-    it got its width when the grid chose it (``width``: a :class:`WidthChoice` as a dict)."""
+def _placement(device: Any, *, workers: int, ray_train: bool) -> dict[str, Any]:
+    """Where a training node ran, as only the trial knows it, for its record: the Ray node, the GPUs Ray gave
+    it (logical ids: a fake or CPU-only cluster hands out GPU ids without CUDA), the torch device, the workers
+    actually started, whether Ray Train ran it and the code it imported. Why it got that many workers is the
+    driver's to record (grid.searcher.DependencySearcher.workers_note), where the choice was made."""
     import ray
 
-    from grid.widths import describe_choice
-
     return {"ray_node": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "device": str(device), "workers": workers, "ray_train": ray_train, "code_root": str(CODE_ROOT),
-            "width": describe_choice(WidthChoice(**{**width, "allowed": tuple(width["allowed"])})) if width
-            else f"{workers} (the preset's)"}
+            "device": str(device), "workers": workers, "ray_train": ray_train, "code_root": str(CODE_ROOT)}
 
 
 def _pretrained_file(node: Node) -> Path | None:

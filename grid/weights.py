@@ -71,7 +71,7 @@ def describe_init(graph: StageGraph, preset: Preset, from_scratch: bool) -> str:
     """The report's sentence on where the teachers started."""
     by_weights: dict[str, list[str]] = {}
     for node in graph.nodes.values():
-        if node.strategy == "teacher":
+        if node.stage == "teacher":
             init = node.init or {"weights": FROM_SCRATCH}
             mean = (", input mean " + "/".join(f"{m:.2f}" for m in init["input_mean"])
                     if "input_mean" in init else "")

@@ -16,7 +16,7 @@ def dropout_seed(seed: int, rank: int, epoch: int) -> int:
 
 def with_sync_batchnorm(model: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
     """BatchNorm layers as SyncBatchNorm when a node trains on several GPUs, so their statistics come from
-    the global batch, as at width 1. PyTorch's SyncBatchNorm works with GPU modules only: on CPU workers
+    the global batch, as with one worker. PyTorch's SyncBatchNorm works with GPU modules only: on CPU workers
     (gloo; tests, logical-GPU clusters) BatchNorm keeps per-worker statistics."""
     if world > 1 and torch.device(device).type == "cuda":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -337,9 +337,9 @@ class ArchInfo:
     # RGB mean and std of its pre-training data in 0..255 pixel units, subtracted after occlusion (spec §15 #17).
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    cost: float  # relative cost of one training image at 224 px and full width (scheduling; bare-loop throughput)
+    cost: float  # relative cost of one training image at 224 px and full channel width (scheduling; bare-loop throughput)
     paper_name: str  # as the papers' tables name it (grid/paper_results.json)
-    # DDP scaling efficiency at 8 GPUs, for the grid's width rule (grid/widths.py says where the built-in
+    # DDP scaling efficiency at 8 GPUs, for the grid's DDP worker rule (grid/ddp_workers.py says where the built-in
     # values come from); a new network without a measurement gets the most cautious of the built-in ones.
     ddp_efficiency_at_8: float = 0.6
 

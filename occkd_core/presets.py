@@ -1,7 +1,7 @@
 """Presets: every hyperparameter of a run, as validated data (YAML files beside this module).
 
-A preset names its data, each architecture's input size and width, the fusion C grid, and one
-:class:`~occkd_core.specs.TrainSpec` per task × architecture × strategy. A list value in a stage entry is a grid
+A preset names its data, each architecture's input size and channel width multiplier, the fusion C grid, and one
+:class:`~occkd_core.specs.TrainSpec` per task × architecture × stage. A list value in a stage entry is a grid
 (e.g. ``margin: [0.0, 0.1, ...]``); :meth:`Preset.grid` expands it. ``paper`` is spec §10 row by row;
 ``smoke`` runs every stage in minutes on 2 CPU cores. Users add their own by passing a YAML path.
 A preset may start from another (``extends: paper``) and give only what it changes: its mappings are
@@ -45,7 +45,7 @@ class Preset:
     data: DataSettings
     models: Mapping[str, ArchSettings]
     fusion_Cs: tuple[float, ...]
-    # (task, arch, strategy) -> raw entry (scalars, or lists for grid fields)
+    # (task, arch, stage) -> raw entry (scalars, or lists for grid fields)
     stages: Mapping[tuple[str, str, str], Mapping[str, Any]] = field(repr=False)
     # What a grid node of each architecture (and "fusion", "significance") asks the cluster for:
     # {"cpus": 4, "gpus": 1, "workers": 1}. Read by the grid only; the method ignores it.
@@ -67,30 +67,30 @@ class Preset:
             raise ValueError(f"preset {self.name!r} has no models entry for {arch!r} (it runs {', '.join(self.models)})")
         return self.models[arch]
 
-    def grid(self, task: str, arch: str, strategy: str) -> list[TrainSpec]:
+    def grid(self, task: str, arch: str, stage: str) -> list[TrainSpec]:
         """Every distinct TrainSpec of the grid for one stage, in a stable order (one item if no grid). A
         control's grid is its distilled stage's entry; a loss setting the stage's loss does not read for
         ``task`` is left at its default, so points that differ only there are one (e.g. τ² for the hint)."""
-        info, stage = get_task(task), get_stage(strategy)
+        task_info, stage_info = get_task(task), get_stage(stage)
         get_architecture(arch)
-        entry = dict(self.stages[(task, arch, stage.control_of or strategy)])
+        configured = stage_info.control_of or stage
+        entry = dict(self.stages[(task, arch, configured)])
         axes = [(k, v) for k, v in entry.items() if isinstance(v, list)]
         combos = itertools.product(*(v for _, v in axes)) if axes else [()]
-        read = stage.strategy.loss_settings(info)
-        specs = [require_settings(_train_spec({**entry, **dict(zip((k for k, _ in axes), values))}, stage),
-                                  stage.control_of or strategy).keeping_loss_settings(read) for values in combos]
+        read = stage_info.strategy.loss_settings(task_info)
+        specs = [require_settings(_train_spec({**entry, **dict(zip((k for k, _ in axes), values))}, stage_info),
+                                  configured).keeping_loss_settings(read) for values in combos]
         return list(dict.fromkeys(specs))  # distinct, first-seen order
 
-    def has_stage(self, task: str, arch: str, strategy: str) -> bool:
+    def has_stage(self, task: str, arch: str, stage: str) -> bool:
         """Whether the preset configures this stage (a control: its distilled stage) for ``task`` × ``arch``."""
-        stage = get_stage(strategy)
-        return arch in self.models and (task, arch, stage.control_of or strategy) in self.stages
+        return arch in self.models and (task, arch, get_stage(stage).control_of or stage) in self.stages
 
-    def train_spec(self, task: str, arch: str, strategy: str) -> TrainSpec:
+    def train_spec(self, task: str, arch: str, stage: str) -> TrainSpec:
         """The single TrainSpec of a stage; an error if the stage is a grid."""
-        specs = self.grid(task, arch, strategy)
+        specs = self.grid(task, arch, stage)
         if len(specs) != 1:
-            raise ValueError(f"{task}/{arch}/{strategy} is a grid of {len(specs)} settings in preset {self.name!r}")
+            raise ValueError(f"{task}/{arch}/{stage} is a grid of {len(specs)} settings in preset {self.name!r}")
         return specs[0]
 
     def teacher_weights(self, task: str, arch: str) -> str:
@@ -152,13 +152,13 @@ def _parse_preset(raw: Mapping[str, Any], origin: str) -> Preset:
             controls=_parse_controls(raw.get("controls", True)),
             plugins=tuple(raw.get("plugins") or ()),
         )
-        for task, arch, strategy in stages:  # validate every grid point now, not mid-run
+        for task, arch, stage in stages:  # validate every grid point now, not mid-run
             try:
-                preset.grid(task, arch, strategy)
+                preset.grid(task, arch, stage)
             except ValueError as err:  # name the mapping the value came from, or at least the stage
                 key = getattr(err, "key", None)
-                where = given_in[(task, arch, get_stage(strategy).control_of or strategy)].get(key)
-                raise ValueError(f"{where or f'stage {task}/{arch}/{strategy}'}: {err}") from None
+                where = given_in[(task, arch, get_stage(stage).control_of or stage)].get(key)
+                raise ValueError(f"{where or f'stage {task}/{arch}/{stage}'}: {err}") from None
     except KeyError as err:
         raise ValueError(f"preset {origin}: missing key {err}") from None
     except (TypeError, ValueError) as err:
@@ -213,9 +213,9 @@ def _train_spec(entry: Mapping[str, Any], stage: StageInfo) -> TrainSpec:
     return TrainSpec.from_dict({**{k: v for k, v in entry.items() if k not in own}, "extra": extra})
 
 
-def _stage_settings(strategy: str) -> tuple[str, ...]:
-    stage = STAGES.get(strategy)
-    return tuple(f.name for f in dataclasses.fields(stage.settings)) if stage and stage.settings else ()
+def _stage_settings(stage: str) -> tuple[str, ...]:
+    info = STAGES.get(stage)
+    return tuple(f.name for f in dataclasses.fields(info.settings)) if info and info.settings else ()
 
 
 def _stage_entries(raw: Mapping[str, Any]) -> tuple[dict[tuple[str, str, str], Mapping[str, Any]],
@@ -224,38 +224,38 @@ def _stage_entries(raw: Mapping[str, Any]) -> tuple[dict[tuple[str, str, str], M
     where each setting was given (``stage_defaults.student`` or ``stages.fer.vggf.student``)."""
     defaults = raw.get("stage_defaults", {}) or {}
     _check_keys("stage_defaults", defaults, tuple(STAGES))
-    for strategy, entry in defaults.items():
-        _mapping(f"stage_defaults.{strategy}", entry or {})
+    for stage, entry in defaults.items():
+        _mapping(f"stage_defaults.{stage}", entry or {})
     _check_keys("stages", raw["stages"], tuple(TASKS))
     for task, archs in raw["stages"].items():
         _check_keys(f"stages.{task}", _mapping(f"stages.{task}", archs or {}), ARCHITECTURES)
         for arch, entries in (archs or {}).items():
             _check_keys(f"stages.{task}.{arch}", _mapping(f"stages.{task}.{arch}", entries or {}), tuple(STAGES))
-            for strategy, entry in (entries or {}).items():
-                _mapping(f"stages.{task}.{arch}.{strategy}", entry or {})
+            for stage, entry in (entries or {}).items():
+                _mapping(f"stages.{task}.{arch}.{stage}", entry or {})
     stages: dict[tuple[str, str, str], Mapping[str, Any]] = {}
     given_in: dict[tuple[str, str, str], dict[str, str]] = {}
     complete = raw.get("complete", False)
     for task in TASKS:
         for arch in (a for a in ARCHITECTURES if complete or a in raw["models"]):
             given = (raw["stages"].get(task) or {}).get(arch) or {}
-            for strategy in tuple(STAGES):
-                own = given.get(strategy) or {}
-                entry = {**(defaults.get(strategy) or {}), **own}
-                if not entry and (complete or not STAGES[strategy].distilled):
-                    raise ValueError(f"no settings for stage {task}/{arch}/{strategy}")
+            for stage in tuple(STAGES):
+                own = given.get(stage) or {}
+                entry = {**(defaults.get(stage) or {}), **own}
+                if not entry and (complete or not STAGES[stage].distilled):
+                    raise ValueError(f"no settings for stage {task}/{arch}/{stage}")
                 if not entry:  # a distilled stage this preset does not run (e.g. a plugin's): the grid skips it
                     continue
-                where = {key: f"stages.{task}.{arch}.{strategy}" if key in own else f"stage_defaults.{strategy}"
+                where = {key: f"stages.{task}.{arch}.{stage}" if key in own else f"stage_defaults.{stage}"
                          for key in entry}
-                grid_fields = (*GRID_FIELDS, *_stage_settings(strategy))
+                grid_fields = (*GRID_FIELDS, *_stage_settings(stage))
                 for key, value in entry.items():
                     if isinstance(value, list) and key not in grid_fields:
                         raise ValueError(f"{where[key]}: {key} cannot be a grid (only {grid_fields})")
                     if isinstance(value, list) and not value:
                         raise ValueError(f"{where[key]}: grid {key} is empty")
-                stages[(task, arch, strategy)] = entry
-                given_in[(task, arch, strategy)] = where
+                stages[(task, arch, stage)] = entry
+                given_in[(task, arch, stage)] = where
     return stages, given_in
 
 
@@ -267,7 +267,10 @@ def _parse_fusion_Cs(fusion: Mapping[str, Any]) -> tuple[float, ...]:
     return tuple(float(c) for c in Cs)
 
 
-RESOURCE_KEYS = ("cpus", "gpus", "workers", "max_workers")
+RESOURCE_KEYS = ("cpus", "gpus", "workers", "max_ddp_workers")
+#: Resource keys renamed before 1.0, refused with their new name rather than read under the old one: a silent
+#: alias would keep the ambiguous word alive (``max_workers`` is also Ray's autoscaler node count).
+RENAMED_RESOURCE_KEYS = {"max_workers": "max_ddp_workers"}
 
 
 def _parse_pretrained(raw: Any) -> dict[tuple[str, str], str]:
@@ -335,10 +338,14 @@ def _parse_resources(raw: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     for owner, values in raw.items():
         if owner not in valid_owners:
             raise ValueError(f"resources: unknown entry {owner!r}; valid: {', '.join(valid_owners)}")
-        unknown = sorted(set(_mapping(f"resources.{owner}", values or {})) - set(RESOURCE_KEYS))
+        values = _mapping(f"resources.{owner}", values or {})
+        for old, new in RENAMED_RESOURCE_KEYS.items():
+            if old in values:
+                raise ValueError(f"resources.{owner}.{old} is now called {new} (the most DDP workers the grid may "
+                                 f"give one node); rename the key")
+        unknown = sorted(set(values) - set(RESOURCE_KEYS))
         if unknown:
             raise ValueError(f"resources.{owner}: unknown key(s) {unknown}; valid: {', '.join(RESOURCE_KEYS)}")
-        values = values or {}
         for key, value in values.items():
             try:
                 check_number(key, value)
@@ -348,12 +355,12 @@ def _parse_resources(raw: Mapping[str, Any]) -> dict[str, dict[str, float]]:
                 raise ValueError(f"resources.{owner}.{key} must be >= 0, got {value!r}")
         if values.get("workers", 1) < 1:
             raise ValueError(f"resources.{owner}: workers must be >= 1")
-        for key in ("workers", "max_workers"):
+        for key in ("workers", "max_ddp_workers"):
             if key in values and int(values[key]) != values[key]:
                 raise ValueError(f"resources.{owner}: {key} must be a whole number, got {values[key]}")
-        if "max_workers" in values and values["max_workers"] < values.get("workers", 1):
-            raise ValueError(f"resources.{owner}: max_workers ({values['max_workers']}) is below workers "
-                             f"({values.get('workers', 1)}); set workers alone to fix the width")
+        if "max_ddp_workers" in values and values["max_ddp_workers"] < values.get("workers", 1):
+            raise ValueError(f"resources.{owner}: max_ddp_workers ({values['max_ddp_workers']}) is below workers "
+                             f"({values.get('workers', 1)}); set workers alone to fix the DDP worker count")
         out[owner] = dict(values)
     return out
 

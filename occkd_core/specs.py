@@ -1,6 +1,6 @@
 """The settings of a run as frozen, validated dataclasses (STYLE.md habit 1): :class:`TrainSpec` (one training
-stage, spec §10), :class:`ArchSettings` (one architecture's input size and width) and :class:`DataSettings`
-(where the faces come from).
+stage, spec §10), :class:`ArchSettings` (one architecture's input size and channel width multiplier) and
+:class:`DataSettings` (where the faces come from).
 
 They sit below everything that reads them, the strategies, the stage registry, the training loop and the
 presets (which build them from YAML, :mod:`occkd_core.presets`): this module imports none of those, so no
@@ -167,7 +167,7 @@ class ArchSettings:
     input_size: int
     width_mult: float = 1.0
     # The papers' dropout (VGG-face 0.30-0.55 after each conv of blocks 4-5) is sized for 512 channels;
-    # a network cut to 1/8 width trained from scratch does not learn with it, so small presets switch it off.
+    # a network cut to 1/8 channel width trained from scratch does not learn with it, so small presets switch it off.
     dropout: bool = True
 
     def __post_init__(self) -> None:

@@ -92,7 +92,7 @@ def get_stage(name: str) -> StageInfo:
     base = name[: -len(CONTROL_SUFFIX)] if name.endswith(CONTROL_SUFFIX) else ""
     if base in STAGES and STAGES[base].distilled:
         return control_stage(base)
-    return lookup("strategy", name, STAGES)
+    return lookup("stage", name, STAGES)
 
 
 def require_settings(train: TrainSpec, stage: str) -> TrainSpec:
@@ -100,7 +100,7 @@ def require_settings(train: TrainSpec, stage: str) -> TrainSpec:
     a ValueError naming the missing ones otherwise."""
     missing = [n for n in get_stage(stage).required if getattr(train, n) is None]
     if missing:
-        raise ValueError(f"strategy {stage!r} needs {missing} in its preset entry")
+        raise ValueError(f"stage {stage!r} needs {missing} in its preset entry")
     return train
 
 

@@ -49,7 +49,7 @@ class StageSpec:
 
     task: str
     arch: str
-    strategy: str  # a stage of occkd_core.stages: teacher | student | standard_kd | triplet_kd
+    stage: str  # a stage of occkd_core.stages: teacher | student | standard_kd | triplet_kd
     train_visible: Visibility  # faces the trained model sees: full for the teacher, a half otherwise
     input_size: int
     width_mult: float
@@ -60,12 +60,12 @@ class StageSpec:
     def __post_init__(self) -> None:
         get_task(self.task)
         get_architecture(self.arch)
-        get_stage(self.strategy)
+        get_stage(self.stage)
         check_name("visibility", self.train_visible)
-        if (self.strategy == "teacher") != (self.train_visible == "full"):
-            raise ValueError(f"a {self.strategy} trains on {'full' if self.strategy == 'teacher' else 'half'}"
+        if (self.stage == "teacher") != (self.train_visible == "full"):
+            raise ValueError(f"a {self.stage} trains on {'full' if self.stage == 'teacher' else 'half'}"
                              f" faces, got train_visible={self.train_visible!r}")
-        require_settings(self.train, self.strategy)
+        require_settings(self.train, self.stage)
 
     @property
     def task_info(self) -> TaskInfo:
@@ -76,12 +76,17 @@ class StageSpec:
         return ModelSpec(arch=self.arch, num_outputs=self.task_info.num_outputs, width_mult=self.width_mult,
                          dropout=self.dropout)
 
+    # The stage is written under its first name, "strategy": a node's hash is computed from this dict
+    # (grid.graph; checkpoints and MLflow's spec.* params hold it too), so renaming the key would re-run every
+    # sealed node on users' storage.
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "train": self.train.to_dict()}  # TrainSpec's own form (its ``extra`` as a mapping)
+        values = {**asdict(self), "train": self.train.to_dict()}  # TrainSpec's own form (its ``extra`` as a mapping)
+        return {("strategy" if key == "stage" else key): value for key, value in values.items()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "StageSpec":
-        return cls(**{**values, "train": TrainSpec.from_dict(values["train"])})
+        renamed = {("stage" if key == "strategy" else key): value for key, value in values.items()}
+        return cls(**{**renamed, "train": TrainSpec.from_dict(values["train"])})
 
 
 @dataclass(frozen=True)
@@ -133,16 +138,16 @@ def train_stage(
     """
     device = torch.device(device)
     out_dir = Path(out_dir)
-    task, train, stage = spec.task_info, spec.train, get_stage(spec.strategy)
+    task, train, stage = spec.task_info, spec.train, get_stage(spec.stage)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(spec.seed)  # the model's initial weights (DDP broadcasts rank 0's anyway)
     order_generator = torch.Generator().manual_seed(spec.seed)  # row order, mining pools: same on every rank
     # Flips are drawn for the whole global batch on every rank, each rank taking its own rows' flips, so a
-    # node trains the same at any width (the papers' batch is the global batch).
+    # node trains the same with any number of DDP workers (the papers' batch is the global batch).
     flip_generator = torch.Generator().manual_seed(spec.seed * 7919 + 1)
     if train.batch_size % world:
         raise ValueError(f"batch size {train.batch_size} does not split over {world} workers: the global batch "
-                         f"stays the preset's, so the width must divide it")
+                         f"stays the preset's, so the number of workers must divide it")
     train_split, val_split = data.split("train"), data.split("val")
     train_targets = torch.as_tensor(train_split.labels(task.name)).to(device)  # validates labels before training
     val_split.labels(task.name)
@@ -167,7 +172,7 @@ def train_stage(
 
     def teacher_embeddings() -> torch.Tensor:
         if teacher is None or teacher_checkpoint is None:
-            raise ValueError(f"stage {spec.strategy!r} asks for the teacher's embeddings, but its registry entry "
+            raise ValueError(f"stage {spec.stage!r} asks for the teacher's embeddings, but its registry entry "
                              f"(occkd_core.stages) does not say needs_teacher=True")
         return embeddings.teacher_embeddings(teacher, teacher_checkpoint, train_split, task, input_spec, device, cache_dir)
 
@@ -190,7 +195,8 @@ def train_stage(
                 dsd.release()
         model.train()
         # Dropout draws from torch's global generator: seeded per rank, so a global batch of B rows gets B
-        # distinct masks at any width, and per epoch, so a resumed epoch draws what an uninterrupted run would.
+        # distinct masks with any number of workers, and per epoch, so a resumed epoch draws what an
+        # uninterrupted run would.
         torch.manual_seed(dropout_seed(spec.seed, rank, epoch))
         order = strategy.epoch_order(epoch, unwrap(model), order_generator)
         sums, train_outputs, train_rows = _run_epoch(model, strategy, order, optimizer, train.batch_size,
@@ -257,14 +263,14 @@ def _stage_input_spec(spec: StageSpec, init_checkpoint: Path | None, pretrained_
 def _frozen_teacher(spec: StageSpec, teacher_checkpoint: Path | None, input_spec: InputSpec,
                     device: torch.device) -> FaceNet:
     if teacher_checkpoint is None:
-        raise ValueError(f"{spec.strategy} needs the teacher's checkpoint")
+        raise ValueError(f"{spec.stage} needs the teacher's checkpoint")
     teacher, payload = load_model(teacher_checkpoint, device)
     # Teacher and student see the same normalised views of a batch (spec §3.4-3.5), so they must expect the
     # same normalisation; a student descended from its teacher always does.
     teacher_spec = checkpoint_input_spec(payload, spec.input_size)
     if teacher_spec != input_spec:
         raise ValueError(f"the teacher {str(teacher_checkpoint)!r} expects inputs normalised by mean "
-                         f"{teacher_spec.mean} / std {teacher_spec.std}, the {spec.strategy} stage's network by "
+                         f"{teacher_spec.mean} / std {teacher_spec.std}, the {spec.stage} stage's network by "
                          f"{input_spec.mean} / {input_spec.std}: distil from the teacher its student was "
                          f"fine-tuned from")
     teacher.requires_grad_(False)
@@ -373,7 +379,7 @@ def _run_epoch(
     ``step_clock`` gets the wall-clock time of the first step it sees ("first") and of the last ("last").
 
     Rank r takes rows r, r + world, ... of every global batch, with their flips drawn for the whole batch:
-    together the ranks' rows are the width-1 batch, and every rank runs the same number of steps (DDP's
+    together the ranks' rows are the one-worker batch, and every rank runs the same number of steps (DDP's
     all-reduce needs it), without leaving rows out.
     """
     device = strategy.ctx.device
@@ -388,7 +394,7 @@ def _run_epoch(
         # The terms are means over this rank's rows and DDP averages gradients over the ranks: weighting each
         # rank by world × its share of the batch makes the step the global batch's mean gradient, also when
         # the last batch splits unevenly.
-        # A last batch smaller than the width leaves some ranks no row: they still run the step on an empty
+        # A last batch smaller than the number of workers leaves some ranks no row: they still run the step on an empty
         # batch, since DDP's all-reduce (and SyncBatchNorm's, which counts an empty input as no sample) waits
         # for every rank. Its terms are means over nothing (NaN), its gradients zero, its weight 0.
         share = len(batch_rows) / len(global_rows)

@@ -19,6 +19,7 @@ surviving worker. The test skips rather than disturb a Ray cluster that already 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -103,6 +104,8 @@ def test_gpu_workers_launch_on_demand_train_through_ray_train_and_survive_a_lost
         assert run.data.tags["occkd.ray_node"] in gpu_nodes, run.info.run_name
         assert run.data.tags["occkd.gpu_ids"] == "0,1,2,3" and run.data.tags["occkd.workers"] == "1"
         assert run.data.tags["occkd.ray_train"] == "True" and run.data.tags["occkd.device"] == "cpu"
+        # Why one worker: the driver's record (the rule's inputs, or the preset's count where it waited for room)
+        assert re.fullmatch(r"1 \((its chain .*|the preset's)\)", run.data.tags["occkd.workers_choice"]), run.data.tags
     # The student on the lost node: Train restarted its worker group on the other node, from the epoch it had
     # checkpointed, and it trained all its epochs. (The teacher may name the lost node: it finished there.)
     resumed = [r for r in training if "occkd.resumed_from_epoch" in r.data.tags]

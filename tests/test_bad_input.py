@@ -22,6 +22,7 @@ def write_inputs(folder: Path) -> None:
     (folder / "notes.txt").write_text("hello\n")
     # Preset values that passed --dry-run before and failed at run time, wrote outside --storage, or took
     # minutes and gigabytes to read (issue 28 items 8-10).
+    (folder / "oldkey.yaml").write_text("extends: smoke\nresources: {vggf: {cpus: 1, max_workers: 2}}\n")
     (folder / "epochs.yaml").write_text("extends: smoke\nstage_defaults: {student: {epochs: 1.5}}\n")
     (folder / "nan.yaml").write_text("extends: smoke\nstages: {gender: {vggf: {triplet_kd: {margin: [0.1, .nan]}}}}\n")
     (folder / "seed.yaml").write_text("extends: smoke\ndata: {seed: -1}\n")
@@ -61,6 +62,10 @@ CASES = [
     (["--preset", "bomb.yaml"], "preset 'bomb.yaml' holds more than 100,000 values once its aliases (*name) are expanded"),
     (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
     (["--max-failures", "-1"], "--max-failures must be >= 0 (retries of a failed node), got -1"),
+    # Names changed before 1.0 (issue 29): the old ones are refused, never read as the new ones.
+    (["--ray-train", "multi"], "argument --ray-train: invalid choice: 'multi'"),
+    (["--widths", "auto"], "unrecognized arguments: --widths auto"),
+    (["--preset", "oldkey.yaml"], "preset oldkey.yaml: resources.vggf.max_workers is now called max_ddp_workers"),
 ]
 
 

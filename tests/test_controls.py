@@ -59,8 +59,8 @@ def test_a_control_is_its_distilled_node_but_for_the_teachers_terms(preset_name:
     for task in TASKS:
         for stage in distilled_stages():
             control = stage + CONTROL_SUFFIX
-            distilled = [n for n in graph.nodes.values() if n.task == task and n.strategy == stage]
-            controls = {n.hash: n for n in graph.nodes.values() if n.task == task and n.strategy == control}
+            distilled = [n for n in graph.nodes.values() if n.task == task and n.stage == stage]
+            controls = {n.hash: n for n in graph.nodes.values() if n.task == task and n.stage == control}
             assert distilled and controls, (task, stage)
             teacher_terms = (set(get_stage(stage).strategy.loss_settings(get_task(task)))
                              - set(control_stage(stage).strategy.loss_settings(get_task(task))))
@@ -146,7 +146,7 @@ def test_a_stage_stops_early_once_validation_stops_improving(tiny_faces, tmp_pat
     """A learning rate too small to move the weights: validation is flat from epoch 1, so with patience 2 the
     stage stops after epoch 3 of its ceiling of 10, its best epoch the first."""
     train = TrainSpec(optimizer="sgd", batch_size=32, epochs=10, lr=1e-12, early_stop_patience=2)
-    spec = StageSpec(task="gender", arch="vggf", strategy="teacher", train_visible="full", input_size=32,
+    spec = StageSpec(task="gender", arch="vggf", stage="teacher", train_visible="full", input_size=32,
                      width_mult=0.125, train=train)
     result = train_stage(spec, tiny_faces, tmp_path / "teacher")
     assert [r.epoch for r in result.history] == [1, 2, 3] and result.best_epoch == 1

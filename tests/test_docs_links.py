@@ -53,7 +53,7 @@ def test_the_anchor_rule_matches_github() -> None:
         "the-mid-preset-does-distillation-help-once-the-teacher-is-stronger"
     assert github_anchor("What the teacher adds: teacher-free controls") == "what-the-teacher-adds-teacher-free-controls"
     assert github_anchor("The smoke grid's time") == "the-smoke-grids-time"
-    assert github_anchor("Widths: every GPU busy") == "widths-every-gpu-busy"
+    assert github_anchor("DDP workers: every GPU busy") == "ddp-workers-every-gpu-busy"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))

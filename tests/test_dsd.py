@@ -38,7 +38,7 @@ def test_vggf_rates_and_exact_sparsity_after_prune() -> None:
                                  "features.conv4.weight": 0.4, "features.conv5.weight": 0.5}
     pruner.prune()
     params = dict(model.named_parameters())
-    # conv2 at width 0.125: 32 x 8 x 5 x 5 = 6,400 weights; 20% = 1,280 zeroed exactly
+    # conv2 at channel width multiplier 0.125: 32 x 8 x 5 x 5 = 6,400 weights; 20% = 1,280 zeroed exactly
     assert params["features.conv2.weight"].numel() == 6400
     assert int((params["features.conv2.weight"] == 0).sum()) == 1280
     measured = pruner.sparsity()

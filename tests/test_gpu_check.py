@@ -162,7 +162,7 @@ def test_the_teacher_free_controls_run_in_the_chain_and_are_compared(tmp_path: P
     started_from: dict[str, tuple] = {}
 
     def recording_train_stage(spec, data, out, **kwargs):
-        started_from[f"{spec.strategy}/{spec.train_visible}"] = (kwargs["init_checkpoint"], kwargs["teacher_checkpoint"])
+        started_from[f"{spec.stage}/{spec.train_visible}"] = (kwargs["init_checkpoint"], kwargs["teacher_checkpoint"])
         return train_stage(spec, data, out, **kwargs)
 
     train_stage = chain_module.train_stage

@@ -123,6 +123,15 @@ def test_mlflow_holds_a_finished_run_per_node_with_tags_metrics_and_artifacts(gr
     control = nodes["gender/vggf/standard_kd_control"].data.params
     assert control["spec.strategy"] == "standard_kd_control" and control["spec.train.lam"] == "0.5"
     assert nodes["gender/vggf/teacher"].data.params["pretrained.weights"] == "from_scratch"
+    # Why each training node has its DDP workers is the driver's record (no GPU here: the preset's one), tagged
+    # when its run opens; where it ran is the trial's (result.json's placement), which no longer carries the reason.
+    trained = [r for name, r in nodes.items() if name not in ("gender/vggf/fusion", "gender/significance")]
+    assert len(trained) == 8 and all(r.data.tags["occkd.workers_choice"] == "1 (the preset's)" for r in trained)
+    assert all(r.data.tags["occkd.workers"] == "1" for r in trained)
+    assert "occkd.workers_choice" not in nodes["gender/vggf/fusion"].data.tags
+    results = [json.loads(p.read_text()) for p in (workdir / "occkd_runs").glob("nodes/*/result.json")]
+    placements = [r["placement"] for r in results if r["kind"] == "train"]
+    assert len(placements) == 8 and not any({"width", "workers_choice"} & set(p) for p in placements)
 
 
 def test_mlflow_view_datasets_and_models(grid_run):

@@ -33,7 +33,7 @@ def test_node_counts_for_all_tasks_and_architectures(preset_name, margins):
     graph = full_graph(preset_name)
     counts = {}
     for node in graph.nodes.values():
-        counts[node.strategy] = counts.get(node.strategy, 0) + 1
+        counts[node.stage] = counts.get(node.stage, 0) + 1
     cells = len(TASKS) * len(ARCHITECTURES)  # 9 task × architecture cells
     assert counts == {"teacher": cells, "student": cells, "student_ablation": cells, "standard_kd": cells,
                       "triplet_kd": cells * margins, "fusion": cells, "significance": len(TASKS),
@@ -42,15 +42,16 @@ def test_node_counts_for_all_tasks_and_architectures(preset_name, margins):
 
 
 def test_mid_preset_expands_every_stage_with_its_kd_grids():
-    """mid: full-width 64 px networks from scratch; standard KD with and without τ² where it is Hinton's (FER+:
-    the gender/age hint reads no τ², so there it is one node), two triplet margins, a control for each."""
+    """mid: 64 px networks at full channel width from scratch; standard KD with and without τ² where it is
+    Hinton's (FER+: the gender/age hint reads no τ², so there it is one node), two triplet margins, a control
+    for each."""
     preset = load_preset("mid")
     assert all(preset.arch(a).input_size == 64 and preset.arch(a).width_mult == 1.0 for a in ARCHITECTURES)
     assert preset.required_weights(list(TASKS), list(ARCHITECTURES)) == {}
     graph = full_graph("mid")
     counts = {}
     for node in graph.nodes.values():
-        counts[node.strategy] = counts.get(node.strategy, 0) + 1
+        counts[node.stage] = counts.get(node.stage, 0) + 1
     cells = len(TASKS) * len(ARCHITECTURES)
     fer_cells = len(ARCHITECTURES)
     assert counts == {"teacher": cells, "student": cells, "student_ablation": cells,
@@ -85,9 +86,9 @@ def test_paper_variants_graph_is_papers_plus_the_tau_squared_and_raw_embedding_n
         assert (flipped, train[flipped]) in (("tau_squared", True), ("triplet_normalize", False)), node.key
         train[flipped] = not train[flipped]
         twin = by_params[json.dumps({**node.params, "train": train}, sort_keys=True)]
-        same = ("task", "arch", "strategy", "parents")
+        same = ("task", "arch", "stage", "parents")
         assert [getattr(twin, f) for f in same] == [getattr(node, f) for f in same], node.key
-        added[(node.task, node.strategy, flipped)] = added.get((node.task, node.strategy, flipped), 0) + 1
+        added[(node.task, node.stage, flipped)] = added.get((node.task, node.stage, flipped), 0) + 1
     archs = len(ARCHITECTURES)
     assert added == {("fer", "standard_kd", "tau_squared"): archs,
                      **{(task, "triplet_kd", "triplet_normalize"): archs * 6 for task in TASKS}}
@@ -133,6 +134,19 @@ def test_hashes_change_with_a_parent_and_not_otherwise():
         assert changed.nodes[key].hash != base.nodes[key].hash
     other_data = expand_graph(preset, ["fer"], ["vggf"], train_sizes={"fer": 1000}, data_fingerprints={"fer": "x"})
     assert other_data.nodes["fer/vggf/teacher"].hash != base.nodes["fer/vggf/teacher"].hash
+
+
+def test_a_nodes_stage_is_hashed_under_its_first_name_strategy():
+    """Node.stage and StageSpec.stage were called ``strategy``; the dicts a node's hash is computed from keep
+    that key (renaming it would re-run every sealed node on users' storage), and read back as ``stage``."""
+    from occkd_core.training import StageSpec
+
+    graph = expand_graph(load_preset("smoke"), ["gender"], ["vggf"], train_sizes={"gender": 100},
+                         data_fingerprints={"gender": "d"})
+    node = graph.nodes["gender/vggf/student_ablation"]
+    assert node.stage == "student_ablation" and node.params["strategy"] == "student" and "stage" not in node.params
+    spec = StageSpec.from_dict(node.params)
+    assert spec.stage == "student" and spec.to_dict() == dict(node.params)
 
 
 def _teacher_epochs(preset, epochs):
@@ -185,14 +199,14 @@ def test_ray_train_by_default_where_the_cluster_has_or_can_add_gpus():
     types = {"head": ({"CPU": 1.0}, 0), "gpu_worker": ({"CPU": 1.0, "GPU": 2.0}, 2)}
     assert resolve_ray_train("auto", cluster_shape({"CPU": 1.0}, [{"CPU": 1.0}], types)) == "always"
     assert resolve_ray_train("auto", cluster_shape({"CPU": 8.0, "GPU": 1.0}, [{"CPU": 8.0, "GPU": 1.0}])) == "always"
-    assert resolve_ray_train("auto", cluster_shape({"CPU": 2.0}, [{"CPU": 2.0}])) == "multi"
+    assert resolve_ray_train("auto", cluster_shape({"CPU": 2.0}, [{"CPU": 2.0}])) == "multi-worker-only"
     assert resolve_ray_train("always", cluster_shape({"CPU": 2.0}, [{"CPU": 2.0}])) == "always"
     # A node run through Train holds a sliver of CPU in its trial and a bundle per worker.
     train = {"kind": "train", "resources": {"cpus": 1, "gpus": 1, "workers": 2}}
     driver = {"node:__internal_head__": 0.001}  # on the head, holding no CPU: workers get them all
-    assert node_bundles(train, "multi") == [driver, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
+    assert node_bundles(train, "multi-worker-only") == [driver, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
     one = {"kind": "train", "resources": {"cpus": 2, "gpus": 0, "workers": 1}}
-    assert node_bundles(one, "multi") == [{"CPU": 2.0}] and node_bundles(one, "always") == [driver, {"CPU": 2.0}]
+    assert node_bundles(one, "multi-worker-only") == [{"CPU": 2.0}] and node_bundles(one, "always") == [driver, {"CPU": 2.0}]
     fusion = {"kind": "fusion", "resources": {"cpus": 1, "gpus": 0, "workers": 1}}
     assert node_bundles(fusion, "always") == [{"CPU": 1.0}]
 
@@ -229,7 +243,7 @@ def test_the_searcher_backfills_a_smaller_ready_node_and_waits_rather_than_finis
     graph = expand_graph(preset, ["gender"], ["vggf", "resnet50"], train_sizes={"gender": 100},
                          data_fingerprints={"gender": "d"}, from_scratch=True)
     graph = graph.with_resources({k: Resources(cpus=2 if n.arch == "resnet50" else 1) for k, n in graph.nodes.items()})
-    teachers = [k for k, n in graph.nodes.items() if n.strategy == "teacher"]
+    teachers = [k for k, n in graph.nodes.items() if n.stage == "teacher"]
     live = [[{"CPU": 2.0}]]
     capacity = ClusterCapacity(read_nodes=lambda: live[0], refresh_s=0.0)
     searcher = DependencySearcher(graph, list(graph.nodes), set(), RunSettings(storage="/s", data_paths={}),
@@ -518,7 +532,7 @@ def test_weights_are_staged_on_the_storage_every_node_mounts_without_changing_th
     def teacher_hash(weights):
         graph = expand_graph(preset, ["gender"], ["vggf"], train_sizes={"gender": 100},
                              data_fingerprints={"gender": "d"}, weights=weights)
-        return next(n for n in graph.nodes.values() if n.strategy == "teacher").hash
+        return next(n for n in graph.nodes.values() if n.stage == "teacher").hash
 
     assert teacher_hash(staged) == teacher_hash(found)
 

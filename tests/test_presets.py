@@ -11,11 +11,11 @@ from occkd_core.stages import STAGES
 from occkd_core.models import ARCHITECTURES
 from occkd_core.tasks import TASKS
 
-STRATEGIES = tuple(STAGES)
+STAGE_NAMES = tuple(STAGES)
 
 MARGINS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
 
-# Spec §10, typed from the tables (not from the YAML): (task, arch, strategy) ->
+# Spec §10, typed from the tables (not from the YAML): (task, arch, stage) ->
 # (optimizer, batch, epochs, lr, schedule, lam, temperature, pool_fraction, dsd)
 SPEC_10 = {
     ("fer", "vggf", "teacher"): ("sgd", 512, 800, 1e-3, "plateau", None, None, None, True),
@@ -69,7 +69,7 @@ def test_paper_preset_matches_spec_section_10(key):
 
 def test_paper_preset_covers_every_stage_at_full_size():
     preset = load_preset("paper")
-    assert set(SPEC_10) == {(t, a, s) for t in TASKS for a in ARCHITECTURES for s in STRATEGIES}
+    assert set(SPEC_10) == {(t, a, s) for t in TASKS for a in ARCHITECTURES for s in STAGE_NAMES}
     assert all(preset.arch(a).input_size == 224 and preset.arch(a).width_mult == 1.0 for a in ARCHITECTURES)
     assert preset.fusion_Cs == (0.1, 1.0, 10.0, 100.0, 1000.0)
     assert preset.data.source == "real"
@@ -80,8 +80,8 @@ def test_every_builtin_preset_resolves_every_stage(name):
     preset = load_preset(name)
     for task in TASKS:
         for arch in ARCHITECTURES:
-            for strategy in STRATEGIES:
-                assert preset.grid(task, arch, strategy)
+            for stage in STAGE_NAMES:
+                assert preset.grid(task, arch, stage)
 
 
 def test_unknown_preset_lists_valid_names():
@@ -112,7 +112,7 @@ def test_bad_preset_file_is_rejected_before_training(tmp_path: Path, change, mes
         load_preset(path)
 
 
-def test_unknown_strategy_in_a_preset_file_lists_the_valid_ones(tmp_path: Path):
+def test_unknown_stage_in_a_preset_file_lists_the_valid_ones(tmp_path: Path):
     import yaml
 
     raw = yaml.safe_load((Path(load_preset.__code__.co_filename).parent / "presets" / "smoke.yaml").read_text())
@@ -302,6 +302,21 @@ def test_values_that_would_fail_at_run_time_are_refused_naming_file_key_and_valu
     path.write_text(f"extends: smoke\n{overlay}\n")
     with pytest.raises(ValueError, match=f"^preset {re.escape(str(path))}: {message}"):
         load_preset(path)
+
+
+def test_the_old_resources_key_max_workers_is_refused_naming_its_new_name(tmp_path: Path):
+    """``max_workers`` was both the preset's DDP cap and Ray's autoscaler node count; the preset's is now
+    ``max_ddp_workers``, and a preset still saying ``max_workers`` stops with one line, not a silent alias."""
+    path = tmp_path / "old.yaml"
+    path.write_text("extends: smoke\nresources: {vggface: {cpus: 1, gpus: 1, max_workers: 4}}\n")
+    with pytest.raises(ValueError) as caught:
+        load_preset(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message == (f"preset {path}: resources.vggface.max_workers is now called max_ddp_workers (the most DDP "
+                       f"workers the grid may give one node); rename the key")
+    path.write_text("extends: smoke\nresources: {vggface: {cpus: 1, gpus: 1, max_ddp_workers: 4}}\n")
+    assert load_preset(path).resources["vggface"]["max_ddp_workers"] == 4
 
 
 def test_the_limits_admit_what_the_papers_and_the_built_in_presets_use(tmp_path: Path):

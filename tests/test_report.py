@@ -78,14 +78,14 @@ def significance_setup(tmp_path: Path):
         node = nodes[key]
         directory = node_dir(storage, node.hash)
         directory.mkdir(parents=True)
-        model = "fusion" if node.strategy == "fusion" else node.strategy
+        model = "fusion" if node.stage == "fusion" else node.stage
         written = [("test", model, _gender_predictions(targets, ok))]
-        if node.strategy == "fusion":
+        if node.stage == "fusion":
             written.append(("test", "control_fusion", _gender_predictions(targets, control_fusion_ok)))
         write_predictions(directory / "predictions.parquet", written)
         scores = [ScoreRow(model=model, test_set="test", visible="upper", metric="accuracy", value=100 * ok.mean())]
-        common = dict(key=key, hash=node.hash, strategy=node.strategy, metrics={}, val_score=0.5, seconds=1.0)
-        if node.strategy == "fusion":
+        common = dict(key=key, hash=node.hash, stage=node.stage, metrics={}, val_score=0.5, seconds=1.0)
+        if node.stage == "fusion":
             fit = dict(val_score=0.5, kernel="default", val_scores={"1.0": 0.5})
             result = FusionNodeResult(
                 **common, timing=Timing(started_at=0.0, finished_at=1.0),

@@ -143,9 +143,10 @@ def test_a_sealed_results_mlflow_metrics_and_placement_tags():
     metrics = {m.key: m.value for m in result_metrics(fusion, "fusion", None, timestamp=0)}
     # its own figures, then each score: the node's own model unprefixed, a variant under its name
     assert metrics == {"C": 10.0, "val_score": -6.5, "test_upper_mae": 6.75, "fusion_linear_test_upper_mae": 7.0}
+    # A result sealed before the driver tagged the workers' choice itself still holds "width": not tagged from here.
     tags = {t.key: t.value for t in placement_tags(result_from_dict(TRAIN).placement)}
     assert tags == {"occkd.ray_node": "abc", "occkd.device": "cpu", "occkd.workers": "1", "occkd.ray_train": "False",
-                    "occkd.width": "1 (the preset's)", "occkd.gpu_ids": "-"}
+                    "occkd.gpu_ids": "-"}
     assert placement_tags(fusion.placement) == []
 
 

@@ -43,7 +43,7 @@ class ReadRecorder:
 
 def loss_settings_read(stage: StageInfo, task: str, faces) -> set[str]:
     """The loss settings the stage's strategy reads when it builds, orders an epoch and computes a batch's terms
-    for ``task``, on 1/8-width VGG-f models at 32 px."""
+    for ``task``, on VGG-f models at 1/8 channel width and 32 px."""
     info, split = get_task(task), faces.split("train")
     model_spec = ModelSpec(arch="vggf", num_outputs=info.num_outputs, width_mult=0.125, dropout=False)
     torch.manual_seed(0)
@@ -77,7 +77,7 @@ def test_every_registry_entry_keeps_its_contract(name: str, tiny_faces):
     assert set(stage.required) <= optional, "required names a TrainSpec field that is always set, or none at all"
     assert stage.cost > 0
     if stage.required:
-        with pytest.raises(ValueError, match=f"strategy {name!r} needs"):
+        with pytest.raises(ValueError, match=f"stage {name!r} needs"):
             require_settings(TrainSpec(optimizer="adam", batch_size=8, epochs=1, lr=1e-3), name)
     assert require_settings(ALL_SETTINGS, name) is ALL_SETTINGS
 
@@ -87,7 +87,7 @@ def test_every_registry_entry_keeps_its_contract(name: str, tiny_faces):
         # -- its specs, as a preset gives them, round-trip through the plain dicts of the edges (Ray, MLflow) --
         visible = "full" if stage.starts_from == "weights" else info.main_visible
         for train in smoke.grid(task, "vggf", name):
-            spec = StageSpec(task=task, arch="vggf", strategy=name, train_visible=visible, input_size=INPUT_SIZE,
+            spec = StageSpec(task=task, arch="vggf", stage=name, train_visible=visible, input_size=INPUT_SIZE,
                              width_mult=0.125, train=train)
             assert StageSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 

@@ -12,7 +12,7 @@ from grid.timeline import node_timeline, overheads, read_timeline, write_timelin
 
 
 def _node(key: str, kind: str, parents: tuple[str, ...]) -> Node:
-    return Node(key=key, kind=kind, task="gender", arch="vggf", strategy=key, train_faces="full", seed=0,
+    return Node(key=key, kind=kind, task="gender", arch="vggf", stage=key, train_faces="full", seed=0,
                 params={}, parents=tuple(Edge(parent, parent) for parent in parents), resources=Resources(), cost=1.0)
 
 
@@ -28,7 +28,7 @@ COMPLETED = {"teacher": 1020.5, "student": 1031.6, "ablation": 1035.0, "fusion":
 
 
 def _train(key: str, started: float, first_step: float, last_step: float, finished: float) -> TrainNodeResult:
-    return TrainNodeResult(key=key, hash=key, strategy=key, metrics={}, scores=(), val_score=0.0, best_epoch=1,
+    return TrainNodeResult(key=key, hash=key, stage=key, metrics={}, scores=(), val_score=0.0, best_epoch=1,
                            epochs_run=1, max_epochs=1, seconds=finished - started, history=(), placement={},
                            timing=TrainTiming(started_at=started, first_step_at=first_step, last_step_at=last_step,
                                               finished_at=finished))
@@ -38,7 +38,7 @@ RESULTS = {
     "teacher": _train("teacher", 1002.0, 1004.5, 1018.0, 1020.0),
     "student": _train("student", 1022.0, 1024.0, 1030.0, 1031.0),
     "ablation": _train("ablation", 1025.0, 1026.5, 1034.0, 1034.5),
-    "fusion": FusionNodeResult(key="fusion", hash="fusion", strategy="fusion", metrics={}, scores=(), val_score=0.0,
+    "fusion": FusionNodeResult(key="fusion", hash="fusion", stage="fusion", metrics={}, scores=(), val_score=0.0,
                                fitted={}, selected={}, seconds=6.5,
                                timing=Timing(started_at=1033.0, finished_at=1039.5)),
 }

@@ -2,6 +2,7 @@
 real SQLite tracking store."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,54 @@ def test_kill_open_runs_ends_every_running_run_of_the_invocation(tmp_path: Path)
     assert client.get_run(training).data.tags["occkd.closed_reason"].startswith("interrupted by SIGTERM")
     assert client.get_run(tracker.parent.info.run_id).info.status == "KILLED"
     assert client.get_run(done).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_the_workers_choice_tag_is_the_drivers_record_of_the_searchers_choice(tmp_path: Path):
+    """Why a node got its DDP workers comes from the driver, where the searcher chose them: the Tune callback
+    opens the node's run with it, and the trial neither receives nor returns it (its config holds the node,
+    its result's placement what only the trial knows). Real searcher, Tune trial object, callback and SQLite
+    store; no Ray cluster is needed to hand out nodes."""
+    import io
+
+    from ray.tune.experiment import Trial
+
+    from grid.callbacks import GridCallback
+    from grid.ddp_workers import describe_choice
+    from grid.progress import Progress
+    from test_ddp_workers import paper_searcher
+
+    graph, searcher = paper_searcher(machines=4)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "occkd-test", run_name="grid", params={})
+    callback = GridCallback(graph, tracker, Progress(graph, skipped=set(), stream=io.StringIO()), tmp_path, {}, {},
+                            workers_note=searcher.workers_note)
+    handed = {}
+    for i in range(9):  # the nine teachers; the longest chains get several workers, the rest one
+        config = searcher.suggest(f"t{i}")
+        assert "workers_choice" not in config  # the trial is not told why
+        trial = Trial("run_node_trial", config=config, stub=True)
+        callback.on_trial_start(iteration=0, trials=[trial], trial=trial)
+        handed[config["node"]["key"]] = config["node"]["resources"]["workers"]
+    tracker.drain()
+    client = MlflowClient(uri)
+    tags = {key: client.get_run(tracker.node_runs[key]).data.tags for key in handed}
+    wide = [key for key, workers in handed.items() if workers > 1]
+    assert wide and "fer/vggface/teacher" in wide
+    for key in handed:
+        choice = searcher.workers_choices[key]  # every GPU training node's count was chosen by the rule
+        assert tags[key]["occkd.workers_choice"] == describe_choice(choice)
+        assert tags[key]["occkd.workers_choice"].startswith(f"{handed[key]} (its chain ")
+    # The sealed result's placement (the trial's own record) has no say in it.
+    key, sealed = wide[0], tmp_path / "node"
+    result = {"placement": {"workers": handed[key], "ray_train": True, "gpu_ids": [], "device": "cpu"}}
+    sealed.mkdir()
+    (sealed / "result.json").write_text(json.dumps(result))
+    tracker.finish_node(graph.nodes[key], result, sealed, [])
+    tracker.drain()
+    after = client.get_run(tracker.node_runs[key]).data.tags
+    assert after["occkd.workers_choice"] == tags[key]["occkd.workers_choice"]
+    assert after["occkd.workers"] == str(handed[key])
 
 
 def test_the_printed_mlflow_ui_command_pastes_into_a_shell_with_spaces_in_the_path():

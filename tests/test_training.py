@@ -19,13 +19,13 @@ from occkd_core.training import NonFiniteLossError, StageSpec, train_stage
 ADAM = TrainSpec(optimizer="adam", batch_size=32, epochs=2, lr=1e-3)
 
 
-def stage(task: str, strategy: str, visible: str, arch: str = "vggf", **train) -> StageSpec:
+def stage(task: str, name: str, visible: str, arch: str = "vggf", **train) -> StageSpec:
     spec = replace(ADAM, **train)
-    if strategy == "standard_kd":
+    if name == "standard_kd":
         spec = replace(spec, lam=0.5, temperature=4.0)
-    if strategy == "triplet_kd":
+    if name == "triplet_kd":
         spec = replace(spec, lam=0.5, margin=0.2, pool_fraction=0.3)
-    return StageSpec(task=task, arch=arch, strategy=strategy, train_visible=visible, input_size=32,
+    return StageSpec(task=task, arch=arch, stage=name, train_visible=visible, input_size=32,
                      width_mult=0.125, train=spec)
 
 
@@ -37,9 +37,9 @@ def test_curriculum_teacher_student_and_both_distillations(tiny_faces, tmp_path:
     student = train_stage(stage(task, "student", info.main_visible), tiny_faces, tmp_path / "student",
                           init_checkpoint=teacher.best_checkpoint)
     teacher_state = read_checkpoint(teacher.best_checkpoint)["state_dict"]
-    for strategy, terms in (("standard_kd", {"soft", "hard"} if task == "fer" else {"hint", "supervised"}),
-                            ("triplet_kd", {"supervised", "triplet"})):
-        result = train_stage(stage(task, strategy, info.main_visible), tiny_faces, tmp_path / strategy,
+    for name, terms in (("standard_kd", {"soft", "hard"} if task == "fer" else {"hint", "supervised"}),
+                        ("triplet_kd", {"supervised", "triplet"})):
+        result = train_stage(stage(task, name, info.main_visible), tiny_faces, tmp_path / name,
                              init_checkpoint=student.best_checkpoint, teacher_checkpoint=teacher.best_checkpoint,
                              cache_dir=tmp_path / "cache")
         assert set(result.history[-1].loss_terms) == terms
@@ -174,7 +174,7 @@ def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="valid names: resnet50, vggf, vggface"):
         stage("fer", "teacher", "full", arch="alexnet")
     with pytest.raises(ValueError, match="valid names: .*triplet_kd"):
-        StageSpec(task="fer", arch="vggf", strategy="fitnets", train_visible="lower", input_size=32,
+        StageSpec(task="fer", arch="vggf", stage="fitnets", train_visible="lower", input_size=32,
                   width_mult=0.125, train=ADAM)
 
 
@@ -244,12 +244,12 @@ def test_dropout_seeds_differ_by_rank_and_epoch():
 
 
 #: 162 faces: 97 training rows, odd, so every epoch's last global batch splits unevenly over 2 workers.
-WIDTH_FACES = 162
+DDP_FACES = 162
 
 
-def _width_stages() -> dict[str, StageSpec]:
+def _ddp_stages() -> dict[str, StageSpec]:
     """The teacher and the three distillations, plain SGD (Adam's step would hide a gradient off by a
-    constant factor), no dropout (its masks are drawn per worker: the one thing that differs by width)."""
+    constant factor), no dropout (its masks are drawn per worker: the one thing that differs by worker count)."""
     sgd = dict(optimizer="sgd", lr=0.01, epochs=2)
     specs = {
         "teacher": stage("fer", "teacher", "full", batch_size=16, **sgd),  # last batch 1 row: rank 1 stands in
@@ -261,29 +261,29 @@ def _width_stages() -> dict[str, StageSpec]:
     return {name: replace(spec, dropout=False) for name, spec in specs.items()}
 
 
-def _train_width_stages(parents: Path, out_dir: Path) -> None:
+def _train_ddp_stages(parents: Path, out_dir: Path) -> None:
     from occkd_core.data import make_synthetic_faces
 
-    data = make_synthetic_faces(WIDTH_FACES, image_size=32, seed=5)
-    for name, spec in _width_stages().items():
-        parent = {} if spec.strategy == "teacher" else {"init_checkpoint": parents / f"{spec.task}.pt",
+    data = make_synthetic_faces(DDP_FACES, image_size=32, seed=5)
+    for name, spec in _ddp_stages().items():
+        parent = {} if spec.stage == "teacher" else {"init_checkpoint": parents / f"{spec.task}.pt",
                                                          "teacher_checkpoint": parents / f"{spec.task}.pt"}
         train_stage(spec, data, out_dir / name, **parent)
 
 
-def _width_worker(rank: int, world: int, port: int, parents: str, out_dir: str) -> None:
+def _ddp_stages_worker(rank: int, world: int, port: int, parents: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        _train_width_stages(Path(parents), Path(out_dir))
+        _train_ddp_stages(Path(parents), Path(out_dir))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_a_node_trains_the_same_at_width_one_and_two(tmp_path: Path):
+def test_a_node_trains_the_same_with_one_and_two_ddp_workers(tmp_path: Path):
     """Same global batches and seed: 1 worker, and 2 gloo workers each with part of every batch (rows r,
     r+2, ... of it, with their flips), end two epochs of each stage at the same weights to 1e-6: the
     teacher, Hinton KD, hint KD and triplet KD (mining each epoch on every worker), on 97 rows."""
@@ -300,18 +300,19 @@ def test_a_node_trains_the_same_at_width_one_and_two(tmp_path: Path):
         parent_spec = ModelSpec(arch="vggf", num_outputs=get_task(task).num_outputs, width_mult=0.125,
                                 dropout=False)
         save_model_checkpoint(tmp_path / "parents" / f"{task}.pt", build_model(parent_spec), parent_spec)
-    _train_width_stages(tmp_path / "parents", tmp_path / "one")
+    _train_ddp_stages(tmp_path / "parents", tmp_path / "one")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_width_worker, args=(2, port, str(tmp_path / "parents"), str(tmp_path / "two")), nprocs=2, join=True)
-    for name, spec in _width_stages().items():
-        one, two = (read_checkpoint(tmp_path / width / name / "last.pt") for width in ("one", "two"))
+    mp.spawn(_ddp_stages_worker, args=(2, port, str(tmp_path / "parents"), str(tmp_path / "two")), nprocs=2,
+             join=True)
+    for name, spec in _ddp_stages().items():
+        one, two = (read_checkpoint(tmp_path / run / name / "last.pt") for run in ("one", "two"))
         assert one["state_dict"].keys() == two["state_dict"].keys()
         for key, value in one["state_dict"].items():
             torch.testing.assert_close(two["state_dict"][key], value, atol=1e-6, rtol=0, msg=f"{name}: {key}")
         # The weights moved far beyond the tolerance (the test compares training, not two starting points).
-        if spec.strategy == "teacher":
+        if spec.stage == "teacher":
             torch.manual_seed(spec.seed)
             start = build_model(spec.model_spec).state_dict()
         else:

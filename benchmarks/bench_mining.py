@@ -39,7 +39,8 @@ from occkd_core.presets import load_preset  # noqa: E402
 from occkd_core.strategies import BatchContext, TripletKDStrategy  # noqa: E402
 from occkd_core.tasks import get_task  # noqa: E402
 from occkd_core.embeddings import embed  # noqa: E402
-from occkd_core.training import StageSpec, _make_optimizer, _run_epoch  # noqa: E402
+from occkd_core.stage_state import make_optimizer  # noqa: E402
+from occkd_core.training import StageSpec, _run_epoch  # noqa: E402
 
 
 def mini_data(data_root: Path, cache: Path) -> tuple[dict[str, FaceData], str]:
@@ -124,7 +125,7 @@ def epoch_rows(data: dict[str, FaceData], tasks: list[str]) -> list[list]:
         strategy = TripletKDStrategy(ctx, teacher_embeddings, embed_student)
         order = strategy.epoch_order(1, student, torch.Generator().manual_seed(0))
         mining = strategy.mining_seconds - timings["embed"]  # the distances and the arg-max/min alone
-        optimizer = _make_optimizer(student, train)
+        optimizer = make_optimizer(student, train)
         start = time.perf_counter()
         student.train()
         _run_epoch(student, strategy, order, optimizer, train.batch_size, torch.Generator().manual_seed(1), 1,

@@ -43,7 +43,8 @@ from occkd_core.presets import load_preset  # noqa: E402
 from occkd_core.strategies import BatchContext, SupervisedStrategy  # noqa: E402
 from occkd_core.models import ARCHITECTURES  # noqa: E402
 from occkd_core.tasks import get_task  # noqa: E402
-from occkd_core.training import StageSpec, _as_predictions, _make_optimizer, _run_epoch  # noqa: E402
+from occkd_core.stage_state import make_optimizer  # noqa: E402
+from occkd_core.training import StageSpec, _as_predictions, _run_epoch  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class OcckdLoop:
         self.split = data.split("train")
         self.labels = self.split.labels(task.name)
         self.model = build_model(spec.model_spec).to(device, memory_format=_memory_format(device))
-        self.optimizer = _make_optimizer(self.model, spec.train)
+        self.optimizer = make_optimizer(self.model, spec.train)
         targets = torch.as_tensor(self.labels).to(device)
         self.ctx = BatchContext(task=task, train=spec.train, split=self.split, targets=targets,
                                 visible=spec.train_visible, input_spec=input_spec_for(spec.arch, spec.input_size),
@@ -148,7 +149,7 @@ class BareLoop:
         task = spec.task_info
         self.spec, self.device = spec, device
         self.model = build_model(spec.model_spec).to(device, memory_format=_memory_format(device))
-        self.optimizer = _make_optimizer(self.model, spec.train)
+        self.optimizer = make_optimizer(self.model, spec.train)
         split = data.split("train")
         input_spec = input_spec_for(spec.arch, spec.input_size)
         memory_format = _memory_format(device)

@@ -71,7 +71,8 @@ from occkd_core.presets import Preset, load_preset  # noqa: E402
 from occkd_core.stages import STAGES, stage_starting_from  # noqa: E402
 from occkd_core.strategies import BatchContext, SupervisedStrategy  # noqa: E402
 from occkd_core.tasks import get_task  # noqa: E402
-from occkd_core.training import StageSpec, _make_optimizer, _run_epoch, train_stage  # noqa: E402
+from occkd_core.stage_state import make_optimizer  # noqa: E402
+from occkd_core.training import StageSpec, _run_epoch, train_stage  # noqa: E402
 
 PARTS = ("ddp", "throughput", "chain")
 #: FER+ training faces (majority labels), RESULTS.md section 10: docs/results.md's `mid` GPU estimate is for FER+.
@@ -287,7 +288,7 @@ def check_ddp_and_resume(data: FaceData, preset: Preset, task: str, arch: str, d
         ctx = BatchContext(task=info, train=train, split=split, targets=torch.as_tensor(split.labels(task)).to(device),
                            visible="full", input_spec=input_spec_for(arch, settings.input_size), device=device,
                            channels_last=on_gpu)
-        optimizer = _make_optimizer(model, train)
+        optimizer = make_optimizer(model, train)
         before = next(model.parameters()).detach().clone()
         rows = np.arange(min(len(split), 3 * train.batch_size))
         sums, _, _ = _run_epoch(wrapped, SupervisedStrategy(ctx), rows, optimizer, train.batch_size,

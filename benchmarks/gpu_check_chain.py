@@ -38,7 +38,8 @@ from occkd_core.stages import (
 )
 from occkd_core.stats import compare_to_baseline, judge_comparisons
 from occkd_core.tasks import TaskInfo, get_task
-from occkd_core.training import EpochRecord, StageSpec, train_stage
+from occkd_core.stage_state import EpochRecord  # noqa: E402
+from occkd_core.training import StageSpec, train_stage
 
 Log = Callable[[str], None]
 

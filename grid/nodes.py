@@ -42,7 +42,8 @@ from occkd_core.preprocess import InputSpec
 from occkd_core.stages import CONTROL_SUFFIX, control_stages, distilled_stages, get_stage, stage_starting_from
 from occkd_core.stats import compare_to_baseline, judge_comparisons
 from occkd_core.tasks import get_task
-from occkd_core.training import EpochRecord, StageSpec, train_stage
+from occkd_core.stage_state import EpochRecord
+from occkd_core.training import StageSpec, train_stage
 
 Report = Callable[[dict[str, Any]], None]
 

@@ -10,11 +10,9 @@ from its last checkpoint. Runs single-process or under an initialised ``torch.di
 
 from __future__ import annotations
 
-import json
 import math
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +32,8 @@ from occkd_core.models import FaceNet, ModelSpec, build_model, get_architecture
 from occkd_core.preprocess import InputSpec, input_spec_for, random_flips
 from occkd_core.pretrained import weights_input_mean
 from occkd_core.specs import TrainSpec
+from occkd_core.stage_state import (EpochRecord, make_optimizer, make_scheduler, resume, save_last,
+                                    validation_plateaued)
 from occkd_core.stages import get_stage, require_settings
 from occkd_core.strategies import BatchContext, StageInputs, SupervisedStrategy
 from occkd_core.tasks import TaskInfo, Visibility, check_name, get_task
@@ -90,20 +90,6 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
-class EpochRecord:
-    epoch: int  # 1-based
-    lr: float
-    train_loss: float
-    loss_terms: dict[str, float]
-    train_metrics: dict[str, float]
-    val_metrics: dict[str, float]
-    val_score: float  # accuracy, or −MAE: higher is better
-    is_best: bool
-    seconds: float
-    extra: dict[str, float] = field(default_factory=dict)  # DSD phase sparsity, mining time, ...
-
-
-@dataclass(frozen=True)
 class TrainResult:
     best_checkpoint: Path
     best_epoch: int
@@ -156,35 +142,24 @@ def train_stage(
     model = _starting_model(spec, train_targets, init_checkpoint, pretrained_weights, device)
     input_spec = _stage_input_spec(spec, init_checkpoint, pretrained_weights)
     teacher = _frozen_teacher(spec, teacher_checkpoint, input_spec, device) if stage.needs_teacher else None
-    optimizer = _make_optimizer(model, train)
-    scheduler = _make_scheduler(optimizer, train)
+    optimizer = make_optimizer(model, train)
+    scheduler = make_scheduler(optimizer, train)
     dsd = DSDPruner(model) if train.dsd else None
     dsd_schedule = DSDSchedule(train.epochs) if train.dsd else None
     if world > 1:
         model = with_sync_batchnorm(model, world, device)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    progress = _resume(last_path, best_path, model, optimizer, scheduler, order_generator, flip_generator)
+    progress = resume(last_path, best_path, model, optimizer, scheduler, order_generator, flip_generator)
 
-    # -- strategy ---------------------------------------------------------------------------------------
     ctx = BatchContext(task=task, train=train, split=train_split, targets=train_targets, visible=spec.train_visible,
                        input_spec=input_spec, device=device, channels_last=on_gpu, teacher=teacher)
-
-    def teacher_embeddings() -> torch.Tensor:
-        if teacher is None or teacher_checkpoint is None:
-            raise ValueError(f"stage {spec.stage!r} asks for the teacher's embeddings, but its registry entry "
-                             f"(occkd_core.stages) does not say needs_teacher=True")
-        return embeddings.teacher_embeddings(teacher, teacher_checkpoint, train_split, task, input_spec, device, cache_dir)
-
-    inputs = StageInputs(
-        teacher_embeddings=teacher_embeddings,
-        embed_student=lambda m: embeddings.embed(unwrap(m), train_split, task, spec.train_visible, input_spec, device))
-    strategy = stage.strategy.build(ctx, inputs)
+    strategy = _build_strategy(spec, ctx, teacher_checkpoint, cache_dir)
 
     # -- epochs -----------------------------------------------------------------------------------------
     step_clock: dict[str, float] = {}
     for epoch in range(progress.start_epoch, train.epochs + 1):
-        if _validation_plateaued(train, progress, epoch - 1, world, device):
+        if validation_plateaued(train, progress, epoch - 1, world, device):
             break  # early stopping: `epochs` is the ceiling
         started = time.perf_counter()
         phase = dsd_schedule.phase(epoch - 1) if dsd_schedule else "dense"
@@ -223,8 +198,8 @@ def train_stage(
             if is_best:
                 save_model_checkpoint(best_path, model, spec.model_spec, stage_spec=spec.to_dict(), epoch=epoch,
                                       val_score=score, input_spec=input_spec.to_dict())
-            _save_last(last_path, spec, input_spec, model, epoch, optimizer, scheduler, order_generator,
-                       flip_generator, progress)
+            save_last(last_path, spec.model_spec, spec.to_dict(), input_spec, model, epoch, optimizer, scheduler,
+                      order_generator, flip_generator, progress)
         if on_epoch is not None:
             on_epoch(record)
     if world > 1:
@@ -232,6 +207,24 @@ def train_stage(
     return TrainResult(best_checkpoint=best_path, best_epoch=progress.best_epoch,
                        best_val_score=progress.best_score, history=progress.history,
                        first_step_at=step_clock.get("first"), last_step_at=step_clock.get("last"))
+
+
+def _build_strategy(spec: StageSpec, ctx: BatchContext, teacher_checkpoint: Path | None,
+                    cache_dir: Path | None) -> SupervisedStrategy:
+    """The stage's strategy (its loss and epoch order, occkd_core.strategies), with what it may ask for: the
+    teacher's embeddings of the training faces (cached in ``cache_dir``) and the student's own."""
+    teacher, split, input_spec, device = ctx.teacher, ctx.split, ctx.input_spec, ctx.device
+
+    def teacher_embeddings() -> torch.Tensor:
+        if teacher is None or teacher_checkpoint is None:
+            raise ValueError(f"stage {spec.stage!r} asks for the teacher's embeddings, but its registry entry "
+                             f"(occkd_core.stages) does not say needs_teacher=True")
+        return embeddings.teacher_embeddings(teacher, teacher_checkpoint, split, ctx.task, input_spec, device, cache_dir)
+
+    inputs = StageInputs(
+        teacher_embeddings=teacher_embeddings,
+        embed_student=lambda m: embeddings.embed(unwrap(m), split, ctx.task, spec.train_visible, input_spec, device))
+    return get_stage(spec.stage).strategy.build(ctx, inputs)
 
 
 def _starting_model(spec: StageSpec, train_targets: torch.Tensor, init_checkpoint: Path | None,
@@ -275,88 +268,6 @@ def _frozen_teacher(spec: StageSpec, teacher_checkpoint: Path | None, input_spec
                          f"fine-tuned from")
     teacher.requires_grad_(False)
     return teacher
-
-
-def _save_last(path: Path, spec: StageSpec, input_spec: InputSpec, model: torch.nn.Module, epoch: int,
-               optimizer: torch.optim.Optimizer, scheduler: Any, order_generator: torch.Generator,
-               flip_generator: torch.Generator, progress: "_Progress") -> None:
-    save_model_checkpoint(
-        path, model, spec.model_spec, stage_spec=spec.to_dict(), input_spec=input_spec.to_dict(), epoch=epoch,
-        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else {},
-        order_generator=order_generator.get_state(), flip_generator=flip_generator.get_state(),
-        history=json.dumps([asdict(r) for r in progress.history]), best_score=progress.best_score,
-        best_epoch=progress.best_epoch)
-
-
-def _validation_plateaued(train: TrainSpec, progress: "_Progress", last_epoch: int, world: int,
-                          device: torch.device) -> bool:
-    """Whether validation has not improved for ``early_stop_patience`` epochs after ``last_epoch`` (also right
-    after a resume). Rank 0 decides for every rank: ranks that stopped apart would hang DDP's all-reduce."""
-    if train.early_stop_patience is None:
-        return False
-    stop = last_epoch - progress.best_epoch >= train.early_stop_patience
-    if world > 1:
-        flag = torch.tensor([float(stop)], device=device)
-        dist.broadcast(flag, src=0)
-        stop = bool(flag.item())
-    return stop
-
-
-def _make_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec) -> Any:
-    """Plateau decay (÷10 after ``plateau_patience`` flat validation epochs, spec §15 #5), or None."""
-    if train.schedule != "plateau":
-        return None
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=train.plateau_factor,
-                                                      patience=train.plateau_patience)
-
-
-@dataclass
-class _Progress:
-    """Where a stage stands: its epochs so far and its best validation score."""
-
-    history: list[EpochRecord] = field(default_factory=list)
-    best_score: float = -math.inf
-    best_epoch: int = 0
-    start_epoch: int = 1
-
-
-def _resume(last_path: Path, best_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, order_generator: torch.Generator, flip_generator: torch.Generator) -> _Progress:
-    """Restore an interrupted stage from its last checkpoint (model, optimiser, schedule, generators)."""
-    state = _read_resume_state(last_path, best_path)
-    if state is None:
-        return _Progress()
-    unwrap(model).load_state_dict(state["state_dict"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    order_generator.set_state(state["order_generator"])
-    flip_generator.set_state(state["flip_generator"])
-    return _Progress(history=[EpochRecord(**record) for record in json.loads(state["history"])],
-                     best_score=state["best_score"], best_epoch=state["best_epoch"], start_epoch=state["epoch"] + 1)
-
-
-def _read_resume_state(last_path: Path, best_path: Path) -> dict[str, Any] | None:
-    """The last checkpoint of an interrupted attempt, or None to start fresh (also when it is unreadable:
-    files are written atomically, so that means outside damage, and a fresh start is the safe answer)."""
-    if not (last_path.exists() and best_path.exists()):
-        return None
-    try:
-        read_checkpoint(best_path)
-        return read_checkpoint(last_path)
-    except ValueError as err:
-        warnings.warn(f"starting {last_path.parent} afresh: {err}", stacklevel=3)
-        last_path.unlink(missing_ok=True)
-        best_path.unlink(missing_ok=True)
-        return None
-
-
-def _make_optimizer(model: FaceNet, train: TrainSpec) -> torch.optim.Optimizer:
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                               weight_decay=train.weight_decay)
-    # Adam β and ε: PyTorch defaults (0.9, 0.999), 1e-8 (spec §15 #4).
-    return torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
 
 
 def _run_epoch(

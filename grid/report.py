@@ -138,11 +138,14 @@ def collect_rows(graph: StageGraph, results: Mapping[str, NodeResult]) -> list[d
 
 def selected_keys(graph: StageGraph, results: Mapping[str, NodeResult], task: str, arch: str | None,
                   seed: int) -> set[str]:
-    """The training nodes the fusion of ``task`` × ``arch`` × ``seed`` chose (empty until it has sealed)."""
+    """The keys, in this graph, of the training nodes the fusion of ``task`` × ``arch`` × ``seed`` chose (empty
+    until it has sealed). Found by hash: a fusion sealed by an earlier invocation names its choices by that
+    invocation's keys, and keys change with the grid (``--seeds 2`` adds ``/seed0`` to the first seed's)."""
     for key, node in graph.nodes.items():
         fusion = results.get(key)
         if (node.task, node.arch, node.seed) == (task, arch, seed) and isinstance(fusion, FusionNodeResult):
-            return {chosen.key for chosen in fusion.selected.values()}
+            chosen = {pick.hash for pick in fusion.selected.values()}
+            return {k for k, n in graph.nodes.items() if n.hash in chosen}
     return set()
 
 

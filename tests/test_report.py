@@ -187,3 +187,19 @@ def test_report_figures_mark_significance_and_draw_each_chains_curves(significan
     markdown = md_path.read_text()
     assert "![gender: learning curves of each chain](figures/gender_curves.png)" in markdown
     assert "(figures/gender_test_vs_papers.png)" in markdown
+
+
+def test_a_fusion_sealed_under_one_seed_still_picks_its_rows_once_the_grid_has_two(significance_setup):
+    """The fusion names its chosen grid points by key, and keys change with the grid: run again with
+    ``--seeds 2``, the nodes sealed under one seed are ``…/seed0`` (same hashes, so they are reused). The
+    report finds the fusion's choices by hash: seed 0's distilled students and controls stay in the table
+    (they were dropped, and the table showed seed 1 alone, found on real UTKFace at mid)."""
+    graph, results = significance_setup
+    two_seeds = expand_graph(load_preset("smoke"), ["gender"], ["vggf"], seeds=2, train_sizes={"gender": 180},
+                             data_fingerprints={"gender": "data"})
+    by_hash = {node.hash: key for key, node in two_seeds.nodes.items()}
+    moved = {by_hash[graph.nodes[key].hash]: result for key, result in results.items()}
+    assert "gender/vggf/standard_kd/seed0" in moved and "gender/vggf/fusion/seed0" in moved
+    rows = collect_rows(two_seeds, moved)
+    for model in ("standard_kd", "triplet_kd", "standard_kd_control", "triplet_kd_control"):
+        assert [row["num_seeds"] for row in rows if row["model"] == model] == [1], model

@@ -2,13 +2,13 @@
 real SQLite tracking store."""
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from grid.graph import expand_graph
+from grid.artifacts import write_result
 from grid.results import ScoreRow, TrainNodeResult, TrainTiming
 from grid.tracking import Tracker
 from occkd_core.presets import load_preset
@@ -89,7 +89,7 @@ def _sealed_teacher(tmp_path: Path):
     record = DataRecord("synthetic", "0123456789abcdef", str(tmp_path / "synthetic.arrow"),
                         {"train": 60, "val": 20, "test": 20})
     teacher = graph.nodes["gender/vggf/teacher"]
-    result = TrainNodeResult(key=teacher.key, hash=teacher.hash, strategy="teacher",
+    result = TrainNodeResult(key=teacher.key, hash=teacher.hash, stage="teacher",
                              metrics={"best_epoch": 1, "val_score": 71.0},
                              scores=(ScoreRow(model="teacher", test_set="test", visible="upper", metric="accuracy",
                                               value=70.0),),
@@ -202,9 +202,13 @@ def test_the_workers_choice_tag_is_the_drivers_record_of_the_searchers_choice(tm
         assert tags[key]["occkd.workers_choice"].startswith(f"{handed[key]} (its chain ")
     # The sealed result's placement (the trial's own record) has no say in it.
     key, sealed = wide[0], tmp_path / "node"
-    result = {"placement": {"workers": handed[key], "ray_train": True, "gpu_ids": [], "device": "cpu"}}
+    node = graph.nodes[key]
+    result = TrainNodeResult(key=key, hash=node.hash, stage=node.stage, metrics={}, scores=(), val_score=0.0,
+                             best_epoch=1, epochs_run=1, max_epochs=1, seconds=1.0, history=(),
+                             placement={"workers": handed[key], "ray_train": True, "gpu_ids": [], "device": "cpu"},
+                             timing=TrainTiming(started_at=0.0, first_step_at=0.1, last_step_at=0.9, finished_at=1.0))
     sealed.mkdir()
-    (sealed / "result.json").write_text(json.dumps(result))
+    result = write_result(sealed, result, [])
     tracker.finish_node(graph.nodes[key], result, sealed, [])
     tracker.drain()
     after = client.get_run(tracker.node_runs[key]).data.tags

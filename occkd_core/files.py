@@ -46,9 +46,9 @@ _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _TEMPORARY = re.compile(r"^\..+\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)(\.[^.]*)?$")
 
 
-def remove_orphaned_temporaries(folder: str | Path) -> list[Path]:
+def remove_orphaned_temporaries(folder: str | Path) -> list[tuple[Path, int]]:
     """Delete the temporaries in ``folder`` (not below it) of writers on this host that are no longer
-    running; return them. A temporary of a live process, or of another host, is kept. (A pid reused by a
+    running; return them with their sizes in bytes. A temporary of a live process, or of another host, is kept. (A pid reused by a
     new process keeps its orphan until that process ends too: a file kept too long, never one cut short.)"""
     removed = []
     for entry in Path(folder).glob(".*.tmp-*"):
@@ -56,10 +56,11 @@ def remove_orphaned_temporaries(folder: str | Path) -> list[Path]:
         if match is None or match["host"] != _HOST or not entry.is_file() or _running(int(match["pid"])):
             continue
         try:
+            size = entry.stat().st_size
             entry.unlink()
         except FileNotFoundError:  # another process cleaning the same folder
             continue
-        removed.append(entry)
+        removed.append((entry, size))
     return removed
 
 

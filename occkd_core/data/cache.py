@@ -100,15 +100,9 @@ _REPORTED: set[tuple[object, ...]] = set()
 def _remove_orphans(folder: Path) -> None:
     if not folder.is_dir():
         return
-    sizes = {}
-    for entry in folder.glob(".*.tmp-*"):
-        try:
-            sizes[entry] = entry.stat().st_size
-        except OSError:
-            continue
     removed = remove_orphaned_temporaries(folder)
     if removed:
-        freed = sum(sizes.get(entry, 0) for entry in removed)
+        freed = sum(size for _, size in removed)
         size = f"{freed / 1e9:.1f} GB" if freed >= 1e9 else f"{freed / 1e6:.1f} MB"
         print(f"removed {len(removed)} unfinished file(s) in {folder} left by writers that were killed "
               f"({size})", file=sys.stderr, flush=True)

@@ -35,6 +35,7 @@ from grid.results import (
 from occkd_core.checkpoints import checkpoint_input_spec, load_model
 from occkd_core.data import FaceData, open_face_store
 from occkd_core.evaluation import Predictions, evaluate_conditions, predict, task_metrics
+from occkd_core.files import sweep_orphaned_temporaries
 from occkd_core.fusion import CONTROL_FUSION, fit_fusion_variants, fusion_variants
 from occkd_core.gradcam import save_split_gradcam
 from occkd_core.plots import save_test_plot
@@ -65,6 +66,11 @@ def fresh_node_dir(storage: Path, node_hash: str) -> Path:
     if (out / RESULT_FILE).exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    # An attempt killed mid-write (SIGKILL, a lost machine) left its temporary beside the file it was replacing
+    # (`.last.tmp-HOST-PID.pt`: a whole checkpoint, hundreds of MB for ResNet-50 at 224 px): gone once its
+    # writer has ended; a live writer's, or another host's, is kept.
+    for folder in (out, out / TRAIN_DIR):
+        sweep_orphaned_temporaries(folder)
     return out
 
 

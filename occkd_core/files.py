@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -64,6 +65,19 @@ def remove_orphaned_temporaries(folder: str | Path) -> list[tuple[Path, int]]:
     return removed
 
 
+def sweep_orphaned_temporaries(folder: str | Path) -> list[tuple[Path, int]]:
+    """:func:`remove_orphaned_temporaries` in ``folder`` if it exists, saying in one line on stderr how
+    many files it removed and their size (nothing when it removed none)."""
+    folder = Path(folder)
+    removed = remove_orphaned_temporaries(folder) if folder.is_dir() else []
+    if removed:
+        freed = sum(size for _, size in removed)
+        size = f"{freed / 1e9:.1f} GB" if freed >= 1e9 else f"{freed / 1e6:.1f} MB"
+        print(f"removed {len(removed)} unfinished file(s) in {folder} left by writers that were killed ({size})",
+              file=sys.stderr, flush=True)
+    return removed
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -90,4 +104,5 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "file_sha256", "remove_orphaned_temporaries"]
+__all__ = ["atomic_write", "atomic_write_bytes", "file_sha256", "remove_orphaned_temporaries",
+           "sweep_orphaned_temporaries"]

@@ -236,3 +236,37 @@ def test_a_killed_conversions_temporary_is_removed_and_a_live_writers_is_kept(tm
         live.kill()
         live.wait(timeout=30)
         killed.kill()
+
+
+def test_a_killed_trainers_checkpoint_temporary_is_removed_when_its_node_runs_again(tmp_path: Path, capsys):
+    """A trainer SIGKILLed while it replaced ``last.pt`` leaves the temporary beside it (a whole checkpoint);
+    the node's next attempt, preparing its folder, deletes it and keeps the finished ``last.pt`` it resumes
+    from, a live writer's temporary, and another host's."""
+    from grid.artifacts import TRAIN_DIR, node_dir
+    from grid.nodes import fresh_node_dir
+
+    storage, node_hash = tmp_path / "runs", "0123456789abcdef"
+    train = node_dir(storage, node_hash) / TRAIN_DIR
+    train.mkdir(parents=True)
+    (train / "last.pt").write_bytes(b"the epoch before")
+    killed = subprocess.Popen([sys.executable, "-c", WRITER, str(train / "last.pt")], stdout=subprocess.PIPE, text=True)
+    live = subprocess.Popen([sys.executable, "-c", WRITER, str(train.parent / "predictions.parquet")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        orphan, running = Path(killed.stdout.readline().strip()), Path(live.stdout.readline().strip())
+        assert orphan.parent == train and orphan.name.startswith(".last.tmp-") and orphan.suffix == ".pt"
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+        elsewhere = train / ".best.tmp-00000000-1.pt"
+        elsewhere.write_bytes(b"y")
+        capsys.readouterr()
+        assert fresh_node_dir(storage, node_hash) == train.parent
+        assert not orphan.exists() and running.exists() and elsewhere.exists()
+        assert (train / "last.pt").read_bytes() == b"the epoch before"
+        assert f"removed 1 unfinished file(s) in {train} left by writers that were killed (1.0 MB)" in capsys.readouterr().err
+        fresh_node_dir(storage, node_hash)  # nothing left to remove: says nothing
+        assert "removed" not in capsys.readouterr().err
+    finally:
+        for process in (live, killed):
+            process.kill()
+            process.wait(timeout=30)

@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from occkd_core.data.store import FaceData, open_face_store, write_face_store
-from occkd_core.files import atomic_write_bytes, file_sha256, remove_orphaned_temporaries
+from occkd_core.files import atomic_write_bytes, file_sha256, sweep_orphaned_temporaries
 
 RECORD_SUFFIX = ".sha256.json"
 
@@ -67,7 +67,7 @@ def reuse_cached_store(path: Path, *, write: bool, sources: str) -> bool:
     """
     path = Path(path)
     if write:  # a conversion killed mid-write left its temporary (GBs at paper scale)
-        _remove_orphans(path.parent)
+        sweep_orphaned_temporaries(path.parent)
     try:
         status = path.stat()
     except FileNotFoundError:
@@ -95,17 +95,6 @@ def reuse_cached_store(path: Path, *, write: bool, sources: str) -> bool:
 #: Damaged stores (by path and stat) already said in this process: a grid checks its data once before
 #: taking the storage lock and again under it, and the damage is said once.
 _REPORTED: set[tuple[object, ...]] = set()
-
-
-def _remove_orphans(folder: Path) -> None:
-    if not folder.is_dir():
-        return
-    removed = remove_orphaned_temporaries(folder)
-    if removed:
-        freed = sum(size for _, size in removed)
-        size = f"{freed / 1e9:.1f} GB" if freed >= 1e9 else f"{freed / 1e6:.1f} MB"
-        print(f"removed {len(removed)} unfinished file(s) in {folder} left by writers that were killed "
-              f"({size})", file=sys.stderr, flush=True)
 
 
 def _stamp(status: os.stat_result) -> dict[str, int]:

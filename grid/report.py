@@ -267,11 +267,11 @@ def render_markdown(rows: Iterable[dict[str, Any]], *, title: str, setting: str,
     said: set[str] = set()
     for (task, test_set, metric), table in tables.items():
         info = get_task(task)
-        if task not in said and teacher_effect(rows, task):
+        lines += [f"## {task} · {test_set} · {metric} (students see the {info.main_visible} half)", ""]
+        if task not in said and teacher_effect(rows, task):  # under the task's first heading, not the last table's
             said.add(task)
             lines += [teacher_effect(rows, task), ""]
-        lines += [f"## {task} · {test_set} · {metric} (students see the {info.main_visible} half)", "",
-                  "| arch | model | train faces | full | lower | upper | papers' rule: p | Holm: p, verdict |"
+        lines += ["| arch | model | train faces | full | lower | upper | papers' rule: p | Holm: p, verdict |"
                   + (" vs control: p (Holm) |" if controlled else ""),
                   "|---|---|---|---|---|---|---|---|" + ("---|" if controlled else "")]
         for (arch, model, train_faces), cells in table.items():

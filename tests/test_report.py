@@ -146,6 +146,11 @@ def test_significance_node_and_report_show_the_papers_rule_beside_holm(significa
     assert line.endswith("| 0.0414 † | 0.124, no significant difference | vs control fusion: 0.00195 † "
                          "(Holm 0.00586, better) |")
     assert "after Holm the teacher helps significantly in 1 and hurts significantly in 0 of 3 comparisons" in markdown
+    # The sentence opens its task's section (under its first heading), not the end of the section before it.
+    lines = markdown.splitlines()
+    heading = next(i for i, text in enumerate(lines) if text.startswith("## gender · "))
+    assert lines[heading + 2].startswith("**What the teacher adds (gender, ")
+    assert sum(text.startswith("**What the teacher adds") for text in lines) == 1
     assert "| vggf | control_fusion | upper |" in markdown  # no teacher: the student's faces
     assert "vggf fusion " in markdown and "vs control fusion" in markdown
     # Without controls the report says its comparisons are uncontrolled.

@@ -19,14 +19,19 @@ os.environ["HOME"] = tempfile.mkdtemp(prefix="occkd-tests-home-")
 atexit.register(shutil.rmtree, os.environ["HOME"], ignore_errors=True)
 
 
+def use_empty_home(patch: pytest.MonkeyPatch, home: Path) -> Path:
+    """Make ``home`` (empty) the HOME of this process and every process it starts, with no Ray token given
+    by the environment either: a new account."""
+    patch.setenv("HOME", str(home))
+    patch.delenv("RAY_AUTH_TOKEN", raising=False)
+    patch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    return home
+
+
 @pytest.fixture
 def fresh_home(tmp_path_factory, monkeypatch) -> Path:
     """An empty HOME for this test and every process it starts: no ~/.ray/auth_token, as on a new account."""
-    home = tmp_path_factory.mktemp("home")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    return home
+    return use_empty_home(monkeypatch, tmp_path_factory.mktemp("home"))
 
 
 @pytest.fixture(scope="session")

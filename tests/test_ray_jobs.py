@@ -20,6 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import use_empty_home
 from grid.local_cluster import free_port, marked_ray
 from test_grid_e2e import TINY
 
@@ -48,18 +49,23 @@ def _head_start_command() -> tuple[dict[str, str], list[str]]:
                          f"--dashboard-agent-listen-port={free_port()}"]
 
 
-@pytest.fixture
-def ray_head(fresh_home: Path):
-    if subprocess.run([RAY, "status"], capture_output=True, env={**os.environ, "RAY_AUTH_MODE": "token"},
-                      timeout=60).returncode == 0:
-        pytest.skip("a Ray cluster already runs on this machine; not disturbing it")
-    made = subprocess.run([sys.executable, "grid/ray_token.py"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    token = fresh_home / ".ray" / "auth_token"
-    assert made.returncode == 0 and made.stdout.strip() == f"Ray token: made {token} (mode 600)", made
-    assignments, command = _head_start_command()
-    assert assignments.get("RAY_AUTH_MODE") == "token"
-    with marked_ray(command, {**os.environ, **assignments}) as env:  # stopped after: its processes, no other Ray
-        yield env
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """One head for this module's tests (starting and stopping one takes ~15 s each), from a new account's
+    empty HOME."""
+    with pytest.MonkeyPatch.context() as patch:
+        home = use_empty_home(patch, tmp_path_factory.mktemp("home"))
+        if subprocess.run([RAY, "status"], capture_output=True, env={**os.environ, "RAY_AUTH_MODE": "token"},
+                          timeout=60).returncode == 0:
+            pytest.skip("a Ray cluster already runs on this machine; not disturbing it")
+        made = subprocess.run([sys.executable, "grid/ray_token.py"], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+        token = home / ".ray" / "auth_token"
+        assert made.returncode == 0 and made.stdout.strip() == f"Ray token: made {token} (mode 600)", made
+        assignments, command = _head_start_command()
+        assert assignments.get("RAY_AUTH_MODE") == "token"
+        with marked_ray(command, {**os.environ, **assignments}) as env:  # stopped after: its processes, no other Ray
+            yield env
 
 
 def test_a_grid_submitted_with_ray_job_submit_runs_on_the_head(ray_head, tmp_path: Path):

@@ -49,8 +49,9 @@ _TEMPORARY = re.compile(r"^\..+\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)(\.[^.]*)
 
 def remove_orphaned_temporaries(folder: str | Path) -> list[tuple[Path, int]]:
     """Delete the temporaries in ``folder`` (not below it) of writers on this host that are no longer
-    running; return them with their sizes in bytes. A temporary of a live process, or of another host, is kept. (A pid reused by a
-    new process keeps its orphan until that process ends too: a file kept too long, never one cut short.)"""
+    running; return them with their sizes in bytes. A temporary of a live process, or of another host, is
+    kept. (A pid reused by a new process keeps its orphan until that process ends too: a file kept too long,
+    never one cut short.)"""
     removed = []
     for entry in Path(folder).glob(".*.tmp-*"):
         match = _TEMPORARY.match(entry.name)

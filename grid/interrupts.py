@@ -103,6 +103,17 @@ class Interrupts(Stopper):
         finally:
             os._exit(exit_status(self.signum))
 
+    def __getstate__(self) -> dict:
+        """What Tune may save: it writes its stopper into every experiment checkpoint (cloudpickled), and the
+        deadline's timer (a lock) and the closing action (the driver's tracker) are live objects of this
+        process that no other process could use. Saving them made the first checkpoint after a Ctrl-C raise
+        ``cannot pickle '_thread.lock'`` inside ``Tuner.fit``, so the driver crashed instead of stopping."""
+        return {"signum": self.signum, "in_experiment": self.in_experiment, "grace_s": self.grace_s}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(grace_s=state["grace_s"])
+        self.signum, self.in_experiment = state["signum"], state["in_experiment"]
+
     # Stopper: checked by Tune every step of its loop.
     def __call__(self, trial_id: str, result: dict) -> bool:
         return self.signum is not None

@@ -19,8 +19,6 @@ from test_grid_e2e import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
-
 #: The teacher trains long enough to be interrupted mid-node, three times (each epoch, ~0.1 s here, is a
 #: checkpoint to resume from).
 TEACHER_EPOCHS = 300
@@ -71,6 +69,7 @@ def runs(workdir: Path):
     return client.search_runs([experiment.experiment_id], max_results=1000)
 
 
+@pytest.mark.slow
 def test_a_second_driver_ctrl_c_sigterm_and_the_rerun(tmp_path: Path, fresh_home: Path):
     (tmp_path / "tiny-long.yaml").write_text(yaml.safe_dump(PRESET))
     first = start(tmp_path, "first")
@@ -144,6 +143,7 @@ time.sleep(60)  # a driver stuck on a Ray that is gone
 """
 
 
+@pytest.mark.slow
 def test_a_driver_that_cannot_stop_closes_its_runs_at_the_deadline_and_exits(tmp_path: Path, fresh_home: Path):
     """scancel signals Ray's processes with the driver: a driver stuck on them must still close its runs
     before Slurm's KillWait, so after OCCKD_STOP_GRACE_S it runs its closing action and exits 143."""
@@ -160,3 +160,30 @@ def test_a_driver_that_cannot_stop_closes_its_runs_at_the_deadline_and_exits(tmp
                          capture_output=True, text=True, timeout=120, env={**os.environ, "OCCKD_STOP_GRACE_S": "soon"})
     assert bad.returncode == 2 and "OCCKD_STOP_GRACE_S must be a number of seconds > 0, got 'soon'" in bad.stderr
     assert not (tmp_path / "occkd_runs").exists()
+
+
+def test_tune_can_checkpoint_the_stopper_after_the_first_signal():
+    """Tune JSON-encodes its stopper into every experiment checkpoint (cloudpickle for what JSON cannot
+    hold). After a first Ctrl-C the stopper holds the deadline's timer and the driver's closing action
+    (its tracker, with locks): encoding them raised inside ``Tuner.fit`` and the driver crashed instead of
+    stopping (CI, stop 33: exit -11 where 130 was due). Tune must be able to save it, and what it saves
+    still says a signal came."""
+    import json
+    import threading
+
+    from ray.tune.utils.serialization import TuneFunctionDecoder, TuneFunctionEncoder
+
+    from grid.interrupts import Interrupts
+
+    interrupts = Interrupts(grace_s=3600)
+    busy = threading.Lock()  # stands for the tracker's locks and threads
+    interrupts.on_overdue = lambda: busy.acquire()
+    interrupts.in_experiment = True
+    try:
+        interrupts._handle(signal.SIGINT, None)  # the first signal: asks Tune to stop, starts the deadline
+        saved = json.dumps({"runner_data": {"_stopper": interrupts}}, cls=TuneFunctionEncoder)
+    finally:
+        interrupts.restore()
+    restored = json.loads(saved, cls=TuneFunctionDecoder, allow_cloudpickle=True)["runner_data"]["_stopper"]
+    assert restored.signum == signal.SIGINT and restored.stop_all() and restored("trial", {})
+    assert restored.grace_s == 3600 and restored.on_overdue is None

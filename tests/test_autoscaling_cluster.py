@@ -32,9 +32,10 @@ from grid.local_cluster import (
     RAY, autoscaling_cluster, fake_cluster_config, grid_command, kill_ray_node, mlflow_server, ray_is_running,
     token_env,
 )
+from conftest import new_mlflow_store
 from test_grid_e2e import TINY
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray_cluster]  # runs after or before, never beside, the other clusters
 
 #: Every training node asks for a whole worker (4 GPUs), so the two students need two workers; they train
 #: long enough (8 epochs, each reported to Ray Train with a checkpoint) to lose one. One triplet margin:
@@ -74,6 +75,7 @@ def test_gpu_workers_launch_on_demand_train_through_ray_train_and_survive_a_lost
         pytest.skip("a Ray cluster already runs on this machine; not disturbing it")
     (tmp_path / "tiny-gpu.yaml").write_text(yaml.safe_dump(PRESET))
     storage = tmp_path / "runs"
+    new_mlflow_store(tmp_path / "mlflow.db")  # the tracking server's store
     with autoscaling_cluster(fake_cluster_config(), tmp_path) as config, mlflow_server(tmp_path) as uri:
         command = grid_command(config, uri, storage, ["--tasks", "gender", "--archs", "vggf",
                                                       "--preset", str(tmp_path / "tiny-gpu.yaml")])

@@ -18,10 +18,11 @@ import yaml
 from grid.code import check_same_code, code_fingerprint
 from grid.local_cluster import RAY, marked_ray, ray_is_running
 from grid.ray_token import ensure_token
+from conftest import new_mlflow_store
 from test_grid_e2e import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray_cluster]  # runs after or before, never beside, the other clusters
 PRESET = {**TINY, "name": "tiny-code", "controls": False}
 
 
@@ -36,6 +37,8 @@ def copy_of_the_code(where: Path, edit: str = "") -> Path:
 
 def grid(driver_copy: Path, tmp_path: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(PRESET))
+    if not (tmp_path / "mlflow.db").exists():
+        new_mlflow_store(tmp_path / "mlflow.db")
     return subprocess.run([sys.executable, str(driver_copy / "grid" / "run_all.py"), "--tasks", "gender", "--archs",
                            "vggf", "--preset", str(tmp_path / "tiny.yaml"), "--storage", str(tmp_path / "runs"),
                            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *extra],

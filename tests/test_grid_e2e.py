@@ -12,6 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import new_mlflow_store
 from grid.timeline import read_timeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +49,7 @@ def run_grid(workdir: Path, *extra: str, env: dict | None = None) -> subprocess.
 def grid_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("grid")
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    new_mlflow_store(workdir / "mlflow.db")
     # Another copy of the code comes first on PYTHONPATH, as an installed older checkout would: the workers
     # must still run this one, the driver's (test_the_workers_ran_the_drivers_code).
     installed = workdir / "installed"

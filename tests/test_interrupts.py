@@ -15,6 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import new_mlflow_store
 from test_grid_e2e import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +73,7 @@ def runs(workdir: Path):
 @pytest.mark.slow
 def test_a_second_driver_ctrl_c_sigterm_and_the_rerun(tmp_path: Path, fresh_home: Path):
     (tmp_path / "tiny-long.yaml").write_text(yaml.safe_dump(PRESET))
+    new_mlflow_store(tmp_path / "mlflow.db")
     first = start(tmp_path, "first")
     wait_for(lambda: teacher_epochs(tmp_path) >= 1, 180, "the teacher's first epoch", first)
 

@@ -172,7 +172,10 @@ def test_a_complete_preset_refuses_a_stage_it_does_not_configure(tmp_path: Path,
 def test_a_plugin_stage_and_network_run_through_the_real_ray_grid(tmp_path: Path):
     """The driver and every Ray worker register the plugin: its nodes train in trials, its fusion and
     significance nodes read the plugin's stage, and the report lists it. Nothing of the package changed."""
+    from conftest import new_mlflow_store  # here: workers import this file as the plugin, without tests/
+
     preset = plugged_preset(tmp_path)
+    new_mlflow_store(tmp_path / "mlflow.db")
     result = subprocess.run([sys.executable, str(REPO / "grid" / "run_all.py"), "--tasks", "gender", "--preset",
                              str(preset)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "OCCKD_PLUGINS": ""})

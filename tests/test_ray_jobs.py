@@ -20,12 +20,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import use_empty_home
+from conftest import new_mlflow_store, use_empty_home
 from grid.local_cluster import free_port, marked_ray
 from test_grid_e2e import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray_cluster]  # runs after or before, never beside, the other clusters
 #: The `ray` command installed beside this interpreter (CI may not have it first on PATH).
 RAY = str(Path(sys.executable).parent / "ray") if (Path(sys.executable).parent / "ray").exists() else "ray"
 DASHBOARD_PORT, GCS_PORT = 8299, 6399
@@ -70,6 +70,7 @@ def ray_head(tmp_path_factory):
 
 def test_a_grid_submitted_with_ray_job_submit_runs_on_the_head(ray_head, tmp_path: Path):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(NO_CONTROLS))
+    new_mlflow_store(tmp_path / "mlflow.db")
     command = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}", "--working-dir", ".", "--",
                sys.executable, "grid/run_all.py", "--tasks", "gender", "--archs", "vggf",
                "--preset", str(tmp_path / "tiny.yaml"), "--storage", str(tmp_path / "runs"),

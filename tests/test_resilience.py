@@ -13,6 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import new_mlflow_store
 from test_grid_e2e import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +43,7 @@ def node_runs(workdir: Path):
 def make_workdir(tmp_path: Path) -> Path:
     # Faults are under test, not the method: no teacher-free controls, two nodes fewer.
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "controls": False}))
+    new_mlflow_store(tmp_path / "mlflow.db")
     return tmp_path
 
 

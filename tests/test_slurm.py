@@ -26,6 +26,7 @@ GRID = ["--tasks", "gender", "--archs", "vggf"]  # 10 nodes (smoke: 2 triplet ma
 
 pytestmark = [
     pytest.mark.slurm,
+    pytest.mark.ray_cluster,
     pytest.mark.slow,  # minutes; and `-m "not slow"` on the command line replaces addopts' `-m 'not slurm'`
     pytest.mark.skipif(not all(shutil.which(t) for t in ("sbatch", "slurmctld", "slurmd", "munged")),
                        reason="no Slurm here (apt-get install -y slurm-wlm munge)"),

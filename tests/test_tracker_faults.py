@@ -15,6 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from grid.local_cluster import MLFLOW, free_port, mlflow_server
+from conftest import new_mlflow_store
 from test_grid_e2e import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +25,7 @@ NODES = 8  # gender × vggf of TINY without controls
 
 def make_workdir(tmp_path: Path) -> Path:
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "controls": False}))
+    new_mlflow_store(tmp_path / "mlflow.db")
     return tmp_path
 
 

@@ -27,8 +27,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ``--ray-address``) runs on one process, one after another, so no two such clusters ever meet. Beside
     them run grids with a Ray of their own: those listen on ports Ray picks and never join a cluster.
 
-    Most of a grid test's time is waiting (Ray and its workers starting, polls, handshakes): alone, one used
-    0.8 of the 2 cores on average, so two at once fill the machine."""
+    A grid test waits half its time (Ray and its workers starting, polls, handshakes): a tiny 8-node grid
+    used 45 CPU-seconds in 42 s on 2 cores, so two at once fill the machine."""
     clusters = {item.module.__name__ for item in items if item.get_closest_marker("ray_cluster")}
     for item in items:
         module = item.module.__name__

@@ -30,9 +30,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     A grid test waits half its time (Ray and its workers starting, polls, handshakes): a tiny 8-node grid
     used 45 CPU-seconds in 42 s on 2 cores, so two at once fill the machine."""
     clusters = {item.module.__name__ for item in items if item.get_closest_marker("ray_cluster")}
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
     for item in items:
         module = item.module.__name__
         item.add_marker(pytest.mark.xdist_group("ray_cluster" if module in clusters else module))
+    # Longest first, so that no long file starts last and runs on alone: the clusters' files (~7 min
+    # together), then the other files with slow tests, then the fast files, which fill the gaps. xdist's own
+    # order (most tests first, off in addopts) put the clusters' few tests last: 1,020 s instead of ~900.
+    items.sort(key=lambda item: (item.module.__name__ not in clusters, item.module.__name__ not in slow))
 
 
 def use_empty_home(patch: pytest.MonkeyPatch, home: Path) -> Path:

@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.xdist_group("ray_cluster" if module in clusters else module))
     # Longest first, so that no long file starts last and runs on alone: the clusters' files (~7 min
     # together), then the other files with slow tests, then the fast files, which fill the gaps. xdist's own
-    # order (most tests first, off in addopts) put the clusters' few tests last: 1,020 s instead of ~900.
+    # order (most tests first; off in addopts) put the clusters' few tests last: 1,020 s in CI, 944 s in this.
     items.sort(key=lambda item: (item.module.__name__ not in clusters, item.module.__name__ not in slow))
 
 

@@ -19,8 +19,7 @@ from grid.graph import StageGraph
 from grid.report import selected_keys
 from grid.results import NodeResult, TrainNodeResult
 from occkd_core.files import atomic_write
-from occkd_core.fusion import CONTROL_FUSION
-from occkd_core.stages import control_stages, distilled_stages, stage_starting_from
+from occkd_core.stages import CONTROL_FUSION, control_stages, distilled_stages, stage_starting_from
 from occkd_core.tasks import get_task
 
 FIGURE_DIR = "figures"

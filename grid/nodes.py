@@ -36,11 +36,13 @@ from occkd_core.checkpoints import checkpoint_input_spec, load_model
 from occkd_core.data import FaceData, open_face_store
 from occkd_core.evaluation import Predictions, evaluate_conditions, predict, task_metrics
 from occkd_core.files import sweep_orphaned_temporaries
-from occkd_core.fusion import CONTROL_FUSION, fit_fusion_variants, fusion_variants
+from occkd_core.fusion import fit_fusion_variants, fusion_variants
 from occkd_core.gradcam import save_split_gradcam
 from occkd_core.plots import save_test_plot
 from occkd_core.preprocess import InputSpec
-from occkd_core.stages import CONTROL_SUFFIX, control_stages, distilled_stages, get_stage, stage_starting_from
+from occkd_core.stages import (
+    CONTROL_FUSION, CONTROL_SUFFIX, control_stages, distilled_stages, get_stage, stage_starting_from,
+)
 from occkd_core.stats import compare_to_baseline, judge_comparisons
 from occkd_core.tasks import get_task
 from occkd_core.stage_state import EpochRecord

@@ -25,10 +25,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from grid.graph import ABLATION_SUFFIX, StageGraph, node_order
 from grid.results import FusionNodeResult, NodeResult, SignificanceNodeResult, TrainNodeResult
-from occkd_core.fusion import CONTROL_FUSION
 from occkd_core.models import get_architecture
 from occkd_core.presets import SVR_KERNELS
-from occkd_core.stages import STAGES, control_stages, distilled_stages, stage_starting_from
+from occkd_core.stages import CONTROL_FUSION, STAGES, control_stages, distilled_stages, stage_starting_from
 from occkd_core.tasks import get_task
 
 PAPER_RESULTS = Path(__file__).parent / "paper_results.json"

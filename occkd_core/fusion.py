@@ -21,6 +21,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, SVR, LinearSVC, LinearSVR
 
+from occkd_core.stages import CONTROL_FUSION
 from occkd_core.tasks import TaskKind
 
 #: J's grid for C: 10^-1 … 10^3, going up by a factor of 10 (spec §8).
@@ -244,10 +245,6 @@ class FusionVariant:
     name: str  # "fusion", "fusion_<kernel>", "<stage>_svm", "control_fusion", "student_svm" (fusion_variants)
     members: tuple[str, ...]  # the models whose embeddings it concatenates, in registry order
     kernel: str | None  # None: the task's default (linear SVM / RBF ε-SVR)
-
-
-#: The teacher-free counterpart of "fusion": the same SVM on the controls' embeddings concatenated.
-CONTROL_FUSION = "control_fusion"
 
 
 def fusion_variants(distilled: Sequence[str], svr_kernels: Sequence[str | None] = (None,), *,

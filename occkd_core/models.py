@@ -11,14 +11,13 @@ losses, mining and fusion all read it from ``forward``, which returns ``(logits,
 from __future__ import annotations
 
 import abc
+import functools
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet50
-from torchvision.models.resnet import Bottleneck, ResNet
 
 from occkd_core.matconvnet import MatConvNetLayer, matconvnet_layers
 from occkd_core.tasks import lookup
@@ -261,34 +260,48 @@ class VGGF(_VGGBase):
                 "features.conv4.weight": 0.4, "features.conv5.weight": 0.5}  # spec §9
 
 
-class _ScaledResNet50(ResNet):
-    """torchvision's ResNet-50 with every stage width multiplied by ``width_mult``.
+def _resnet50_trunk(width_mult: float) -> nn.Module:
+    """torchvision's ResNet-50 (``fc`` included) with every stage width multiplied by ``width_mult``.
 
-    ``ResNet.__init__`` hard-codes the widths 64/128/256/512, so this sets the same attributes it sets
-    and reuses torchvision's ``Bottleneck``, ``_make_layer`` and init; a test checks that width 1.0 gives
-    exactly torchvision's keys and shapes.
+    torchvision is imported here, not with this module: importing it costs ~2 s of CPU (its ops import
+    ``torch._dynamo``), which every process that reads the architecture registry would pay (the grid's
+    driver, each trial, ``run_all.py --help``), while only a ResNet-50 node builds one.
     """
+    from torchvision.models import resnet50
 
-    def __init__(self, width_mult: float) -> None:
-        nn.Module.__init__(self)  # skip ResNet.__init__: it would first build the full-width network
-        self._norm_layer = nn.BatchNorm2d
-        self.inplanes, self.dilation, self.groups, self.base_width = _scaled(64, width_mult), 1, 1, 64
-        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.inplanes)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(Bottleneck, _scaled(64, width_mult), 3)
-        self.layer2 = self._make_layer(Bottleneck, _scaled(128, width_mult), 4, stride=2)
-        self.layer3 = self._make_layer(Bottleneck, _scaled(256, width_mult), 6, stride=2)
-        self.layer4 = self._make_layer(Bottleneck, _scaled(512, width_mult), 3, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(self.inplanes, 1000)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+    return resnet50(weights=None) if width_mult == 1.0 else _scaled_resnet50_class()(width_mult)
+
+
+@functools.cache
+def _scaled_resnet50_class() -> type[nn.Module]:
+    """``ResNet.__init__`` hard-codes the widths 64/128/256/512, so this subclass sets the same attributes it
+    sets and reuses torchvision's ``Bottleneck``, ``_make_layer`` and init; a test checks that width 1.0 gives
+    exactly torchvision's keys and shapes. Made on first use, with torchvision (:func:`_resnet50_trunk`)."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    class ScaledResNet50(ResNet):
+        def __init__(self, width_mult: float) -> None:
+            nn.Module.__init__(self)  # skip ResNet.__init__: it builds the full-width network first
+            self._norm_layer = nn.BatchNorm2d
+            self.inplanes, self.dilation, self.groups, self.base_width = _scaled(64, width_mult), 1, 1, 64
+            self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(self.inplanes)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.layer1 = self._make_layer(Bottleneck, _scaled(64, width_mult), 3)
+            self.layer2 = self._make_layer(Bottleneck, _scaled(128, width_mult), 4, stride=2)
+            self.layer3 = self._make_layer(Bottleneck, _scaled(256, width_mult), 6, stride=2)
+            self.layer4 = self._make_layer(Bottleneck, _scaled(512, width_mult), 3, stride=2)
+            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+            self.fc = nn.Linear(self.inplanes, 1000)
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(module, nn.BatchNorm2d):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+
+    return ScaledResNet50
 
 
 _RESNET_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -310,7 +323,7 @@ class ResNet50(FaceNet):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
-        trunk = resnet50(weights=None) if spec.width_mult == 1.0 else _ScaledResNet50(spec.width_mult)
+        trunk = _resnet50_trunk(spec.width_mult)
         for name in _RESNET_TRUNK:
             self.add_module(name, getattr(trunk, name))
         self.embedding_dim = trunk.fc.in_features

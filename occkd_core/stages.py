@@ -72,6 +72,10 @@ STAGES: dict[str, StageInfo] = {
 
 #: A distilled stage's control is called ``<stage><CONTROL_SUFFIX>``.
 CONTROL_SUFFIX = "_control"
+#: The teacher-free counterpart of "fusion": the same SVM on the controls' embeddings concatenated
+#: (:func:`occkd_core.fusion.fusion_variants`). Here, not in the fusion module, so that the grid's driver
+#: names it without importing scikit-learn.
+CONTROL_FUSION = "control_fusion"
 
 
 def control_stage(distilled: str) -> StageInfo:

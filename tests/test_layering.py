@@ -162,3 +162,20 @@ def test_the_checks_see_cycles_through_type_checking_and_function_imports_and_fo
     assert find_cycles(graph) == [["pkg.a", "pkg.b"], ["pkg.c", "pkg.d"], ["pkg.loop", "pkg.loop.z"]]
     assert [name for module, path in modules.items() for name, _ in imported_modules(path, module, set(modules))
             if name.split(".")[0] in FORBIDDEN] == ["ray.tune"]
+
+
+def test_the_grids_driver_starts_without_torchvision_or_scikit_learn():
+    """Every grid command (``--help`` and ``--dry-run`` too) starts a driver, and every test of the grid starts
+    several: the driver reads the registries and the predictions but never builds a ResNet or scores, so it
+    must not pay torchvision's import (~2 s of CPU: its ops import ``torch._dynamo``) nor scikit-learn's and
+    SciPy's (~2 s). Measured on this project's 2-core VM: importing the driver took 7.4 s of CPU with them,
+    3.1 s without."""
+    import subprocess
+    import sys
+
+    heavy = ("torchvision", "sklearn", "scipy", "statsmodels", "matplotlib")
+    probe = ("import sys, grid.run_all, grid.driver, grid.report, grid.figures, grid.artifacts, grid.graph; "
+             f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [], f"the driver imports {done.stdout.strip()}: import them where they are used"

@@ -164,9 +164,9 @@ def test_dsd_sparsities() -> None:
 
 
 def test_scaled_resnet_at_width_1_matches_torchvision() -> None:
-    from occkd_core.models import _ScaledResNet50
+    from occkd_core.models import _scaled_resnet50_class
 
-    ours = {k: v.shape for k, v in _ScaledResNet50(1.0).state_dict().items()}
+    ours = {k: v.shape for k, v in _scaled_resnet50_class()(1.0).state_dict().items()}  # the scaled class at 1.0
     theirs = {k: v.shape for k, v in resnet50(weights=None).state_dict().items()}
     assert ours == theirs
 

@@ -29,12 +29,12 @@ import torch
 from occkd_core.checkpoints import load_model
 from occkd_core.data import FaceData
 from occkd_core.evaluation import Predictions, predict, task_metrics
-from occkd_core.fusion import CONTROL_FUSION, fit_fusion_variants, fusion_variants
+from occkd_core.fusion import fit_fusion_variants, fusion_variants
 from occkd_core.preprocess import input_spec_for
 from occkd_core.presets import GRID_FIELDS, Preset
 from occkd_core.specs import TrainSpec
 from occkd_core.stages import (
-    CONTROL_SUFFIX, STAGES, StageInfo, control_stages, distilled_stages, get_stage, stage_starting_from,
+    CONTROL_FUSION, CONTROL_SUFFIX, STAGES, StageInfo, control_stages, distilled_stages, get_stage, stage_starting_from,
 )
 from occkd_core.stats import compare_to_baseline, judge_comparisons
 from occkd_core.tasks import TaskInfo, get_task

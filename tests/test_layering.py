@@ -5,7 +5,8 @@ a notebook, a test or a Ray worker alike).
 Every import counts, wherever it stands: at module level, inside a function (run later, but a dependency all the
 same) and under ``if TYPE_CHECKING:`` (a cycle a type checker walks round is still one the reader has to). A
 runtime check that the core imports without Ray or MLflow is in tests/test_gpu_check.py; this one also sees the
-imports that only run when a function is called.
+imports that only run when a function is called. The last test does run an import, in a fresh interpreter: the
+grid's driver must start without the core's heaviest libraries.
 """
 
 from __future__ import annotations

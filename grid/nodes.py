@@ -188,10 +188,10 @@ def _evaluate(model: torch.nn.Module, spec: StageSpec, input_spec: InputSpec, mo
 # -- fusion ------------------------------------------------------------------------------------------------
 
 def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequence[ParentOutput],
-                    *, started_at: float | None = None) -> FusionNodeResult:
+                    *, started_at: float | None = None, jobs: int = 1) -> FusionNodeResult:
     """Pick the best node of each distilled stage (and of each control, where the grid has them) by
     validation, then fit the fusion variants on their embeddings and the main student's (spec §8;
-    :func:`occkd_core.fusion.fusion_variants`) and predict every test set."""
+    :func:`occkd_core.fusion.fusion_variants`) and predict every test set, ``jobs`` fits at a time."""
     started = time.perf_counter()
     started_at = started_at or time.time()
     spec = FusionSpec.from_dict(node.params)
@@ -221,7 +221,7 @@ def run_fusion_node(node: Node, storage: Path, data_path: Path, parents: Sequenc
     visible = spec.visible
     variants = fusion_variants(distilled, spec.kernels, controls=controls, student=student)
     fused = fit_fusion_variants(embeddings, labels, variants, kind=task.kind, num_outputs=task.num_outputs,
-                                Cs=spec.Cs, predict_splits=test_sets(data))
+                                Cs=spec.Cs, predict_splits=test_sets(data), jobs=jobs)
     rows, scores, fitted = [], [], {}
     for model in fused:
         name = model.variant.name

@@ -55,9 +55,9 @@ def run_node_trial(config: dict[str, Any]) -> None:
         nodes.run_train_node(node, storage, data_path, parents, device=device, report=tune.report,
                              pretrained=_pretrained_file(node), started_at=started_at,
                              placement=_placement(device, workers=1, ray_train=False))
-    elif node.kind == "fusion":
-        torch.set_num_threads(max(1, int(node.resources.cpus)))
-        nodes.run_fusion_node(node, storage, data_path, parents, started_at=started_at)
+    elif node.kind == "fusion":  # one SVM fit per CPU the node holds (each fit is single-threaded)
+        nodes.run_fusion_node(node, storage, data_path, parents, started_at=started_at,
+                              jobs=max(1, int(node.resources.cpus)))
     else:
         nodes.run_significance_node(node, storage, data_path, parents, started_at=started_at)
     tune.report({"event": "done"})

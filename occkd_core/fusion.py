@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -170,23 +171,65 @@ def _score(kind: TaskKind, targets: np.ndarray, predictions: np.ndarray) -> floa
     return -float(mean_absolute_error(targets, predictions))
 
 
-def fit_fusion(
-    train_features: np.ndarray,
-    train_targets: np.ndarray,
-    val_features: np.ndarray,
-    val_targets: np.ndarray,
-    *,
-    kind: TaskKind,
-    Cs: Sequence[float] = FUSION_C_GRID,
-    kernel: str | None = None,
-) -> FusionResult:
-    """Fit an SVM (classification) or ε-SVR (regression) for every C on the training features, keep the one with the best validation score.
+def _stopped_at_cap(model: object) -> bool:
+    """Whether a fitted fusion model (Pipeline, TransformedTargetRegressor, OneVsRestClassifier, liblinear or
+    libsvm estimator) stopped at its iteration cap. Read from the fitted model rather than from the
+    ConvergenceWarning scikit-learn issues, as warnings are process-wide and fits run in threads."""
+    if isinstance(model, Pipeline):
+        return _stopped_at_cap(model.steps[-1][1])
+    if isinstance(model, TransformedTargetRegressor):
+        return _stopped_at_cap(model.regressor_)
+    if isinstance(model, OneVsRestClassifier):
+        return any(_stopped_at_cap(estimator) for estimator in model.estimators_)
+    if isinstance(model, (LinearSVC, LinearSVR)):  # liblinear warns exactly where an iteration count reaches its cap
+        return int(np.max(model.n_iter_)) >= model.max_iter
+    return getattr(model, "fit_status_", 0) == 1  # libsvm's "reached max_iter" (never, at its default of no cap)
 
-    ``kernel`` defaults to ``"linear"`` (a one-vs-rest linear SVM, solver by :func:`linear_solver`) for
-    classification and ``"rbf"`` for regression.
-    Ties in validation score go to the smaller C (the simpler model). The kept model is the one
-    fitted on the training features at that C; it is not refitted on training + validation.
-    """
+
+@dataclass(frozen=True)
+class _Fit:
+    """One C's fitted model, whether it stopped at its cap, and its validation score."""
+
+    model: Pipeline
+    converged: bool
+    score: float
+
+
+def _fit_one(kind: TaskKind, kernel: str, C: float, train: tuple[np.ndarray, np.ndarray],
+             val: tuple[np.ndarray, np.ndarray]) -> _Fit:
+    model = build_fusion_model(kind, kernel, C, *train[0].shape)
+    model.fit(*train)
+    return _Fit(model, not _stopped_at_cap(model), _score(kind, val[1], model.predict(val[0])))
+
+
+def _fit_all(tasks: Sequence[tuple], jobs: int) -> list[_Fit]:
+    """``_fit_one(*task)`` for every task, in order, on ``jobs`` threads: liblinear and libsvm release the GIL
+    while they fit, so C values and models fit side by side on a node's CPUs (each fit is single-threaded).
+    Results do not depend on ``jobs``: every fit is deterministic and independent of the others."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    # scikit-learn's own ConvergenceWarning is replaced by fit_fusion's, which names C and the set's shape.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if jobs == 1 or len(tasks) == 1:
+            return [_fit_one(*task) for task in tasks]
+        with ThreadPoolExecutor(max_workers=min(jobs, len(tasks)), thread_name_prefix="occkd-fusion") as pool:
+            return list(pool.map(lambda task: _fit_one(*task), tasks))
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """A checked fusion problem: features and targets of train and val, the kind, kernel and C grid."""
+
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    kind: TaskKind
+    kernel: str
+    grid: list[float]
+
+
+def _problem(train_features: np.ndarray, train_targets: np.ndarray, val_features: np.ndarray,
+             val_targets: np.ndarray, kind: TaskKind, Cs: Sequence[float], kernel: str | None) -> _Problem:
     if kind not in _DEFAULT_KERNEL:
         raise ValueError(f"unknown task kind {kind!r}; valid kinds: {', '.join(_DEFAULT_KERNEL)}")
     kernel = _DEFAULT_KERNEL[kind] if kernel is None else kernel
@@ -209,31 +252,54 @@ def fit_fusion(
     _check_targets("val_targets", val_targets, val_features.shape[0], kind)
     if kind == "classification" and np.unique(train_targets).size < 2:
         raise ValueError(f"train_targets hold a single class {np.unique(train_targets).tolist()}; an SVM needs two or more")
+    return _Problem((train_features, train_targets), (val_features, val_targets), kind, kernel, grid)
 
-    best: Pipeline | None = None
-    best_C, best_score = grid[0], -math.inf
-    val_scores: dict[float, float] = {}
-    converged: dict[float, bool] = {}
-    for C in grid:
-        model = build_fusion_model(kind, kernel, C, *train_features.shape)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            model.fit(train_features, train_targets)
-        converged[C] = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        for w in caught:  # anything else goes on as it came
-            if not issubclass(w.category, ConvergenceWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if not converged[C]:
-            warnings.warn(f"the fusion's {kind} model stopped at its iteration cap at C = {C:g} "
-                          f"({_LIBLINEAR_MAX_ITER}) on {train_features.shape[0]} x {train_features.shape[1]} features; its "
+
+def _tasks(problem: _Problem) -> list[tuple]:
+    return [(problem.kind, problem.kernel, C, problem.train, problem.val) for C in problem.grid]
+
+
+def _select(problem: _Problem, fits: Sequence[_Fit]) -> FusionResult:
+    """The model with the best validation score (a tie goes to the smaller C), warning of any C whose fit
+    stopped at its iteration cap."""
+    num_rows, num_features = problem.train[0].shape
+    best: _Fit | None = None
+    best_C = problem.grid[0]
+    for C, fit in zip(problem.grid, fits):
+        if not fit.converged:
+            warnings.warn(f"the fusion's {problem.kind} model stopped at its iteration cap at C = {C:g} "
+                          f"({_LIBLINEAR_MAX_ITER}) on {num_rows} x {num_features} features; its "
                           "validation score is the unconverged fit's (FusionResult.converged)", ConvergenceWarning,
-                          stacklevel=2)
-        score = _score(kind, val_targets, model.predict(val_features))
-        val_scores[C] = score
-        if score > best_score:  # strict: a tie keeps the smaller C seen first
-            best, best_C, best_score = model, C, score
+                          stacklevel=3)
+        if best is None or fit.score > best.score:  # strict: a tie keeps the smaller C seen first
+            best, best_C = fit, C
     assert best is not None  # the grid is non-empty and every score is finite
-    return FusionResult(model=best, C=best_C, val_score=best_score, val_scores=val_scores, converged=converged)
+    return FusionResult(model=best.model, C=best_C, val_score=best.score,
+                        val_scores={C: fit.score for C, fit in zip(problem.grid, fits)},
+                        converged={C: fit.converged for C, fit in zip(problem.grid, fits)})
+
+
+def fit_fusion(
+    train_features: np.ndarray,
+    train_targets: np.ndarray,
+    val_features: np.ndarray,
+    val_targets: np.ndarray,
+    *,
+    kind: TaskKind,
+    Cs: Sequence[float] = FUSION_C_GRID,
+    kernel: str | None = None,
+    jobs: int = 1,
+) -> FusionResult:
+    """Fit an SVM (classification) or ε-SVR (regression) for every C on the training features, keep the one with the best validation score.
+
+    ``kernel`` defaults to ``"linear"`` (a one-vs-rest linear SVM, solver by :func:`linear_solver`) for
+    classification and ``"rbf"`` for regression.
+    Ties in validation score go to the smaller C (the simpler model). The kept model is the one
+    fitted on the training features at that C; it is not refitted on training + validation.
+    ``jobs`` threads fit the C values side by side; the result is the same for any ``jobs``.
+    """
+    problem = _problem(train_features, train_targets, val_features, val_targets, kind, Cs, kernel)
+    return _select(problem, _fit_all(_tasks(problem), jobs))
 
 
 # -- the fusion node's models (spec §8; J Table 4) ----------------------------------------------------------
@@ -286,15 +352,27 @@ def decision_outputs(predicted: np.ndarray, num_outputs: int) -> np.ndarray:
 
 def fit_fusion_variants(embeddings: Mapping[str, Mapping[str, np.ndarray]], labels: Mapping[str, np.ndarray],
                         variants: Sequence[FusionVariant], *, kind: TaskKind, num_outputs: int,
-                        Cs: Sequence[float] = FUSION_C_GRID, predict_splits: Sequence[str] = ("test",)) -> list[FusedModel]:
+                        Cs: Sequence[float] = FUSION_C_GRID, predict_splits: Sequence[str] = ("test",),
+                        jobs: int = 1) -> list[FusedModel]:
     """Fit every variant on the "train" split's embeddings (stage -> split -> [N, D]), choose C on "val",
-    and predict ``predict_splits``."""
-    fused = []
+    and predict ``predict_splits``. ``jobs`` threads fit every variant's C values side by side (one queue
+    of variant x C fits, so a node's CPUs stay busy to the end); the models are the same for any ``jobs``."""
+    features, problems = [], []
     for variant in variants:
-        features = {split: concat_embeddings(*(embeddings[stage][split] for stage in variant.members))
-                    for split in ("train", "val", *predict_splits)}
-        fit = fit_fusion(features["train"], labels["train"], features["val"], labels["val"], kind=kind, Cs=Cs,
-                         kernel=variant.kernel)
-        outputs = {split: decision_outputs(fit.predict(features[split]), num_outputs) for split in predict_splits}
+        features.append({split: concat_embeddings(*(embeddings[stage][split] for stage in variant.members))
+                         for split in ("train", "val", *predict_splits)})
+        problems.append(_problem(features[-1]["train"], labels["train"], features[-1]["val"], labels["val"],
+                                 kind, Cs, variant.kernel))
+    # The largest fits first (more features, then larger C: liblinear's slowest), so none starts last alone.
+    tasks = [(i, task) for i, problem in enumerate(problems) for task in _tasks(problem)]
+    order = sorted(range(len(tasks)), key=lambda k: (-tasks[k][1][3][0].shape[1], -tasks[k][1][2]))
+    fitted = _fit_all([tasks[k][1] for k in order], jobs)
+    by_task = dict(zip(order, fitted))
+    fused, k = [], 0
+    for variant, problem, split_features in zip(variants, problems, features):
+        fit = _select(problem, [by_task[k + j] for j in range(len(problem.grid))])
+        k += len(problem.grid)
+        outputs = {split: decision_outputs(fit.predict(split_features[split]), num_outputs)
+                   for split in predict_splits}
         fused.append(FusedModel(variant=variant, fit=fit, outputs=outputs))
     return fused

@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, SVR, LinearSVC, LinearSVR
 
 from occkd_core.fusion import (FUSION_C_GRID, LINEAR_SVM_SOLVERS, LINEAR_SVR_SOLVERS, build_fusion_model,
-                               concat_embeddings, fit_fusion, linear_solver)
+                               concat_embeddings, fit_fusion, fit_fusion_variants, fusion_variants, linear_solver)
 
 
 def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -190,6 +190,59 @@ def test_a_fit_stopped_at_the_iteration_cap_is_recorded(monkeypatch) -> None:
     train_x, train_y, val_x, val_y = blobs(4)
     assert all(fit_fusion(train_x, train_y, val_x, val_y, kind="classification", Cs=(0.1, 1.0)).converged.values())
     monkeypatch.setattr(fusion, "_LIBLINEAR_MAX_ITER", 1)  # one Newton step cannot reach liblinear's tolerance
-    with pytest.warns(ConvergenceWarning, match=r"iteration cap at C = 1 \(1\) on 90 x 6 features"):
-        result = fit_fusion(train_x, train_y, val_x, val_y, kind="classification", Cs=(0.1, 1.0))
-    assert result.converged == {0.1: False, 1.0: False}
+    for jobs in (1, 2):  # read from each fitted model, not from warnings (process-wide, and fits run in threads)
+        with pytest.warns(ConvergenceWarning, match=r"iteration cap at C = 1 \(1\) on 90 x 6 features"):
+            result = fit_fusion(train_x, train_y, val_x, val_y, kind="classification", Cs=(0.1, 1.0), jobs=jobs)
+        assert result.converged == {0.1: False, 1.0: False}
+    ages = np.linspace(20.0, 80.0, 90)
+    features = np.c_[ages / 10.0, np.cos(ages)]
+    with pytest.warns(ConvergenceWarning, match="regression model stopped"):  # LinearSVR, inside its target centring
+        result = fit_fusion(features, ages, features, ages, kind="regression", kernel="linear", Cs=(1.0,))
+    assert result.converged == {1.0: False}
+
+
+def embeddings_of(students: dict[str, int], splits: dict[str, np.ndarray], seed: int = 0) -> dict:
+    """Each student's embedding of each split: its labels' one-hot codes, scaled, plus noise, in 4 dims."""
+    rng = np.random.default_rng(seed)
+    return {name: {split: np.eye(4)[labels % 4] * strength + rng.normal(0.0, 1.0, (len(labels), 4))
+                   for split, labels in splits.items()} for name, strength in students.items()}
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+def test_variants_fitted_on_threads_are_the_models_fitted_one_by_one(kind, monkeypatch) -> None:
+    import threading
+
+    import occkd_core.fusion as fusion
+
+    rng = np.random.default_rng(1)
+    labels = {split: rng.integers(0, 3, n) for split, n in (("train", 120), ("val", 60), ("test", 60))}
+    if kind == "regression":
+        labels = {split: 20.0 + 10.0 * y + rng.normal(0.0, 1.0, len(y)) for split, y in labels.items()}
+    codes = {split: np.rint((y - 20.0) / 10.0).astype(int) if kind == "regression" else y
+             for split, y in labels.items()}
+    embeddings = embeddings_of({"standard_kd": 2, "triplet_kd": 1, "standard_kd_control": 2,
+                                "triplet_kd_control": 1, "student": 1}, codes)
+    variants = fusion_variants(["standard_kd", "triplet_kd"], controls=["standard_kd_control", "triplet_kd_control"],
+                               student="student")
+    threads: set[str] = set()
+    fit_one = fusion._fit_one
+
+    def recording(*args):
+        threads.add(threading.current_thread().name)
+        return fit_one(*args)
+
+    monkeypatch.setattr(fusion, "_fit_one", recording)
+    outputs = 1 if kind == "regression" else 3
+    one = fit_fusion_variants(embeddings, labels, variants, kind=kind, num_outputs=outputs, Cs=(0.1, 1.0, 10.0))
+    assert threads == {threading.current_thread().name}
+    threads.clear()
+    two = fit_fusion_variants(embeddings, labels, variants, kind=kind, num_outputs=outputs, Cs=(0.1, 1.0, 10.0),
+                              jobs=2)
+    assert len(threads) == 2 and threading.current_thread().name not in threads
+    assert [m.variant for m in two] == [m.variant for m in one] == variants
+    for a, b in zip(one, two):
+        assert (a.fit.C, a.fit.val_score, a.fit.val_scores, a.fit.converged) == (
+            b.fit.C, b.fit.val_score, b.fit.val_scores, b.fit.converged)
+        np.testing.assert_array_equal(a.outputs["test"], b.outputs["test"])
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        fit_fusion_variants(embeddings, labels, variants, kind=kind, num_outputs=outputs, jobs=0)

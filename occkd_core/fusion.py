@@ -10,7 +10,7 @@ import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from sklearn.base import ClassifierMixin, RegressorMixin
@@ -195,15 +195,24 @@ class _Fit:
     score: float
 
 
-def _fit_one(kind: TaskKind, kernel: str, C: float, train: tuple[np.ndarray, np.ndarray],
-             val: tuple[np.ndarray, np.ndarray]) -> _Fit:
-    model = build_fusion_model(kind, kernel, C, *train[0].shape)
-    model.fit(*train)
-    return _Fit(model, not _stopped_at_cap(model), _score(kind, val[1], model.predict(val[0])))
+class _Task(NamedTuple):
+    """One fit: a model of ``kind`` and ``kernel`` at ``C`` on (features, targets) of train, scored on val."""
+
+    kind: TaskKind
+    kernel: str
+    C: float
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
 
 
-def _fit_all(tasks: Sequence[tuple], jobs: int) -> list[_Fit]:
-    """``_fit_one(*task)`` for every task, in order, on ``jobs`` threads: liblinear and libsvm release the GIL
+def _fit_one(task: _Task) -> _Fit:
+    model = build_fusion_model(task.kind, task.kernel, task.C, *task.train[0].shape)
+    model.fit(*task.train)
+    return _Fit(model, not _stopped_at_cap(model), _score(task.kind, task.val[1], model.predict(task.val[0])))
+
+
+def _fit_all(tasks: Sequence[_Task], jobs: int) -> list[_Fit]:
+    """``_fit_one(task)`` for every task, in order, on ``jobs`` threads: liblinear and libsvm release the GIL
     while they fit, so C values and models fit side by side on a node's CPUs (each fit is single-threaded).
     Results do not depend on ``jobs``: every fit is deterministic and independent of the others."""
     if jobs < 1:
@@ -212,9 +221,9 @@ def _fit_all(tasks: Sequence[tuple], jobs: int) -> list[_Fit]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if jobs == 1 or len(tasks) == 1:
-            return [_fit_one(*task) for task in tasks]
+            return [_fit_one(task) for task in tasks]
         with ThreadPoolExecutor(max_workers=min(jobs, len(tasks)), thread_name_prefix="occkd-fusion") as pool:
-            return list(pool.map(lambda task: _fit_one(*task), tasks))
+            return list(pool.map(_fit_one, tasks))
 
 
 @dataclass(frozen=True)
@@ -255,8 +264,8 @@ def _problem(train_features: np.ndarray, train_targets: np.ndarray, val_features
     return _Problem((train_features, train_targets), (val_features, val_targets), kind, kernel, grid)
 
 
-def _tasks(problem: _Problem) -> list[tuple]:
-    return [(problem.kind, problem.kernel, C, problem.train, problem.val) for C in problem.grid]
+def _tasks(problem: _Problem) -> list[_Task]:
+    return [_Task(problem.kind, problem.kernel, C, problem.train, problem.val) for C in problem.grid]
 
 
 def _select(problem: _Problem, fits: Sequence[_Fit]) -> FusionResult:
@@ -364,10 +373,9 @@ def fit_fusion_variants(embeddings: Mapping[str, Mapping[str, np.ndarray]], labe
         problems.append(_problem(features[-1]["train"], labels["train"], features[-1]["val"], labels["val"],
                                  kind, Cs, variant.kernel))
     # The largest fits first (more features, then larger C: liblinear's slowest), so none starts last alone.
-    tasks = [(i, task) for i, problem in enumerate(problems) for task in _tasks(problem)]
-    order = sorted(range(len(tasks)), key=lambda k: (-tasks[k][1][3][0].shape[1], -tasks[k][1][2]))
-    fitted = _fit_all([tasks[k][1] for k in order], jobs)
-    by_task = dict(zip(order, fitted))
+    tasks = [task for problem in problems for task in _tasks(problem)]
+    order = sorted(range(len(tasks)), key=lambda k: (-tasks[k].train[0].shape[1], -tasks[k].C))
+    by_task = dict(zip(order, _fit_all([tasks[k] for k in order], jobs)))
     fused, k = [], 0
     for variant, problem, split_features in zip(variants, problems, features):
         fit = _select(problem, [by_task[k + j] for j in range(len(problem.grid))])

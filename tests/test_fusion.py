@@ -227,9 +227,9 @@ def test_variants_fitted_on_threads_are_the_models_fitted_one_by_one(kind, monke
     threads: set[str] = set()
     fit_one = fusion._fit_one
 
-    def recording(*args):
+    def recording(task):
         threads.add(threading.current_thread().name)
-        return fit_one(*args)
+        return fit_one(task)
 
     monkeypatch.setattr(fusion, "_fit_one", recording)
     outputs = 1 if kind == "regression" else 3
@@ -241,8 +241,14 @@ def test_variants_fitted_on_threads_are_the_models_fitted_one_by_one(kind, monke
     assert len(threads) == 2 and threading.current_thread().name not in threads
     assert [m.variant for m in two] == [m.variant for m in one] == variants
     for a, b in zip(one, two):
+        # Each variant's fits, queued largest first among all variants', come back to it: the same as fitting it alone.
+        own = {split: concat_embeddings(*(embeddings[m][split] for m in a.variant.members)) for split in ("train", "val")}
+        alone = fit_fusion(own["train"], labels["train"], own["val"], labels["val"], kind=kind, Cs=(0.1, 1.0, 10.0),
+                           kernel=a.variant.kernel)
         assert (a.fit.C, a.fit.val_score, a.fit.val_scores, a.fit.converged) == (
-            b.fit.C, b.fit.val_score, b.fit.val_scores, b.fit.converged)
+            b.fit.C, b.fit.val_score, b.fit.val_scores, b.fit.converged) == (
+            alone.C, alone.val_score, alone.val_scores, alone.converged)
         np.testing.assert_array_equal(a.outputs["test"], b.outputs["test"])
+    assert len({m.fit.val_score for m in one}) > 1  # the variants differ, so a mix-up between them would show
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         fit_fusion_variants(embeddings, labels, variants, kind=kind, num_outputs=outputs, jobs=0)
